@@ -1,0 +1,24 @@
+# Everything runs from the project's own virtual environment, created by `make install`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+HOST ?= 127.0.0.1
+
+.PHONY: install serve test test-fast lint clean
+
+install:
+	bash deploy/install.sh $(VENV)
+
+# Without MODEL a tiny random-weight checkpoint is generated and served on CPU.
+serve: install
+	$(VENV)/bin/qwen-vl-serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
+
+test: install
+	VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Only the tests that need no engine (seconds, not minutes).
+test-fast: install
+	$(PY) -m pytest -q -m "not engine" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

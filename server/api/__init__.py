@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource, wired in `server.app`."""

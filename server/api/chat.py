@@ -1,0 +1,45 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.deps import RuntimeDep
+from server.errors import RequestTimeoutError
+from server.schemas import ChatCompletionRequest
+
+router = APIRouter()
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
+    service = rt.chat_service()
+    release = await rt.admission.acquire()
+    try:
+        prepared = await asyncio.wait_for(
+            service.prepare(body, request.state.request_id), timeout=rt.settings.request_timeout
+        )
+        request.state.log.update(images=len(prepared.image_sizes))
+        if body.stream:
+            events = rt.stream_with_deadline(service.stream(prepared), prepared, release)
+            release = None  # the stream owns the slot now
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                headers=STREAM_HEADERS,
+            )
+        result = await rt.until_disconnect(request, service.complete(prepared), prepared)
+        request.state.log.update(prepared.stats)
+        return JSONResponse(result.model_dump(exclude_none=False))
+    except asyncio.TimeoutError as exc:
+        raise RequestTimeoutError(
+            f"The request took longer than the server's {rt.settings.request_timeout:g} s deadline."
+        ) from exc
+    finally:
+        if release is not None:
+            release()

@@ -1,0 +1,32 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.api.deps import RuntimeDep
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(rt: RuntimeDep) -> Response:
+    """Liveness: the process is up and the engine (once loaded) is alive."""
+    if rt.dead:
+        return JSONResponse({"status": "dead"}, status_code=503)
+    return JSONResponse({"status": "ok" if rt.engine is not None else "loading"})
+
+
+@router.get("/ready")
+async def ready(rt: RuntimeDep) -> Response:
+    """Readiness: loaded, not draining, not dead."""
+    state = rt.state()
+    return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)
+
+
+@router.get("/metrics")
+async def metrics(rt: RuntimeDep) -> Response:
+    rt.refresh_engine_gauges()
+    return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)

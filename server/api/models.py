@@ -1,0 +1,28 @@
+"""GET /v1/models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.api.deps import RuntimeDep
+from server.errors import NotFoundError
+from server.schemas import ModelCard, ModelList
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(rt: RuntimeDep) -> ModelList:
+    return ModelList(data=[_card(rt, name) for name in rt.model_names])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, rt: RuntimeDep) -> ModelCard:
+    if model_id not in rt.model_names:
+        raise NotFoundError(f"The model '{model_id}' does not exist on this server.", param="model")
+    return _card(rt, model_id)
+
+
+def _card(rt, name: str) -> ModelCard:
+    engine = rt.engine
+    return ModelCard(id=name, created=rt.started_at, max_model_len=engine.info.max_model_len if engine else None)

@@ -1,0 +1,159 @@
+"""The app factory. Nothing heavy happens at import; `create_app` wires settings, metrics,
+the engine (given, or loaded in the background), routes, middleware and error mapping."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.api import chat, health, models
+from server.engine.base import Engine
+from server.errors import APIError, InternalError, InvalidRequestError
+from server.metrics import Metrics
+from server.middleware import install_middleware
+from server.runtime import ClientGone, Runtime
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_images_factory(settings: Settings, metrics: Metrics) -> Callable[[Engine], Any]:
+    def build(engine: Engine):
+        from server.images import ImageLoader
+
+        return ImageLoader(settings, metrics, family=engine.info.family)
+
+    return build
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    engine_factory: Callable[[], Engine] | None = None,
+    images_factory: Callable[[Engine], Any] | None = None,
+    model_names: list[str] | None = None,
+    on_fatal: Callable[[int], None] | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """Build the ASGI app.
+
+    Give `engine` (already started, e.g. a scripted engine in tests) or `engine_factory`
+    (a blocking callable, run in a thread after start-up so /health and /ready answer
+    while the model loads). `on_fatal(code)` is called when the engine dies or fails to
+    load, so the process can exit and be restarted.
+    """
+    if engine is None and engine_factory is None:
+        raise ValueError("create_app needs an engine or an engine_factory")
+    metrics = metrics or Metrics()
+    names = model_names or [settings.served_model_name or settings.model or "qwen-vl"]
+    runtime = Runtime(
+        settings,
+        metrics,
+        names,
+        engine_factory,
+        engine,
+        images_factory or default_images_factory(settings, metrics),
+        on_fatal,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await runtime.startup()
+        try:
+            yield
+        finally:
+            await runtime.shutdown()
+
+    app = FastAPI(title="qwen-vl-serve", lifespan=lifespan, root_path=settings.root_path)
+    app.state.runtime = runtime
+    app.include_router(chat.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    _install_error_handlers(app, metrics)
+    install_middleware(app, settings, runtime)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Our exception types, FastAPI's validation errors and anything unexpected all become
+    OpenAI-style error JSON; library exception texts never reach the client."""
+
+    def respond(err: APIError) -> JSONResponse:
+        metrics.errors.labels(err.code or err.type).inc()
+        return JSONResponse(err.to_dict(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return respond(exc)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        # Nobody is listening; 499 (nginx's "client closed request") marks it in the log.
+        return Response(status_code=499)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return respond(validation_to_api_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        err = APIError(
+            {404: "No such endpoint.", 405: "Method not allowed on this endpoint."}.get(
+                exc.status_code, "The request could not be served."
+            ),
+            status=exc.status_code,
+            code=kinds.get(exc.status_code, "http_error"),
+        )
+        err.type = "invalid_request_error"
+        return respond(err)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return respond(InternalError("The server failed to process the request."))
+
+
+def validation_to_api_error(exc: RequestValidationError) -> InvalidRequestError:
+    """A 400 naming the first offending field, in words; never the rejected value itself."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequestError("The request body is invalid.")
+    # For unions pydantic reports one error per alternative; the deepest is the specific one.
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    if any(e.get("type") == "json_invalid" for e in errors):
+        first = next(e for e in errors if e.get("type") == "json_invalid")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError("The request body is not valid JSON.", code="invalid_json")
+    # Unions add type names and tags to the location; drop them, keep the field path.
+    cleaned: list[str] = []
+    for part in loc:
+        if "[" in part or part in ("str", "int", "float", "bool") or (cleaned and cleaned[-1] == part):
+            continue
+        cleaned.append(part)
+    loc = cleaned
+    param = _format_loc(loc)
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        text = f"Missing required field '{param}'."
+    elif first.get("type") == "union_tag_invalid" or first.get("type") == "union_tag_not_found":
+        text = f"Unsupported content part type at '{param}': use 'text' or 'image_url'."
+    else:
+        text = f"Invalid value for '{param}': {message}." if param else f"Invalid request: {message}."
+    return InvalidRequestError(text, param=param or None)
+
+
+def _format_loc(loc: list[str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out

@@ -1,0 +1,1 @@
+"""Chat completions: prompt rendering, the request service and SSE streaming."""

@@ -1,0 +1,129 @@
+"""Turn OpenAI chat messages into prompt token ids with the model's own chat template.
+
+User-supplied text never becomes special tokens: the template is rendered with a sentinel
+in place of each piece of client text, the template's own text is tokenized with special
+tokens recognised (`<|im_start|>`, image placeholders, ...), and client text is tokenized
+with special-token parsing off. A client writing `<|image_pad|>` or `<img>` therefore
+gets those characters as plain text, and cannot desynchronise images and placeholders
+(the attack behind vLLM CVE-2026-44222).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import InvalidRequestError
+from server.schemas import ImagePart, Message, TextPart
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    url: str
+    param: str  # where it sits in the request, for error messages
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Messages in the Hugging Face chat-template shape, plus the images in prompt order."""
+
+    messages: list[dict[str, Any]]
+    texts: list[str]  # client text; the messages hold sentinels that point into this list
+    images: list[ImageRef]
+
+
+def collect(messages: list[Message]) -> Conversation:
+    """Validate roles and content parts and gather images in the order the model sees them."""
+    texts: list[str] = []
+    images: list[ImageRef] = []
+    nonce = secrets.token_hex(4)
+    out: list[dict[str, Any]] = []
+
+    def sentinel(text: str) -> str:
+        texts.append(text)
+        return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+
+    for i, msg in enumerate(messages):
+        role = "system" if msg.role == "developer" else msg.role
+        content = msg.content
+        if content is None or (isinstance(content, str)):
+            out.append({"role": role, "content": [{"type": "text", "text": sentinel(content or "")}]})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(content):
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": sentinel(part.text)})
+            elif isinstance(part, ImagePart):
+                if role != "user":
+                    raise InvalidRequestError(
+                        f"Images are only accepted in user messages; messages[{i}] has role "
+                        f"'{msg.role}'.",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+                images.append(ImageRef(part.image_url.url, f"messages[{i}].content[{j}].image_url"))
+                parts.append({"type": "image"})
+        out.append({"role": role, "content": parts})
+    if out and out[-1]["role"] == "assistant":
+        raise InvalidRequestError(
+            "The last message must be from the user or the system, not the assistant.",
+            param="messages",
+        )
+    return Conversation(messages=out, texts=texts, images=images)
+
+
+class PromptRenderer:
+    """Renders conversations with a tokenizer's chat template into token ids."""
+
+    def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self._sentinel = re.compile("\ue000[0-9a-f]+:(\\d+)\ue001")
+
+    def render_text(self, conv: Conversation) -> str:
+        """The prompt as text, client text substituted back (for logs and tests)."""
+        return self._sentinel.sub(lambda m: conv.texts[int(m.group(1))], self._template(conv))
+
+    def render(self, conv: Conversation) -> list[int]:
+        rendered = self._template(conv)
+        ids: list[int] = []
+        pos = 0
+        pending_user: list[str] = []
+
+        def flush_user() -> None:
+            if pending_user:
+                ids.extend(self._encode_plain("".join(pending_user)))
+                pending_user.clear()
+
+        for m in self._sentinel.finditer(rendered):
+            template_part = rendered[pos : m.start()]
+            if template_part:
+                flush_user()
+                ids.extend(self._encode_template(template_part))
+            # Adjacent pieces of client text are tokenized together, as the model saw them.
+            pending_user.append(conv.texts[int(m.group(1))])
+            pos = m.end()
+        flush_user()
+        if pos < len(rendered):
+            ids.extend(self._encode_template(rendered[pos:]))
+        return ids
+
+    def _template(self, conv: Conversation) -> str:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        try:
+            return self.tokenizer.apply_chat_template(conv.messages, **kwargs)
+        except Exception as exc:  # jinja errors raised by the template itself
+            raise InvalidRequestError(
+                "The messages could not be rendered with this model's chat template "
+                "(check the order of roles).",
+                param="messages",
+            ) from exc
+
+    def _encode_template(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))

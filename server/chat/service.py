@@ -1,0 +1,323 @@
+"""The chat-completions service: request → images → prompt → engine → response or SSE.
+
+Handlers stay thin: they call `ChatService.prepare` (everything that can fail with a 4xx
+happens there, before any response byte is sent) and then `complete` or `stream`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.chat.prompt import PromptRenderer, collect
+from server.chat.sse import sse_done, sse_event
+from server.engine.base import Engine, GenerationChunk, GenerationRequest, SamplingOptions, TokenLogprob
+from server.errors import (
+    APIError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    TooManyImagesError,
+)
+from server.metrics import Metrics
+from server.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    DeltaMessage,
+    ResponseMessage,
+    TokenLogprobOut,
+    TopLogprob,
+    Usage,
+)
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GROUNDING_FAMILIES = ("qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    completion_id: str
+    model: str
+    created: int
+    request: ChatCompletionRequest
+    stream: Any  # AsyncIterator[GenerationChunk] from Engine.start
+    image_sizes: list[tuple[int, int]]
+    model_image_sizes: list[tuple[int, int]]
+    grounding: bool
+    started: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class ChatService:
+    def __init__(self, settings: Settings, engine: Engine, images: Any, metrics: Metrics, model_names: list[str]) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.images = images
+        self.metrics = metrics
+        self.model_names = model_names
+        self.renderer = PromptRenderer(engine.info.tokenizer)
+
+    # --- preparation --------------------------------------------------------------------
+
+    async def prepare(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
+        """Validate, load images, render the prompt and submit it to the engine.
+
+        Raises an `APIError` (4xx) for anything the client must fix.
+        """
+        started = time.perf_counter()
+        model = self._check_model(req.model)
+        s = self.settings
+        if len(req.messages) > s.max_messages:
+            raise InvalidRequestError(
+                f"Too many messages: {len(req.messages)} sent, at most {s.max_messages} allowed.",
+                param="messages",
+                code="too_many_messages",
+            )
+        if req.n > s.max_n:
+            raise InvalidRequestError(f"n is {req.n}; at most {s.max_n} is allowed.", param="n")
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        conv = collect(req.messages)
+        if len(conv.images) > s.limit_mm_per_prompt:
+            raise TooManyImagesError(
+                f"The request has {len(conv.images)} images; at most {s.limit_mm_per_prompt} "
+                "are allowed per request.",
+                param="messages",
+            )
+        loaded = []
+        if conv.images:
+            loaded = await self.images.load_all(
+                [ref.url for ref in conv.images],
+                params=[ref.param for ref in conv.images],
+                max_pixels=req.max_pixels,
+            )
+        prompt_ids = self.renderer.render(conv)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await self.engine.start(
+            GenerationRequest(
+                request_id=f"{completion_id}-{request_id}",
+                prompt_token_ids=prompt_ids,
+                images=[img.image for img in loaded],
+                sampling=self._sampling(req),
+            )
+        )
+        grounding = s.grounding if req.grounding is None else req.grounding
+        return Prepared(
+            completion_id=completion_id,
+            model=model,
+            created=int(time.time()),
+            request=req,
+            stream=stream,
+            image_sizes=[img.original_size for img in loaded],
+            model_image_sizes=[img.image.size for img in loaded],
+            grounding=grounding and self.engine.info.family in GROUNDING_FAMILIES,
+            started=started,
+        )
+
+    def _check_model(self, name: str | None) -> str:
+        if name is None or name in self.model_names:
+            return self.model_names[0]
+        raise ModelNotFoundError(
+            f"The model '{name}' does not exist on this server; available: "
+            + ", ".join(self.model_names)
+            + ".",
+            param="model",
+        )
+
+    def _sampling(self, req: ChatCompletionRequest) -> SamplingOptions:
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        stop = req.stop or []
+        if req.min_tokens and max_tokens is not None and req.min_tokens > max_tokens:
+            raise InvalidRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k if req.top_k not in (None, -1) else 0,
+            min_p=req.min_p or 0.0,
+            n=req.n,
+            stop=list(stop),
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+
+    # --- responses ----------------------------------------------------------------------
+
+    async def complete(self, p: Prepared) -> ChatCompletion:
+        """Run to the end and build the non-streaming response."""
+        n = p.request.n
+        texts = [[] for _ in range(n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        tokens = [0] * n
+        tracker = _Timing(self.metrics, p.started)
+        prompt_tokens = 0
+        async for chunk in p.stream:
+            prompt_tokens = chunk.prompt_tokens or prompt_tokens
+            for c in chunk.choices:
+                tracker.tokens(len(c.token_ids))
+                texts[c.index].append(c.text)
+                tokens[c.index] += len(c.token_ids)
+                if c.logprobs:
+                    logprobs[c.index].extend(c.logprobs)
+                if c.finish_reason:
+                    finish[c.index] = _finish_reason(c.finish_reason)
+        choices = []
+        for i in range(n):
+            text = "".join(texts[i])
+            choices.append(
+                Choice(
+                    index=i,
+                    message=ResponseMessage(content=text, grounding=self._grounding(p, text)),
+                    finish_reason=finish[i] or "stop",
+                    logprobs=self._logprobs(p, logprobs[i]),
+                )
+            )
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
+                      total_tokens=prompt_tokens + sum(tokens))
+        tracker.done(usage)
+        p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
+        return ChatCompletion(id=p.completion_id, created=p.created, model=p.model, choices=choices, usage=usage)
+
+    async def stream(self, p: Prepared) -> AsyncIterator[str]:
+        """SSE events: a role chunk per choice, content deltas, a finish chunk per choice
+        (carrying the grounding boxes), an optional usage chunk, then `[DONE]`. An error
+        after the first byte becomes an error event followed by `[DONE]`."""
+        n = p.request.n
+        include_usage = bool(p.request.stream_options and p.request.stream_options.include_usage)
+        tracker = _Timing(self.metrics, p.started)
+        texts = [[] for _ in range(n)]
+        tokens = [0] * n
+        prompt_tokens = 0
+
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+            return sse_event(_chunk_json(p, choices, usage))
+
+        for i in range(n):
+            yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        try:
+            async for out in p.stream:
+                prompt_tokens = out.prompt_tokens or prompt_tokens
+                for c in out.choices:
+                    tracker.tokens(len(c.token_ids))
+                    tokens[c.index] += len(c.token_ids)
+                    texts[c.index].append(c.text)
+                    if c.text or c.logprobs:
+                        yield chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=c.text),
+                                                 logprobs=self._logprobs(p, c.logprobs or []))])
+                    if c.finish_reason:
+                        boxes = self._grounding(p, "".join(texts[c.index]))
+                        yield chunk([ChunkChoice(index=c.index, delta=DeltaMessage(grounding=boxes),
+                                                 finish_reason=_finish_reason(c.finish_reason))])
+        except APIError as exc:
+            yield sse_event(exc.to_dict())
+            yield sse_done()
+            return
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
+                      total_tokens=prompt_tokens + sum(tokens))
+        tracker.done(usage)
+        p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
+        if include_usage:
+            yield chunk([], usage)
+        yield sse_done()
+
+    def _logprobs(self, p: Prepared, items: list[TokenLogprob]) -> ChoiceLogprobs | None:
+        if not p.request.logprobs:
+            return None
+        k = p.request.top_logprobs or 0
+        return ChoiceLogprobs(
+            content=[
+                TokenLogprobOut(
+                    token=lp.token,
+                    logprob=lp.logprob,
+                    bytes=list(lp.token.encode("utf-8")),
+                    top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8"))) for t, v in lp.top[:k]],
+                )
+                for lp in items
+            ]
+        )
+
+    def _grounding(self, p: Prepared, text: str) -> list[dict[str, Any]] | None:
+        if not p.grounding:
+            return None
+        try:
+            from server.grounding import parse_grounding
+        except ImportError:  # grounding package not installed in this build
+            return None
+        info = self.engine.info
+        boxes = parse_grounding(
+            text,
+            info.family,
+            p.image_sizes,
+            model_sizes=p.model_image_sizes,
+            min_pixels=info.image_processor.get("min_pixels"),
+            max_pixels=info.image_processor.get("max_pixels"),
+        )
+        return [b.to_dict() for b in boxes]
+
+
+def _chunk_json(p: Prepared, choices: list[ChunkChoice], usage: Usage | None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": p.completion_id,
+        "object": "chat.completion.chunk",
+        "created": p.created,
+        "model": p.model,
+        "choices": [
+            {
+                "index": c.index,
+                "delta": c.delta.model_dump(exclude_none=True),
+                "finish_reason": c.finish_reason,
+                **({"logprobs": c.logprobs.model_dump()} if c.logprobs is not None else {}),
+            }
+            for c in choices
+        ],
+    }
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def _finish_reason(reason: str) -> str:
+    # vLLM says "abort" for requests it cancelled; OpenAI clients know stop/length only.
+    return reason if reason in ("stop", "length") else "stop"
+
+
+class _Timing:
+    """Time to first token, time per output token and end-to-end latency of one request."""
+
+    def __init__(self, metrics: Metrics, started: float) -> None:
+        self.metrics = metrics
+        self.started = started
+        self.first: float | None = None
+        self.count = 0
+
+    def tokens(self, n: int) -> None:
+        if n and self.first is None:
+            self.first = time.perf_counter()
+            self.metrics.ttft.observe(self.first - self.started)
+        self.count += n
+
+    def done(self, usage: Usage) -> None:
+        now = time.perf_counter()
+        self.metrics.e2e.observe(now - self.started)
+        if self.first is not None and self.count > 1:
+            self.metrics.tpot.observe((now - self.first) / (self.count - 1))
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        self.metrics.completion_tokens.inc(usage.completion_tokens)
+        self.metrics.prompt_tokens_per_request.observe(usage.prompt_tokens)

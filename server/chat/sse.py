@@ -1,0 +1,74 @@
+"""Server-Sent Events framing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    # ensure_ascii=False keeps Chinese readable on the wire; JSON stays valid UTF-8.
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def sse_done() -> str:
+    return "data: [DONE]\n\n"
+
+
+def sse_comment(text: str = "keep-alive") -> str:
+    """A comment line: clients ignore it, proxies see traffic and keep the stream open."""
+    return f": {text}\n\n"
+
+
+async def with_keepalive(events, interval: float, deadline: float | None = None, stop=None):
+    """Re-yield `events`, adding an SSE comment whenever nothing was sent for `interval`
+    seconds (queueing, a long prefill) so that proxies do not close an idle stream.
+
+    `deadline` (a `time.perf_counter()` value) raises `TimeoutError` when passed; setting
+    the `stop` event (an `asyncio.Event`) raises `ServiceUnavailableError`. Closing
+    this generator (a client disconnect) closes `events` too, which aborts the engine
+    request behind it.
+    """
+    import asyncio
+    import time
+
+    from server.errors import ServiceUnavailableError
+
+    iterator = events.__aiter__()
+    pending: asyncio.Future | None = None
+    stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            timeout = interval
+            if deadline is not None:
+                timeout = min(interval, deadline - time.perf_counter())
+                if timeout <= 0:
+                    raise TimeoutError
+            waiting = {pending} if stopper is None else {pending, stopper}
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if stopper is not None and stopper in done:
+                raise ServiceUnavailableError("The server shut down before the response was complete.")
+            if not done:
+                if deadline is None or time.perf_counter() < deadline:
+                    yield sse_comment()
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if stopper is not None:
+            stopper.cancel()
+        if pending is not None:
+            pending.cancel()
+            try:
+                await pending
+            except BaseException:
+                pass
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

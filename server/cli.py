@@ -1,0 +1,175 @@
+"""`qwen-vl-serve`: command-line flags onto `Settings`, then uvicorn with graceful drain.
+
+Every `Settings` field is a flag (`--max-model-len`); flags given on the command line win
+over `QWENVL_*` environment variables, which win over defaults. Without `--model`, a tiny
+random-weight checkpoint is generated and served on CPU, so a newcomer sees it work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+log = logging.getLogger("qwenvl")
+
+# Flags whose name differs from the field (the singular reads better when repeated).
+_FLAG_NAMES = {"api_keys": "--api-key"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen-vl-serve",
+        description="OpenAI-compatible server for the Qwen-VL family on vLLM. Every option "
+        "can also be set as QWENVL_<NAME> in the environment.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in Settings.model_fields.items():
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        help_text = (field.description or "") + f" [env QWENVL_{name.upper()}]"
+        ann = _unwrap_optional(field.annotation)
+        origin = typing.get_origin(ann)
+        if ann is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif origin is list or _is_csv(field):
+            parser.add_argument(flag, dest=name, action="append", metavar="VALUE",
+                                help=help_text + " (repeat or comma-separate)")
+        elif origin is Literal:
+            parser.add_argument(flag, dest=name, choices=[str(c) for c in typing.get_args(ann)], help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def _unwrap_optional(ann: Any) -> Any:
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def _is_csv(field) -> bool:
+    return typing.get_origin(field.annotation) is list
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from flags and environment. Exits with status 2 and a readable message on
+    invalid values."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        return Settings(**args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+        )
+        parser.error(problems)
+        raise  # unreachable
+
+
+def ensure_model(settings: Settings) -> str:
+    """The model to serve: --model, or a generated tiny checkpoint (cached on disk)."""
+    if settings.model:
+        return settings.model
+    from server.tiny_model import write_tiny_model
+
+    out = Path(settings.tiny_model_dir) / f"{settings.tiny_arch}-seed0"
+    marker = out / ".complete"
+    if not marker.exists():
+        log.warning("no --model given: generating a tiny random-weight %s checkpoint in %s "
+                    "(a demo: its answers are gibberish)", settings.tiny_arch, out)
+        write_tiny_model(settings.tiny_arch, out, seed=0)
+        marker.write_text("ok\n")
+    return str(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = ensure_model(settings)
+    if settings.served_model_name is None:
+        settings = settings.model_copy(update={"served_model_name": settings.model or "qwen-vl-tiny"})
+    return serve(settings, model)
+
+
+def serve(settings: Settings, model: str) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine.vllm_engine import VLLMEngine
+
+    exit_code = {"code": 0}
+    server_ref: dict[str, Any] = {}
+
+    def on_fatal(code: int) -> None:
+        exit_code["code"] = code
+        srv = server_ref.get("server")
+        if srv is not None:
+            srv.should_exit = True
+
+    app = create_app(
+        settings,
+        engine_factory=lambda: VLLMEngine.load(settings, model),
+        model_names=[settings.served_model_name or model],
+        on_fatal=on_fatal,
+    )
+    runtime = app.state.runtime
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=75,  # longer than typical LB idle timeouts (nginx keepalive 60 s)
+        access_log=False,  # one structured line per request comes from our middleware
+        timeout_graceful_shutdown=5,
+    )
+    server = _DrainingServer(config, runtime, settings.drain_timeout)
+    server_ref["server"] = server
+    server.run()
+    return exit_code["code"]
+
+
+class _DrainingServer:
+    """uvicorn.Server whose first SIGTERM/SIGINT drains (readiness 503, new requests 503,
+    in-flight work finishes up to the drain timeout) and whose second exits at once."""
+
+    def __new__(cls, config, runtime, drain_timeout: float):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown
+                # and the process would die by the signal instead of exiting 0.
+                if runtime.draining or self.should_exit:
+                    log.warning("second signal: exiting now")
+                    self.should_exit = True
+                    self.force_exit = True
+                    return
+                loop = self._loop
+                loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+            async def startup(self, sockets=None) -> None:
+                self._loop = asyncio.get_running_loop()
+                await super().startup(sockets)
+
+            async def _drain(self) -> None:
+                log.info("draining: up to %.0f s for %d in-flight requests", drain_timeout, runtime.admission.active)
+                await runtime.drain(drain_timeout)
+                self.should_exit = True
+
+        return Server(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

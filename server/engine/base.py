@@ -1,0 +1,129 @@
+"""The interface between the HTTP layer and an inference engine.
+
+The server speaks only these types. `VLLMEngine` adapts vLLM's `AsyncLLM` to them; tests may
+supply a scripted engine that yields chosen text through the same server code.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can no longer serve; the process should exit so it is restarted."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server needs to know about the loaded model."""
+
+    family: str  # "qwen-vl" | "qwen2-vl" | "qwen2.5-vl" | "qwen3-vl" | other model_type
+    max_model_len: int
+    tokenizer: Any  # a Hugging Face style tokenizer (apply_chat_template, encode, decode)
+    model_type: str = ""
+    image_processor: dict[str, Any] = field(default_factory=dict)  # min_pixels, max_pixels, ...
+
+
+@dataclass
+class SamplingOptions:
+    """Sampling settings, already validated. `max_tokens=None` means "up to the context"."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives; None: no logprobs
+    skip_special_tokens: bool = True
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    images: Sequence[Image.Image]
+    sampling: SamplingOptions
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of one choice since the previous chunk."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+
+
+@dataclass
+class GenerationChunk:
+    prompt_tokens: int
+    choices: list[ChoiceDelta]
+    finished: bool
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+class Engine(abc.ABC):
+    """An inference engine. `generate` streams deltas; cancelling its iteration aborts the
+    request in the engine (so a disconnected client stops costing compute)."""
+
+    info: ModelInfo
+
+    @abc.abstractmethod
+    async def start(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Check and prepare the request, then return the stream of its deltas.
+
+        Everything that can be refused is refused here, before any output (so the HTTP
+        layer can still answer with a 4xx status): `server.errors.ContextLengthError` for a
+        prompt or max_tokens beyond the context, `server.errors.InvalidRequestError` when the
+        engine cannot process the input, `EngineDeadError`. The stream yields until every
+        choice has finished; closing it early aborts the request in the engine, so a
+        client that goes away stops costing compute.
+        """
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @property
+    @abc.abstractmethod
+    def is_dead(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Raise `EngineDeadError` when the engine cannot serve."""
+
+    @abc.abstractmethod
+    def num_unfinished_requests(self) -> int: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,102 @@
+"""An engine that answers with scripted text, for exercising the real server code paths
+(HTTP, streaming, grounding, errors) without a model. Tiny random models never write
+grounding boxes; this one writes exactly what a test asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+
+from server.engine.base import (
+    ChoiceDelta,
+    Engine,
+    EngineDeadError,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+)
+from server.errors import ContextLengthError
+
+
+class ScriptedEngine(Engine):
+    """Replies come from `enqueue(text)` (first in, first out) or the default reply.
+
+    Each reply is streamed in pieces of `chunk_chars` characters, `delay` seconds apart;
+    `max_tokens` counts pieces, so a short budget ends with finish_reason "length".
+    Every request is recorded in `.history`.
+    """
+
+    def __init__(self, info: ModelInfo, default_reply: str = "ok", chunk_chars: int = 3, delay: float = 0.0) -> None:
+        self.info = info
+        self.default_reply = default_reply
+        self.chunk_chars = chunk_chars
+        self.delay = delay
+        self.history: list[GenerationRequest] = []
+        self._replies: deque[str] = deque()
+        self._running: set[str] = set()
+        self.aborted: list[str] = []
+        self.dead = False
+
+    def enqueue(self, *replies: str) -> None:
+        self._replies.extend(replies)
+
+    async def start(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self.dead:
+            raise EngineDeadError("scripted engine marked dead")
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt >= self.info.max_model_len:
+            raise ContextLengthError("The prompt is longer than the context.", param="messages")
+        self.history.append(request)
+        reply = self._replies.popleft() if self._replies else self.default_reply
+        return self._stream(request, reply, n_prompt)
+
+    async def _stream(self, request: GenerationRequest, reply: str, n_prompt: int) -> AsyncIterator[GenerationChunk]:
+        s = request.sampling
+        pieces = [reply[i : i + self.chunk_chars] for i in range(0, len(reply), self.chunk_chars)] or [""]
+        budget = s.max_tokens if s.max_tokens is not None else len(pieces)
+        emitted = pieces[:budget]
+        finish = "length" if len(pieces) > budget else "stop"
+        self._running.add(request.request_id)
+        try:
+            for i, piece in enumerate(emitted):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if self.dead:
+                    raise EngineDeadError("scripted engine marked dead")
+                last = i == len(emitted) - 1
+                yield GenerationChunk(
+                    prompt_tokens=n_prompt,
+                    choices=[
+                        ChoiceDelta(index=k, text=piece, token_ids=[0], finish_reason=finish if last else None)
+                        for k in range(s.n)
+                    ],
+                    finished=last,
+                )
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted.append(request.request_id)
+            raise
+        finally:
+            self._running.discard(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._running))
+
+    @property
+    def is_dead(self) -> bool:
+        return self.dead
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise EngineDeadError("scripted engine marked dead")
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._running)
+
+    async def shutdown(self) -> None:
+        return None

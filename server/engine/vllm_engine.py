@@ -1,0 +1,309 @@
+"""`Engine` on vLLM's `AsyncLLM` (V1: continuous batching, paged KV cache).
+
+The only module of the server that imports vLLM (the Qwen-VL model plugin aside).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from server.engine.base import (
+    ChoiceDelta,
+    Engine,
+    EngineDeadError,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    TokenLogprob,
+)
+from server.errors import ContextLengthError, InvalidRequestError
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_FAMILIES = {
+    "qwen": "qwen-vl",
+    "qwen2_vl": "qwen2-vl",
+    "qwen2_5_vl": "qwen2.5-vl",
+    "qwen3_vl": "qwen3-vl",
+    "qwen3_vl_moe": "qwen3-vl",
+}
+
+
+def family_of(model_type: str) -> str:
+    """Our family name for a Hugging Face `model_type` (unknown types pass through)."""
+    return _FAMILIES.get(model_type, model_type)
+
+
+def detect_device(requested: str) -> str:
+    """The device vLLM will run on: the platform of the installed vLLM build.
+
+    Raises `RuntimeError` if `requested` names a device this build cannot use.
+    """
+    from vllm.platforms import current_platform
+
+    actual = "cuda" if current_platform.is_cuda_alike() else current_platform.device_type
+    if requested not in ("auto", actual):
+        raise RuntimeError(
+            f"--device {requested} requested, but the installed vLLM build runs on {actual}"
+        )
+    return actual
+
+
+def engine_args_from_settings(settings: Settings, model: str, device: str):
+    """Translate our settings into vLLM's `AsyncEngineArgs`."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    on_cpu = device == "cpu"
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        tokenizer=settings.tokenizer,
+        revision=settings.revision,
+        served_model_name=settings.served_model_name or model,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        distributed_executor_backend=settings.distributed_executor_backend,
+        enforce_eager=on_cpu if settings.enforce_eager is None else settings.enforce_eager,
+        limit_mm_per_prompt={"image": settings.limit_mm_per_prompt, "video": 0},
+        seed=settings.seed,
+        trust_remote_code=settings.trust_remote_code,
+        download_dir=settings.download_dir,
+        disable_log_stats=True,
+    )
+    if not on_cpu:
+        kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    if settings.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = settings.max_num_seqs
+    if settings.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = settings.max_num_batched_tokens
+    if settings.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = settings.enable_prefix_caching
+    return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _image_processor_config(model_dir: str) -> dict[str, Any]:
+    """min/max pixels and patch geometry of the checkpoint's image processor, if local."""
+    path = Path(model_dir)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            data = data.get("image_processor", data)
+            size = data.get("size") or {}
+            return {
+                "min_pixels": data.get("min_pixels") or size.get("shortest_edge"),
+                "max_pixels": data.get("max_pixels") or size.get("longest_edge"),
+                "patch_size": data.get("patch_size"),
+                "merge_size": data.get("merge_size"),
+            }
+    return {}
+
+
+class _StatsCapture:
+    """Keeps the scheduler's latest numbers (vLLM calls `record` after each engine step)."""
+
+    def __init__(self) -> None:
+        self.latest = EngineStats()
+
+    def factory(self, vllm_config, engine_index: int = 0):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        capture = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                if scheduler_stats is not None:
+                    capture.latest = EngineStats(
+                        running=scheduler_stats.num_running_reqs,
+                        waiting=scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+                        kv_cache_usage=scheduler_stats.kv_cache_usage,
+                    )
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger(vllm_config, engine_index)
+
+
+class VLLMEngine(Engine):
+    """`AsyncLLM` behind the `Engine` interface. Build with `VLLMEngine.load(...)`."""
+
+    def __init__(self, llm, info: ModelInfo, stats: _StatsCapture) -> None:
+        self._llm = llm
+        self.info = info
+        self._stats = stats
+
+    @classmethod
+    def load(cls, settings: Settings, model: str) -> "VLLMEngine":
+        """Load the model and start the engine core (blocking: tens of seconds to minutes)."""
+        device = detect_device(settings.device)
+        if device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        stats = _StatsCapture()
+        args = engine_args_from_settings(settings, model, device)
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
+        model_config = llm.model_config
+        model_type = getattr(model_config.hf_config, "model_type", "")
+        info = ModelInfo(
+            family=family_of(model_type),
+            max_model_len=model_config.max_model_len,
+            tokenizer=llm.get_tokenizer(),
+            model_type=model_type,
+            image_processor=_image_processor_config(model),
+        )
+        log.info("engine ready: %s (%s) on %s, max_model_len=%d", model, info.family, device, info.max_model_len)
+        return cls(llm, info, stats)
+
+    async def start(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        from vllm.exceptions import VLLMValidationError
+
+        if self.is_dead:
+            raise EngineDeadError("the inference engine stopped")
+        llm = self._llm
+        prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": list(request.images)}
+        try:
+            # Expands the image placeholders (runs the HF processor off the event loop), so
+            # the true prompt length is known before anything is scheduled.
+            engine_input = await llm.renderer.process_for_engine_async(prompt, time.time())
+        except (VLLMValidationError, ValueError) as exc:
+            log.info("request %s: input rejected: %s", request.request_id, exc)
+            raise InvalidRequestError(
+                "The images or prompt could not be processed for this model.", param="messages"
+            ) from exc
+        n_prompt = len(engine_input["prompt_token_ids"])
+        limit = self.info.max_model_len
+        s = request.sampling
+        if n_prompt >= limit:
+            raise ContextLengthError(
+                f"The prompt is {n_prompt} tokens (images included), but this model's context "
+                f"is {limit} tokens. Shorten the messages or send fewer or smaller images.",
+                param="messages",
+            )
+        max_tokens = s.max_tokens if s.max_tokens is not None else limit - n_prompt
+        if n_prompt + max_tokens > limit:
+            raise ContextLengthError(
+                f"max_tokens is {max_tokens}, but the prompt already takes {n_prompt} of this "
+                f"model's {limit} context tokens; at most {limit - n_prompt} can be generated.",
+                param="max_tokens",
+            )
+        # vLLM refuses n>1 under greedy decoding; the n answers would be identical anyway,
+        # so generate once and fan the deltas out to n choices.
+        copies = s.n if s.temperature == 0 and s.n > 1 else 1
+        try:
+            params = self._sampling_params(s, max_tokens, n=1 if copies > 1 else s.n)
+        except (VLLMValidationError, ValueError) as exc:
+            raise InvalidRequestError(f"Invalid sampling parameters: {str(exc)[:300]}") from exc
+        return self._stream(engine_input, params, request.request_id, copies)
+
+    @staticmethod
+    def _sampling_params(s, max_tokens: int, n: int):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            stop=s.stop or None,
+            seed=s.seed,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            min_tokens=min(s.min_tokens, max_tokens),
+            ignore_eos=s.ignore_eos,
+            logprobs=s.logprobs,
+            skip_special_tokens=s.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def _stream(self, engine_input, params, request_id: str, copies: int) -> AsyncIterator[GenerationChunk]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        try:
+            async for out in self._llm.generate(engine_input, params, request_id):
+                choices = [self._choice(c) for c in out.outputs]
+                if copies > 1:
+                    choices = [replace(c, index=i) for c in choices for i in range(copies)]
+                yield GenerationChunk(
+                    prompt_tokens=len(out.prompt_token_ids or ()),
+                    choices=choices,
+                    finished=out.finished,
+                )
+        except VLLMEngineDead as exc:
+            raise EngineDeadError("the inference engine stopped") from exc
+        except VLLMValidationError as exc:
+            log.info("request %s: rejected by engine: %s", request_id, exc)
+            raise InvalidRequestError("The engine rejected the request parameters.") from exc
+
+    @staticmethod
+    def _choice(c) -> ChoiceDelta:
+        logprobs = None
+        if c.logprobs is not None:
+            logprobs = []
+            for token_id, position in zip(c.token_ids, c.logprobs):
+                chosen = position.get(token_id) if position else None
+                top = sorted(
+                    (lp for lp in (position or {}).values()), key=lambda lp: (lp.rank or 0)
+                )
+                logprobs.append(
+                    TokenLogprob(
+                        token=(chosen.decoded_token if chosen else "") or "",
+                        logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
+                        top=[(lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in top],
+                    )
+                )
+        finish = c.finish_reason
+        return ChoiceDelta(
+            index=c.index,
+            text=c.text,
+            token_ids=list(c.token_ids),
+            logprobs=logprobs,
+            finish_reason=finish,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._stats.latest
+
+    @property
+    def is_dead(self) -> bool:
+        return bool(self._llm.errored)
+
+    async def check_health(self) -> None:
+        if self._llm.errored:
+            raise EngineDeadError("the inference engine stopped")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:  # vLLM raises its own dead-engine error here
+            raise EngineDeadError("the inference engine stopped") from exc
+
+    def num_unfinished_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,60 @@
+"""Prometheus metrics, one `Metrics` object per app (its own registry, so tests can build
+several apps in one process). Names share the `qwenvl_` prefix and carry unit suffixes;
+label values are bounded (outcomes, error codes, endpoint names), never user input.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+_BYTES_BUCKETS = (1e3, 1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7)
+
+
+class Metrics:
+    """All server metrics. Created once by the app factory."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        p = "qwenvl_"
+        self.requests = Counter(
+            p + "requests", "Chat completion requests by outcome (success, client_error, "
+            "server_error, rate_limited, unavailable, cancelled).", ["outcome"], registry=r
+        )
+        self.errors = Counter(p + "errors", "Errors returned to clients by error code.", ["code"], registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(p + "time_per_output_token_seconds", "Mean time per output token "
+                              "after the first, per request.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(p + "request_duration_seconds", "End-to-end request latency.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed (image tokens included).",
+                                     registry=r)
+        self.completion_tokens = Counter(p + "completion_tokens", "Completion tokens generated.", registry=r)
+        self.prompt_tokens_per_request = Histogram(p + "request_prompt_tokens", "Prompt tokens per request.",
+                                                   buckets=_TOKEN_BUCKETS, registry=r)
+        self.requests_running = Gauge(p + "requests_running", "Requests running in the engine.", registry=r)
+        self.requests_waiting = Gauge(p + "requests_waiting", "Requests waiting in the engine's queue.",
+                                      registry=r)
+        self.kv_cache_usage = Gauge(p + "kv_cache_usage_ratio", "Share of the paged KV cache in use (0-1).",
+                                    registry=r)
+        # admission (front door, before any image work)
+        self.admitted = Counter(p + "admission_admitted", "Requests admitted to processing.", registry=r)
+        self.admission_refused = Counter(p + "admission_refused", "Requests refused by backpressure.",
+                                         ["reason"], registry=r)
+        self.inflight = Gauge(p + "admission_inflight_requests", "Requests being processed.", registry=r)
+        self.queued = Gauge(p + "admission_queued_requests", "Requests waiting for a processing slot.",
+                            registry=r)
+        # images
+        self.image_fetch_seconds = Histogram(p + "image_fetch_seconds", "Time to fetch one image (URL or data:).",
+                                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.image_decode_seconds = Histogram(p + "image_decode_seconds", "Time to decode and resize one image.",
+                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.image_bytes = Histogram(p + "image_bytes", "Encoded size of images received.",
+                                     buckets=_BYTES_BUCKETS, registry=r)
+        self.image_cache = Counter(p + "image_cache", "Image cache lookups by cache (url, content) and result "
+                                   "(hit, miss).", ["cache", "result"], registry=r)
+        self.image_rejections = Counter(p + "image_rejections", "Images refused, by error code.", ["code"],
+                                        registry=r)

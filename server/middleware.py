@@ -1,0 +1,164 @@
+"""Pure-ASGI middleware (no per-request task or body copies): request ids, API keys, the
+request body cap, CORS, and one JSON access-log line per request."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+
+from fastapi import FastAPI
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import APIError, AuthenticationError, PayloadTooLargeError
+from server.settings import Settings
+
+access_log = logging.getLogger("qwenvl.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_OPEN_PATHS = ("/health", "/ready")
+
+
+class _State(dict):
+    """Per-request fields for the access log (status, tokens, images, ...)."""
+
+
+async def _send_error(send: Send, err: APIError, extra_headers: dict[str, str]) -> None:
+    body = json.dumps(err.to_dict()).encode()
+    headers = {"content-type": "application/json", "content-length": str(len(body)), **err.headers, **extra_headers}
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GatewayMiddleware:
+    """Request id, authentication, body cap and access log in one pass."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, runtime) -> None:
+        self.app = app
+        self.settings = settings
+        self.runtime = runtime
+        self.keys = [k.encode() for k in settings.all_api_keys()]
+
+    def _needs_key(self, path: str) -> bool:
+        if not self.keys:
+            return False
+        if path in _OPEN_PATHS:
+            return self.settings.auth_health_endpoints
+        if path == "/metrics":
+            return self.settings.auth_metrics
+        return True
+
+    def _authorized(self, headers: Headers) -> bool:
+        value = headers.get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        presented = token.strip().encode()
+        ok = False
+        for key in self.keys:  # constant time per key, and every key is compared
+            ok |= hmac.compare_digest(presented, key)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        rid = headers.get("x-request-id", "")
+        if not _REQUEST_ID.match(rid):
+            rid = uuid.uuid4().hex
+        started = time.perf_counter()
+        log_fields = _State()
+        scope.setdefault("state", {})
+        scope["state"]["request_id"] = rid
+        scope["state"]["log"] = log_fields
+        status_holder = {"status": 0}
+        path = scope.get("path", "")
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                MutableHeaders(scope=message)["x-request-id"] = rid
+            await send(message)
+
+        try:
+            if self._needs_key(path) and not self._authorized(headers):
+                await _send_error(send_wrapper, AuthenticationError(
+                    "Missing or invalid API key: send 'Authorization: Bearer <key>'."),
+                    {"www-authenticate": "Bearer"})
+                return
+            limit = self.settings.max_request_bytes
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
+                return
+            await self.app(scope, _capped(receive, limit), send_wrapper)
+        except _BodyTooLarge:
+            if status_holder["status"] == 0:
+                await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
+        finally:
+            if path == "/v1/chat/completions":
+                entry = {
+                    "request_id": rid,
+                    "method": scope.get("method"),
+                    "path": path,
+                    "status": status_holder["status"] or 499,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                    **log_fields,
+                }
+                access_log.info(json.dumps(entry))
+                _count_outcome(self.runtime, entry["status"])
+
+
+def _count_outcome(runtime, status: int) -> None:
+    outcome = (
+        "success" if status < 400 else "rate_limited" if status == 429 else
+        "unavailable" if status == 503 else "cancelled" if status == 499 else
+        "client_error" if status < 500 else "server_error"
+    )
+    runtime.metrics.requests.labels(outcome).inc()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"The request body exceeds the server's limit of {limit} bytes; send smaller or fewer "
+        "images, or image URLs instead of data URLs."
+    )
+
+
+def _capped(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge
+        return message
+
+    return wrapped
+
+
+def install_middleware(app: FastAPI, settings: Settings, runtime) -> None:
+    app.add_middleware(GatewayMiddleware, settings=settings, runtime=runtime)
+    # Added last, so outermost: CORS preflights carry no credentials and must pass auth.
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )

@@ -1,0 +1,244 @@
+"""Per-app runtime state: the engine (loaded in the background), the chat service, admission
+control, and the lifecycle flags that /health and /ready report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+
+from server.admission import Admission
+from server.chat.service import ChatService, Prepared
+from server.chat.sse import sse_done, sse_event, with_keepalive
+from server.engine.base import Engine, EngineDeadError
+from server.errors import APIError, InternalError, RequestTimeoutError, ServiceUnavailableError
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[], Engine]
+ImagesFactory = Callable[[Engine], Any]
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        model_names: list[str],
+        engine_factory: EngineFactory | None,
+        engine: Engine | None,
+        images_factory: ImagesFactory,
+        on_fatal: Callable[[int], None] | None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model_names = model_names
+        self.admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, metrics)
+        self.engine: Engine | None = None
+        self.images: Any = None
+        self._service: ChatService | None = None
+        self._engine_factory = engine_factory
+        self._images_factory = images_factory
+        self._on_fatal = on_fatal
+        self._pending_engine = engine
+        self.started_at = int(time.time())
+        self.dead = False
+        self.draining = False
+        self.load_failed = False
+        self._tasks: list[asyncio.Task] = []
+        # Set at the end of a drain: open requests stop with a clean error.
+        self.abort_all = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        if self._pending_engine is not None:
+            self._install(self._pending_engine)
+        else:
+            self._tasks.append(asyncio.create_task(self._load_engine()))
+        self._tasks.append(asyncio.create_task(self._watch_engine()))
+
+    async def _load_engine(self) -> None:
+        try:
+            # Loading blocks for tens of seconds; a thread keeps /health and /ready answering.
+            engine = await asyncio.to_thread(self._engine_factory)
+        except Exception:
+            log.exception("engine failed to start")
+            self.load_failed = True
+            self._fatal(1)
+            return
+        self._install(engine)
+
+    def _install(self, engine: Engine) -> None:
+        self.images = self._images_factory(engine)
+        self._service = ChatService(self.settings, engine, self.images, self.metrics, self.model_names)
+        self.engine = engine
+        post_start = getattr(engine, "attach_to_loop", None)
+        if post_start is not None:
+            post_start()
+
+    async def _watch_engine(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            engine = self.engine
+            if engine is not None and engine.is_dead and not self.dead:
+                self.dead = True
+                log.error("the inference engine died; failing open requests and exiting")
+                self._fatal(1)
+                return
+
+    def _fatal(self, code: int) -> None:
+        if self._on_fatal is not None:
+            self._on_fatal(code)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.images is not None and hasattr(self.images, "aclose"):
+            await self.images.aclose()
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, let in-flight requests finish for up to `timeout` seconds, then
+        end the rest: streams get a final SSE error event, other requests a 503."""
+        self.draining = True
+        self.admission.closed = True
+        try:
+            await asyncio.wait_for(self.admission.wait_idle(), timeout)
+            return
+        except asyncio.TimeoutError:
+            pass
+        log.warning("drain timeout: aborting %d requests", self.admission.active)
+        self.abort_all.set()
+        try:
+            await asyncio.wait_for(self.admission.wait_idle(), 5)
+        except asyncio.TimeoutError:
+            log.error("requests still open after abort")
+
+    def state(self) -> str:
+        if self.dead or self.load_failed:
+            return "dead"
+        if self.draining:
+            return "draining"
+        if self.engine is None:
+            return "loading"
+        return "ready"
+
+    def chat_service(self) -> ChatService:
+        state = self.state()
+        if state != "ready" or self._service is None:
+            message = {
+                "loading": "The model is still loading; retry shortly.",
+                "draining": "The server is shutting down and accepts no new requests; retry on another replica.",
+                "dead": "The inference engine is not running.",
+            }[state]
+            raise ServiceUnavailableError(message, headers={"Retry-After": "1"})
+        return self._service
+
+    # --- request helpers ------------------------------------------------------------------
+
+    async def until_disconnect(self, request: Request, work: Awaitable[Any], prepared: Prepared) -> Any:
+        """Await `work`, cancelling it (which aborts the engine request) if the client goes
+        away or the per-request deadline passes."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        stopper = asyncio.ensure_future(self.abort_all.wait())
+        remaining = self.settings.request_timeout - (time.perf_counter() - prepared.started)
+        try:
+            done, _ = await asyncio.wait({task, watcher, stopper}, timeout=max(remaining, 0.001),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            await _quietly(task)
+            await _aclose(prepared.stream)
+            if watcher in done:
+                raise ClientGone()
+            if stopper in done:
+                raise ServiceUnavailableError("The server shut down before the response was complete.")
+            raise RequestTimeoutError(
+                f"The request took longer than the server's {self.settings.request_timeout:g} s deadline."
+            )
+        except EngineDeadError as exc:
+            raise ServiceUnavailableError("The inference engine stopped; retry on another replica.") from exc
+        finally:
+            for aux in (watcher, stopper):
+                aux.cancel()
+                await _quietly(aux)
+
+    async def stream_with_deadline(
+        self, events: AsyncIterator[str], prepared: Prepared, release: Callable[[], None]
+    ) -> AsyncIterator[str]:
+        """Wrap an SSE stream: keep-alive comments, the per-request deadline, failures turned
+        into an error event plus `[DONE]`, tracking for draining, and the admission slot
+        released at the end."""
+        deadline = prepared.started + self.settings.request_timeout
+        pumped = with_keepalive(events, self.settings.sse_keepalive_interval, deadline, self.abort_all)
+        try:
+            async for item in pumped:
+                yield item
+        except TimeoutError:
+            err = RequestTimeoutError(
+                f"The request took longer than the server's {self.settings.request_timeout:g} s deadline."
+            )
+            yield sse_event(err.to_dict())
+            yield sse_done()
+        except EngineDeadError:
+            err = ServiceUnavailableError("The inference engine stopped; retry on another replica.")
+            yield sse_event(err.to_dict())
+            yield sse_done()
+        except APIError as err:
+            yield sse_event(err.to_dict())
+            yield sse_done()
+        except Exception:
+            log.exception("stream failed")
+            yield sse_event(InternalError("The server failed while generating the response.").to_dict())
+            yield sse_done()
+        finally:
+            # Closing the pump cancels its pending read and closes `events`, which aborts
+            # the engine request when the client went away mid-stream.
+            await _aclose(pumped)
+            await _aclose(events)
+            release()
+
+    def refresh_engine_gauges(self) -> None:
+        if self.engine is None:
+            return
+        stats = self.engine.stats()
+        self.metrics.requests_running.set(stats.running)
+        self.metrics.requests_waiting.set(stats.waiting)
+        self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
+
+
+class ClientGone(Exception):
+    """The client disconnected; nothing is sent back."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _quietly(task: asyncio.Future) -> None:
+    try:
+        await task
+    except BaseException:
+        pass
+
+
+async def _aclose(gen: Any) -> None:
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            pass

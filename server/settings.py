@@ -1,0 +1,146 @@
+"""The one settings object. Every option is a field here; `qwen-vl-serve` flags and
+`QWENVL_*` environment variables both map onto it (flags win over the environment).
+
+List-valued options accept comma-separated strings in the environment
+(`QWENVL_API_KEYS=a,b`) and repeated or comma-separated flags on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CSVList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QWENVL_", extra="ignore")
+
+    # --- model and engine -------------------------------------------------------------
+    model: str | None = Field(
+        None,
+        description="Checkpoint directory or hub id. Without it a tiny random-weight "
+        "checkpoint is generated and served on CPU (a demo, its output is gibberish).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and /v1/models lists (default: --model)."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer path or id (default: the model).")
+    revision: str | None = Field(None, description="Model revision on the hub.")
+    tiny_arch: Literal["qwen-vl", "qwen2-vl"] = Field(
+        "qwen2-vl", description="Architecture of the generated demo model when --model is absent."
+    )
+    tiny_model_dir: Path = Field(
+        Path.home() / ".cache" / "qwen-vl-serve" / "tiny",
+        description="Where the demo checkpoint is written.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when a GPU is visible, else CPU."
+    )
+    dtype: str = Field("auto", description="Weights and activations dtype (auto, bfloat16, float16, float32).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (default: from the model config).")
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once by the engine.")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may use.")
+    kv_cache_space_gib: int = Field(
+        1, ge=1, description="CPU only: paged KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (vLLM tensor parallelism).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (vLLM pipeline parallelism).")
+    distributed_executor_backend: str | None = Field(None, description="mp or ray (multi-node).")
+    enforce_eager: bool | None = Field(
+        None, description="Disable CUDA graphs / compilation (default: on for CPU, off for GPU)."
+    )
+    enable_prefix_caching: bool | None = Field(None, description="vLLM automatic prefix caching.")
+    limit_mm_per_prompt: int = Field(4, ge=0, description="Most images in one request.")
+    seed: int = Field(0, description="Engine seed.")
+    trust_remote_code: bool = Field(
+        False, description="Execute Python files shipped with a checkpoint. Never needed for Qwen-VL."
+    )
+    download_dir: str | None = Field(None, description="Hub download cache directory.")
+
+    # --- HTTP ----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port.")
+    log_level: str = Field("info", description="Log level.")
+    root_path: str = Field("", description="ASGI root_path when served under a prefix.")
+
+    # --- images --------------------------------------------------------------------------
+    image_allowed_domains: CSVList = Field(
+        default_factory=list, description="If set, only these hosts (and their subdomains) may serve image URLs."
+    )
+    image_denied_domains: CSVList = Field(default_factory=list, description="Hosts never fetched.")
+    image_allow_networks: CSVList = Field(
+        default_factory=list,
+        description="CIDRs exempt from the public-address rule (e.g. 10.0.0.0/8 for an internal CDN).",
+    )
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest image body, fetched or base64.")
+    image_fetch_timeout: float = Field(10.0, gt=0, description="Total seconds to fetch one image.")
+    image_connect_timeout: float = Field(3.0, gt=0, description="Seconds to connect to an image host.")
+    image_max_redirects: int = Field(3, ge=0, description="Redirect hops followed per image URL.")
+    image_fetch_concurrency: int = Field(32, ge=1, description="Image fetches in flight at once.")
+    allowed_local_media_path: Path | None = Field(
+        None, description="Directory that file: image URLs may read from (off by default)."
+    )
+    image_max_input_pixels: int = Field(
+        50_000_000, ge=1, description="Largest image (width*height) accepted for decoding."
+    )
+    image_max_frames: int = Field(1000, ge=1, description="Most frames an animated image may have.")
+    image_max_pixels: int | None = Field(
+        None, ge=1, description="Ceiling on pixels sent to the model (Qwen2-VL family max_pixels)."
+    )
+    image_decode_workers: int = Field(2, ge=1, description="Threads decoding and resizing images.")
+    image_cache_size: int = Field(256, ge=0, description="Decoded images kept in the cache (0: off).")
+    image_url_cache_ttl: float = Field(300.0, ge=0, description="Seconds a fetched URL stays cached.")
+
+    # --- admission, limits and operations ----------------------------------------------------
+    api_keys: CSVList = Field(default_factory=list, description="Accepted Bearer keys.")
+    api_key_file: Path | None = Field(None, description="File with one API key per line.")
+    auth_health_endpoints: bool = Field(
+        False, description="Require a key on /health and /ready too (off: probes need none)."
+    )
+    auth_metrics: bool = Field(True, description="Require a key on /metrics when keys are set.")
+    max_concurrent_requests: int = Field(256, ge=1, description="Requests processed at once.")
+    max_queued_requests: int = Field(512, ge=0, description="Requests waiting beyond that; more get 429.")
+    drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight work may finish after SIGTERM.")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one request.")
+    max_n: int = Field(8, ge=1, description="Largest n.")
+    request_timeout: float = Field(600.0, gt=0, description="Per-request deadline in seconds.")
+    sse_keepalive_interval: float = Field(
+        15.0, gt=0, description="Seconds between SSE comments while a stream waits."
+    )
+    cors_allow_origins: CSVList = Field(default_factory=list, description="CORS origins (off when empty).")
+    log_prompts: bool = Field(False, description="Include prompt text in request logs.")
+    grounding: bool = Field(True, description="Parse grounding boxes into the response by default.")
+
+    @field_validator(
+        "image_allowed_domains",
+        "image_denied_domains",
+        "image_allow_networks",
+        "api_keys",
+        "cors_allow_origins",
+        mode="before",
+    )
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from --api-key and from --api-key-file (blank lines and # comments ignored)."""
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            for line in self.api_key_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys

@@ -1,0 +1,1 @@
+"""Tiny random-weight checkpoints for tests and the no-model demo."""

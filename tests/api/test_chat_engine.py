@@ -1,0 +1,360 @@
+"""The OpenAI API end to end: the real `qwen-vl-serve` process, the real vLLM engine on a
+tiny checkpoint, the official `openai` SDK, images from a real local HTTP server.
+
+The engine starts once per model family (module-scoped fixture, parametrized)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from support.http_server import start_server, static
+from support.images import data_url, picture
+from support.live_server import ServerProcess
+
+pytestmark = pytest.mark.engine
+
+IMAGE_HOST = "127.0.0.2"  # the image server's address; the API server allows only it
+MAX_MODEL_LEN = 1024
+ARCHS = ["qwen2-vl"]
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    state, httpd = start_server(IMAGE_HOST)
+    state.routes.update({
+        "/a.png": static(picture(96, 64, (220, 40, 40)), "image/png"),
+        "/b.jpg": static(picture(128, 96, (40, 200, 40), fmt="JPEG"), "image/jpeg"),
+        "/not-an-image.png": static(b"<html>hello</html>", "image/png"),
+    })
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def server(request, tiny_model, tmp_path_factory, image_server):
+    arch = request.param
+    model_dir = tiny_model(arch)
+    proc = ServerProcess(
+        [
+            "--model", str(model_dir),
+            "--served-model-name", f"tiny-{arch}",
+            "--max-model-len", str(MAX_MODEL_LEN),
+            "--max-num-seqs", "16",
+            "--limit-mm-per-prompt", "3",
+            "--image-allow-networks", f"{IMAGE_HOST}/32",
+        ],
+        tmp_path_factory.mktemp("logs") / f"server-{arch}.log",
+    ).start()
+    proc.arch = arch
+    proc.model_dir = model_dir
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def model_name(server) -> str:
+    return f"tiny-{server.arch}"
+
+
+def ask(client, server, content, **kwargs):
+    kwargs.setdefault("max_tokens", 8)
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(
+        model=model_name(server), messages=[{"role": "user", "content": content}], **kwargs
+    )
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+# --- happy paths --------------------------------------------------------------------------
+
+
+def test_plain_text(client, server):
+    r = ask(client, server, "Hello, who are you?", max_tokens=5)
+    assert r.object == "chat.completion"
+    assert r.model == model_name(server)
+    assert r.id.startswith("chatcmpl-")
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_image_by_http_url(client, server, image_server):
+    before = len(image_server.requests)
+    r = ask(client, server, [image_part(image_server.url("/a.png")), {"type": "text", "text": "What is this?"}])
+    assert r.choices[0].message.content is not None
+    assert any(path == "/a.png" for path, _ in image_server.requests[before:])
+    text_only = ask(client, server, "What is this?")
+    assert r.usage.prompt_tokens > text_only.usage.prompt_tokens + 4  # image tokens are counted
+
+
+def test_image_by_data_url(client, server):
+    r = ask(client, server, [{"type": "text", "text": "Describe"}, image_part(data_url(picture(80, 80)))])
+    assert r.usage.prompt_tokens > 10
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_two_images_in_one_message(client, server, image_server):
+    one = ask(client, server, [image_part(image_server.url("/a.png")), {"type": "text", "text": "Compare."}])
+    two = ask(client, server, [image_part(image_server.url("/a.png")), image_part(image_server.url("/b.jpg")),
+                               {"type": "text", "text": "Compare."}])
+    assert two.usage.prompt_tokens > one.usage.prompt_tokens
+
+
+def test_multi_turn_with_images(client, server, image_server):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [image_part(image_server.url("/a.png")), {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A red block."},
+        {"role": "user", "content": [image_part(data_url(picture(40, 60, (1, 2, 3)))), {"type": "text", "text": "And this?"}]},
+    ]
+    r = client.chat.completions.create(model=model_name(server), messages=messages, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content is not None
+    assert r.usage.prompt_tokens > 20
+
+
+def test_prompt_tokens_match_hf_processor(client, server):
+    """usage.prompt_tokens counts image tokens exactly as the checkpoint's own processor."""
+    from PIL import Image
+    import io
+
+    raw = picture(200, 120)
+    content = [image_part(data_url(raw)), {"type": "text", "text": "How many objects are there? 这是什么？"}]
+    r = ask(client, server, content, max_tokens=1)
+    assert r.usage.prompt_tokens == hf_prompt_tokens(server, [Image.open(io.BytesIO(raw)).convert("RGB")],
+                                                     "How many objects are there? 这是什么？")
+
+
+def hf_prompt_tokens(server, images, text: str) -> int:
+    if server.arch == "qwen2-vl":
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(server.model_dir)
+        messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return int(processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1])
+    raise AssertionError(f"no reference processor for {server.arch}")
+
+
+def test_streaming_matches_non_streaming(client, server):
+    content = [image_part(data_url(picture(64, 64))), {"type": "text", "text": "Tell me a story 关于猫."}]
+    full = ask(client, server, content, max_tokens=24, seed=1)
+    stream = ask(client, server, content, max_tokens=24, seed=1, stream=True,
+                 stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == full.choices[0].message.content
+    assert finishes == [full.choices[0].finish_reason]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == []
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+    assert usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_sse_wire_format(server):
+    """Raw SSE: data lines with JSON, one final [DONE], the anti-buffering header."""
+    body = {"model": f"tiny-{server.arch}", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-accel-buffering"] == "no"
+        lines = [line for line in r.iter_lines() if line]
+    data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert data.count("[DONE]") == 1
+    for payload in data[:-1]:
+        assert json.loads(payload)["object"] == "chat.completion.chunk"
+
+
+def test_n_choices(client, server):
+    r = ask(client, server, "Say something", n=2, max_tokens=6, temperature=0.9, seed=3)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert 2 <= r.usage.completion_tokens <= 12  # both choices counted
+    greedy = ask(client, server, "Say something", n=2, max_tokens=6)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+def test_n_choices_streaming(client, server):
+    stream = ask(client, server, "Count", n=2, max_tokens=5, stream=True)
+    texts = {0: "", 1: ""}
+    finished = set()
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1}
+
+
+def test_stop_sequence(client, server):
+    free = ask(client, server, "Write a long sentence.", max_tokens=20)
+    text = free.choices[0].message.content
+    # Pick a stop string the greedy answer contains beyond its first characters.
+    stop = next((text[i : i + 2] for i in range(2, len(text) - 1) if text[i : i + 2].strip()), None)
+    assert stop, f"greedy output too short to pick a stop string: {text!r}"
+    stopped = ask(client, server, "Write a long sentence.", max_tokens=20, stop=[stop])
+    out = stopped.choices[0].message.content
+    assert stop not in out
+    assert text.startswith(out)
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_gives_length(client, server):
+    r = ask(client, server, "Write a novel.", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+    r2 = ask(client, server, "Write a novel.", max_completion_tokens=2, max_tokens=None,
+             extra_body={"ignore_eos": True})
+    assert r2.usage.completion_tokens == 2
+
+
+def test_logprobs(client, server):
+    r = ask(client, server, "hi", max_tokens=3, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3
+    for item in content:
+        assert item.logprob <= 0
+        assert len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+
+
+def test_sixteen_concurrent_requests(server):
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        tasks = [
+            aclient.chat.completions.create(
+                model=f"tiny-{server.arch}",
+                messages=[{"role": "user", "content": [image_part(data_url(picture(32 + i, 32))),
+                                                       {"type": "text", "text": f"request {i}"}]}],
+                max_tokens=8, temperature=0, stream=(i % 2 == 0),
+            )
+            for i in range(16)
+        ]
+        results = await asyncio.gather(*tasks)
+        texts = []
+        for r in results:
+            if isinstance(r, openai.AsyncStream):
+                texts.append("".join([c.choices[0].delta.content or "" async for c in r if c.choices]))
+            else:
+                texts.append(r.choices[0].message.content)
+        await aclient.close()
+        return texts
+
+    texts = asyncio.run(run())
+    assert len(texts) == 16
+    assert all(isinstance(t, str) for t in texts)
+
+
+def test_models_health_ready(server):
+    models = httpx.get(server.base_url + "/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [f"tiny-{server.arch}"]
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    assert httpx.get(server.base_url + "/ready").json() == {"status": "ready"}
+
+
+def test_metrics(client, server):
+    ask(client, server, [image_part(data_url(picture(50, 50))), {"type": "text", "text": "m"}], max_tokens=2)
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in [
+        "qwenvl_requests_total", "qwenvl_time_to_first_token_seconds_bucket",
+        "qwenvl_time_per_output_token_seconds_bucket", "qwenvl_request_duration_seconds_bucket",
+        "qwenvl_prompt_tokens_total", "qwenvl_completion_tokens_total", "qwenvl_requests_running",
+        "qwenvl_requests_waiting", "qwenvl_image_fetch_seconds_bucket", "qwenvl_image_decode_seconds_bucket",
+        "qwenvl_kv_cache_usage_ratio",
+    ]:
+        assert name in text, name
+    assert 'qwenvl_requests_total{outcome="success"}' in text
+
+
+def test_request_id_echoed(server):
+    r = httpx.get(server.base_url + "/v1/models", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def expect_error(fn, status: int, code: str | None = None) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        fn()
+    err = info.value
+    assert err.status_code == status, err.response.text
+    body = err.response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["message"] and "Traceback" not in body["message"] and "0x" not in body["message"]
+    if code is not None:
+        assert body["code"] == code, body
+    return err
+
+
+def test_error_unknown_model(client, server):
+    err = expect_error(lambda: client.chat.completions.create(
+        model="no-such-model", messages=[{"role": "user", "content": "hi"}]), 404, "model_not_found")
+    assert "no-such-model" in err.response.json()["error"]["message"]
+
+
+def test_error_schema(client, server):
+    expect_error(lambda: ask(client, server, "hi", temperature=7), 400)
+    expect_error(lambda: client.chat.completions.create(model=model_name(server), messages=[]), 400)
+    r = httpx.post(server.base_url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(server.base_url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]})
+    assert r.status_code == 400
+    assert "messages[0].content[0]" in r.json()["error"]["param"]
+
+
+def test_unknown_fields_ignored(server):
+    r = httpx.post(server.base_url + "/v1/chat/completions", json={
+        "model": f"tiny-{server.arch}", "messages": [{"role": "user", "content": "hi", "weird": 1}],
+        "max_tokens": 2, "some_future_field": {"a": 1}, "parallel_tool_calls": False})
+    assert r.status_code == 200, r.text
+
+
+def test_error_bad_image_urls(client, server, image_server):
+    expect_error(lambda: ask(client, server, [image_part("data:image/png;base64,!!!notbase64")]), 400)
+    expect_error(lambda: ask(client, server, [image_part(image_server.url("/not-an-image.png"))]), 400,
+                 "image_decode_failed")
+    expect_error(lambda: ask(client, server, [image_part(image_server.url("/missing.png"))]), 400,
+                 "image_fetch_failed")
+    expect_error(lambda: ask(client, server, [image_part("http://127.0.0.1:9/x.png")]), 400, "image_url_forbidden")
+    expect_error(lambda: ask(client, server, [image_part("ftp://example.com/x.png")]), 400)
+
+
+def test_error_too_many_images(client, server):
+    url = data_url(picture(8, 8))
+    err = expect_error(lambda: ask(client, server, [image_part(url)] * 4), 400, "too_many_images")
+    assert "3" in err.response.json()["error"]["message"]
+
+
+def test_error_prompt_too_long(client, server):
+    expect_error(lambda: ask(client, server, "word " * (MAX_MODEL_LEN * 2)), 400, "context_length_exceeded")
+
+
+def test_error_max_tokens_over_context(client, server):
+    err = expect_error(lambda: ask(client, server, "hi", max_tokens=MAX_MODEL_LEN + 1), 400, "context_length_exceeded")
+    assert err.response.json()["error"]["param"] == "max_tokens"
+
+
+def test_server_still_serves_after_errors(client, server):
+    r = ask(client, server, "still there?", max_tokens=2)
+    assert r.choices[0].message.content is not None
