@@ -98,10 +98,15 @@ class GatewayMiddleware:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
                 return
-            await self.app(scope, _capped(receive, limit), send_wrapper)
-        except _BodyTooLarge:
-            if status_holder["status"] == 0:
-                await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
+            if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+                # A chunked body has no declared size: read it here under the cap (the JSON
+                # parser would read it whole anyway), then replay it to the app.
+                replay = await _read_capped(receive, limit)
+                if replay is None:
+                    await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
+                    return
+                receive = replay
+            await self.app(scope, receive, send_wrapper)
         finally:
             if path == "/v1/chat/completions":
                 entry = {
@@ -125,10 +130,6 @@ def _count_outcome(runtime, status: int) -> None:
     runtime.metrics.requests.labels(outcome).inc()
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 def _too_large(limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(
         f"The request body exceeds the server's limit of {limit} bytes; send smaller or fewer "
@@ -136,19 +137,29 @@ def _too_large(limit: int) -> PayloadTooLargeError:
     )
 
 
-def _capped(receive: Receive, limit: int) -> Receive:
-    seen = 0
-
-    async def wrapped() -> Message:
-        nonlocal seen
+async def _read_capped(receive: Receive, limit: int) -> Receive | None:
+    """The whole body as a replaying `receive`, or None once it exceeds `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
         message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _BodyTooLarge
-        return message
+        if message["type"] != "http.request":
+            break
+        body = message.get("body", b"")
+        size += len(body)
+        if size > limit:
+            return None
+        chunks.append(body)
+        if not message.get("more_body", False):
+            break
+    pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-    return wrapped
+    async def replay() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay
 
 
 def install_middleware(app: FastAPI, settings: Settings, runtime) -> None:

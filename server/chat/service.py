@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.chat.prompt import PromptRenderer, collect
+from server.chat.specials import SpecialTokenFilter
 from server.chat.sse import sse_done, sse_event
 from server.engine.base import Engine, GenerationChunk, GenerationRequest, SamplingOptions, TokenLogprob
 from server.errors import (
     APIError,
     InvalidRequestError,
     ModelNotFoundError,
-    TooManyImagesError,
 )
 from server.metrics import Metrics
 from server.schemas import (
@@ -56,6 +56,8 @@ class Prepared:
     grounding: bool
     started: float
     stats: dict[str, Any] = field(default_factory=dict)
+    # Applied to each text delta (special tokens decode atomically, so per-delta is exact).
+    clean: Any = None
 
 
 class ChatService:
@@ -66,6 +68,7 @@ class ChatService:
         self.metrics = metrics
         self.model_names = model_names
         self.renderer = PromptRenderer(engine.info.tokenizer)
+        self.specials = SpecialTokenFilter(engine.info.tokenizer)
 
     # --- preparation --------------------------------------------------------------------
 
@@ -88,12 +91,7 @@ class ChatService:
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true.", param="top_logprobs")
         conv = collect(req.messages)
-        if len(conv.images) > s.limit_mm_per_prompt:
-            raise TooManyImagesError(
-                f"The request has {len(conv.images)} images; at most {s.limit_mm_per_prompt} "
-                "are allowed per request.",
-                param="messages",
-            )
+        self.images.check_count(len(conv.images))
         loaded = []
         if conv.images:
             loaded = await self.images.load_all(
@@ -103,12 +101,17 @@ class ChatService:
             )
         prompt_ids = self.renderer.render(conv)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        sampling = self._sampling(req)
+        clean = None
+        if req.skip_special_tokens and self.specials.active:
+            sampling.skip_special_tokens = False
+            clean = self.specials
         stream = await self.engine.start(
             GenerationRequest(
                 request_id=f"{completion_id}-{request_id}",
                 prompt_token_ids=prompt_ids,
                 images=[img.image for img in loaded],
-                sampling=self._sampling(req),
+                sampling=sampling,
             )
         )
         grounding = s.grounding if req.grounding is None else req.grounding
@@ -122,6 +125,7 @@ class ChatService:
             model_image_sizes=[img.image.size for img in loaded],
             grounding=grounding and self.engine.info.family in GROUNDING_FAMILIES,
             started=started,
+            clean=clean,
         )
 
     def _check_model(self, name: str | None) -> str:
@@ -172,7 +176,7 @@ class ChatService:
             prompt_tokens = chunk.prompt_tokens or prompt_tokens
             for c in chunk.choices:
                 tracker.tokens(len(c.token_ids))
-                texts[c.index].append(c.text)
+                texts[c.index].append(p.clean(c.text) if p.clean else c.text)
                 tokens[c.index] += len(c.token_ids)
                 if c.logprobs:
                     logprobs[c.index].extend(c.logprobs)
@@ -217,9 +221,10 @@ class ChatService:
                 for c in out.choices:
                     tracker.tokens(len(c.token_ids))
                     tokens[c.index] += len(c.token_ids)
-                    texts[c.index].append(c.text)
-                    if c.text or c.logprobs:
-                        yield chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=c.text),
+                    text = p.clean(c.text) if p.clean else c.text
+                    texts[c.index].append(text)
+                    if text or c.logprobs:
+                        yield chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=text),
                                                  logprobs=self._logprobs(p, c.logprobs or []))])
                     if c.finish_reason:
                         boxes = self._grounding(p, "".join(texts[c.index]))

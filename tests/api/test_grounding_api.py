@@ -1,0 +1,128 @@
+"""Grounding through the real server code: a scripted engine writes grounding answers (tiny
+random models never do), the server returns content unchanged plus boxes as data."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from server.engine.base import ModelInfo
+from server.engine.scripted import ScriptedEngine
+from support.app_server import AppServer, scripted_app
+from support.images import data_url, picture
+
+QWEN2_ANSWER = ("<|object_ref_start|>the dog<|object_ref_end|><|box_start|>(100,200),(500,750)<|box_end|>"
+                " and <|object_ref_start|>猫<|object_ref_end|><|box_start|>(0,0),(1000,1000)<|box_end|>")
+
+
+def engine_for(tokenizer, family: str, reply: str) -> ScriptedEngine:
+    engine = ScriptedEngine(ModelInfo(family=family, max_model_len=4096, tokenizer=tokenizer,
+                                      image_processor={"min_pixels": 3136, "max_pixels": 12845056}),
+                            chunk_chars=4)
+    engine.enqueue(reply)
+    return engine
+
+
+def image_message(width=640, height=480, text="find the dog"):
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(picture(width, height))}},
+        {"type": "text", "text": text}]}]
+
+
+@pytest.fixture
+def qwen2_server(tiny_tokenizer):
+    engine = engine_for(tiny_tokenizer, "qwen2-vl", QWEN2_ANSWER)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    with AppServer(app) as srv:
+        srv.engine = engine
+        yield srv
+
+
+def test_boxes_in_original_pixels_non_streaming(qwen2_server):
+    r = httpx.post(qwen2_server.base_url + "/v1/chat/completions", json={"messages": image_message()})
+    assert r.status_code == 200
+    message = r.json()["choices"][0]["message"]
+    assert message["content"] == QWEN2_ANSWER  # tags kept: they are the answer
+    boxes = message["grounding"]
+    assert [b["phrase"] for b in boxes] == ["the dog", "猫"]
+    assert boxes[0]["model_box"] == [100, 200, 500, 750]
+    assert boxes[0]["box"] == [64, 96, 320, 360]  # 0-1000 grid → 640x480 pixels
+    assert boxes[1]["box"] == [0, 0, 640, 480]
+    assert {b["image_index"] for b in boxes} == {0}
+
+
+def test_boxes_arrive_with_final_chunk(qwen2_server):
+    client = openai.OpenAI(base_url=qwen2_server.base_url + "/v1", api_key="x", max_retries=0)
+    chunks = list(client.chat.completions.create(model="scripted", messages=image_message(), stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == QWEN2_ANSWER
+    with_boxes = [c for c in chunks if c.choices and (c.choices[0].delta.model_extra or {}).get("grounding")]
+    assert len(with_boxes) == 1
+    final = with_boxes[0]
+    assert final.choices[0].finish_reason == "stop"
+    boxes = final.choices[0].delta.model_extra["grounding"]
+    assert boxes[0]["box"] == [64, 96, 320, 360]
+
+
+def test_grounding_can_be_turned_off(qwen2_server):
+    r = httpx.post(qwen2_server.base_url + "/v1/chat/completions",
+                   json={"messages": image_message(), "grounding": False})
+    message = r.json()["choices"][0]["message"]
+    assert message["content"] == QWEN2_ANSWER
+    assert message.get("grounding") is None
+
+
+def test_other_special_tokens_do_not_leak(tiny_tokenizer):
+    reply = "<|vision_start|>" + QWEN2_ANSWER + "<|im_start|><|endoftext|>"
+    engine = engine_for(tiny_tokenizer, "qwen2-vl", reply)
+    # One delta: a real detokenizer emits each special token whole, never split.
+    engine.chunk_chars = 10_000
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    with AppServer(app) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json={"messages": image_message()})
+        assert r.json()["choices"][0]["message"]["content"] == QWEN2_ANSWER
+        engine.enqueue(reply)
+        r = httpx.post(srv.base_url + "/v1/chat/completions",
+                       json={"messages": image_message(), "skip_special_tokens": False})
+        assert r.json()["choices"][0]["message"]["content"] == reply
+
+
+def test_qwen25_pixels_of_resized_image(tiny_tokenizer):
+    # Qwen2.5-VL answers in pixels of the processor's resized image: 1000x500 → 1008x504.
+    answer = '```json\n[{"bbox_2d": [504, 252, 1008, 504], "label": "right half"}]\n```'
+    engine = engine_for(tiny_tokenizer, "qwen2.5-vl", answer)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    with AppServer(app) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json={"messages": image_message(1000, 500)})
+        box = r.json()["choices"][0]["message"]["grounding"][0]
+        assert box["phrase"] == "right half"
+        assert box["box"] == [500, 250, 1000, 500]
+
+
+def test_truncated_stream_recovers_what_it_can(tiny_tokenizer):
+    engine = engine_for(tiny_tokenizer, "qwen2-vl", QWEN2_ANSWER)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    with AppServer(app) as srv:
+        # 20 pieces of 4 characters end inside the second box.
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json={"messages": image_message(), "max_tokens": 20})
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert [b["phrase"] for b in choice["message"]["grounding"]] == ["the dog"]
+
+
+def test_boxes_refer_to_the_last_image(tiny_tokenizer):
+    engine = engine_for(tiny_tokenizer, "qwen2-vl", QWEN2_ANSWER)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(picture(100, 100))}},
+        {"type": "image_url", "image_url": {"url": data_url(picture(200, 100))}},
+        {"type": "text", "text": "find"}]}]
+    with AppServer(app) as srv:
+        boxes = httpx.post(srv.base_url + "/v1/chat/completions", json={"messages": messages}).json()[
+            "choices"][0]["message"]["grounding"]
+        assert boxes[0]["image_index"] == 1
+        assert boxes[0]["box"] == [20, 20, 100, 75]
+        assert json.dumps(boxes)
