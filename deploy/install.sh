@@ -19,6 +19,27 @@ TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
+# System packages: a font with CJK glyphs for drawing grounding labels (no font download at
+# run time), and nginx for the load-balancer tests. Installed with apt when missing and
+# running as root; otherwise say what is missing and go on (the tests that need them fail
+# with a clear message). Set QWENVL_SKIP_SYSTEM_PACKAGES=1 to skip.
+SYSTEM_PACKAGES=(fonts-wqy-microhei nginx)
+if [ "${QWENVL_SKIP_SYSTEM_PACKAGES:-0}" != 1 ] && command -v dpkg >/dev/null 2>&1; then
+  missing=()
+  for pkg in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "install: apt-get install ${missing[*]}"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+      echo "install: WARNING: missing system packages (install them as root): ${missing[*]}" >&2
+    fi
+  fi
+fi
+
 stamp_inputs() { cat "$HERE/deploy/install.sh" "$HERE/pyproject.toml"; }
 STAMP="$VENV/.qwenvl-install-stamp"
 want=$(stamp_inputs | sha256sum | cut -d' ' -f1)

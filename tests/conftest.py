@@ -20,3 +20,11 @@ def tiny_model(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    """The tiny Qwen2-VL checkpoint's tokenizer (real chat template and special tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model("qwen2-vl"))

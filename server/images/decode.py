@@ -1,0 +1,154 @@
+"""Turning untrusted image bytes into the RGB picture the model sees. Blocking and
+CPU-bound: the loader runs `decode_image` in its worker pool.
+
+Order matters for safety: the format is sniffed against an allow-list, then the pixel count
+and the frame count are checked from the header, and only then are pixels decoded (so a
+decompression bomb is refused before it allocates). Pillow's DecompressionBombWarning is
+made an error by `prepare()`. Every failure is raised as our own ImageError with a fixed
+message; the decoder's exception text never reaches the client.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ImageDecodeError, ImageError, ImageTooLargeError
+from .family import FamilySpec, check_shape, target_size
+
+log = logging.getLogger(__name__)
+
+#: Formats Pillow may parse (by sniffed content, not by file name or Content-Type). Camera
+#: JPEGs with several pictures come back from the JPEG plugin as format "MPO".
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
+SUPPORTED_TEXT = "JPEG, PNG, GIF, WebP or BMP"
+RESAMPLE = Image.Resampling.BICUBIC
+#: Background for transparent pixels (what Qwen's own preprocessing composites onto).
+BACKGROUND = (255, 255, 255)
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+_EXIF_ORIENTATION = 0x0112
+
+
+def prepare() -> None:
+    """Call once at startup, before decoding.
+
+    Loads Pillow's format plugins now: Pillow imports them lazily on the first open of a
+    format outside its core five, holding the GIL for a few hundred milliseconds, which
+    from a worker thread would stall the event loop. And makes Pillow's
+    DecompressionBombWarning an error for the whole process: `warnings.catch_warnings` is
+    not thread-safe, and the decode threads run concurrently."""
+    Image.init()
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_input_pixels: int
+    max_frames: int
+
+
+def decode_image(
+    data: bytes, *, limits: DecodeLimits, family: FamilySpec, max_pixels: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode `data` into a fully loaded RGB image and its (width, height) after EXIF
+    orientation but before resizing. The image is resized as `family.target_size` says.
+
+    Raises ImageDecodeError (unsupported format, truncated or corrupt data),
+    ImageTooLargeError (pixel or frame limit), ImageError (shape the model cannot take)."""
+    try:
+        return _decode(data, limits, family, max_pixels)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(
+            f"The image has too many pixels; at most {limits.max_input_pixels:,} are accepted."
+        ) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"The data is not a supported image; send {SUPPORTED_TEXT}.") from exc
+    except MemoryError as exc:
+        raise ImageTooLargeError("The image is too large to decode on this server.") from exc
+    except Exception as exc:  # any decoder failure: OSError, SyntaxError, ValueError, EOFError...
+        log.debug("image decode failed: %r", exc)
+        raise ImageDecodeError("The image could not be decoded; the file is truncated or corrupt.") from exc
+
+
+def _decode(
+    data: bytes, limits: DecodeLimits, family: FamilySpec, max_pixels: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise ImageDecodeError("The image has no pixels.")
+        if width * height > limits.max_input_pixels:
+            raise ImageTooLargeError(
+                f"The image is {width}x{height} pixels; at most {limits.max_input_pixels:,} pixels are accepted."
+            )
+        frames = getattr(im, "n_frames", 1)
+        if frames > limits.max_frames:
+            raise ImageTooLargeError(
+                f"The animated image has {frames} frames; at most {limits.max_frames} are accepted."
+            )
+        if frames > 1:
+            im.seek(0)
+        orientation = _orientation(im)
+        swapped = orientation in _SWAPS_SIDES
+        if swapped:
+            width, height = height, width
+        check_shape(family, width, height)
+        target = target_size(family, width, height, max_pixels)  # upright
+        stored_target = (target[1], target[0]) if swapped else target  # as stored, before rotation
+        if im.format in ("JPEG", "MPO") and target[0] * target[1] < width * height:
+            # libjpeg may decode at 1/2, 1/4 or 1/8 scale while still covering the target.
+            im.draft("RGB", stored_target)
+        im.load()
+        out = _to_rgb(im)
+    if out.size != stored_target:
+        shrinking = out.size[0] > stored_target[0]
+        out = out.resize(stored_target, RESAMPLE, reducing_gap=2.0 if shrinking else None)
+    if orientation in _TRANSPOSE:
+        out = out.transpose(_TRANSPOSE[orientation])
+    out.load()
+    return out, (width, height)
+
+
+def _orientation(im: Image.Image) -> int | None:
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # malformed EXIF: treat as unrotated rather than refuse the image
+        return None
+    return value if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """A new RGB image: palette and alpha composited on white, CMYK/YCbCr/L/1 converted,
+    16- and 32-bit greyscale scaled down to 8 bits (Pillow's own conversion clips)."""
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        return Image.fromarray((arr >> 8).astype(np.uint8)).convert("RGB")  # 2-D uint8: mode L
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")

@@ -1,0 +1,109 @@
+"""What each Qwen-VL model family needs from an image before its processor sees it.
+
+The Qwen2-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) resizes with `smart_resize`
+(transformers `models/qwen2_vl/image_processing_qwen2_vl.py`): both sides become multiples
+of `factor` (patch size x merge size: 28, or 32 for Qwen3-VL) and the area is brought into
+[min_pixels, max_pixels]. It raises `ValueError` when the aspect ratio exceeds 200, which
+would fail the request inside the engine, so such images are refused here with a 400.
+Older releases of `smart_resize` also raised for a side shorter than `factor`; tiny images
+are therefore upscaled here until their short side reaches `factor`.
+
+Qwen-VL (v1) stretches every image to 448x448 in its own processor, so only the safety
+limits and an explicit pixel ceiling apply to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ImageError
+
+#: The aspect ratio `smart_resize` accepts (it raises above it).
+SMART_RESIZE_MAX_RATIO = 200
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Image constraints of one model family.
+
+    factor: side multiple the processor resizes to (None: the family has no such rule).
+    max_aspect_ratio: longest/shortest side the processor accepts (None: any).
+    default_max_pixels: ceiling on pixels sent to the model when the server sets none
+        (the checkpoints' own `max_pixels`; None: no ceiling).
+    min_pixels: floor for a per-request or configured ceiling, so that a client asking
+        for max_pixels=1 gets the smallest image the model can use, not a 1x1 one.
+    """
+
+    name: str
+    factor: int | None
+    max_aspect_ratio: float | None
+    default_max_pixels: int | None
+    min_pixels: int
+
+
+_QWEN2 = dict(factor=28, max_aspect_ratio=SMART_RESIZE_MAX_RATIO, default_max_pixels=12_845_056, min_pixels=3136)
+
+FAMILIES: dict[str, FamilySpec] = {
+    "qwen-vl": FamilySpec("qwen-vl", factor=None, max_aspect_ratio=None, default_max_pixels=None, min_pixels=1),
+    "qwen2-vl": FamilySpec("qwen2-vl", **_QWEN2),
+    "qwen2.5-vl": FamilySpec("qwen2.5-vl", **_QWEN2),
+    # Qwen3-VL: patch 16 x merge 2; its checkpoints ship max_pixels 16777216.
+    "qwen3-vl": FamilySpec(
+        "qwen3-vl", factor=32, max_aspect_ratio=SMART_RESIZE_MAX_RATIO, default_max_pixels=16_777_216, min_pixels=4096
+    ),
+}
+
+
+def family_spec(family: str) -> FamilySpec:
+    """The spec of `family`; raises ValueError for an unknown name (a configuration error)."""
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}") from None
+
+
+def effective_max_pixels(spec: FamilySpec, server_ceiling: int | None, requested: int | None) -> int | None:
+    """The pixel ceiling for one image: the server's (or the family default), lowered but
+    never raised by the request, and never below the family's floor. None: no ceiling."""
+    ceiling = server_ceiling if server_ceiling is not None else spec.default_max_pixels
+    if requested is not None:
+        ceiling = requested if ceiling is None else min(ceiling, requested)
+    if ceiling is not None:
+        ceiling = max(ceiling, spec.min_pixels)
+    return ceiling
+
+
+def check_shape(spec: FamilySpec, width: int, height: int) -> None:
+    """Raise a 400 `invalid_image` when the family's processor would refuse this shape."""
+    if spec.max_aspect_ratio is None:
+        return
+    if max(width, height) > spec.max_aspect_ratio * min(width, height):
+        raise ImageError(
+            f"The image is {width}x{height} pixels; its aspect ratio exceeds "
+            f"{spec.max_aspect_ratio:g}:1, the most this model accepts. Crop or pad the image "
+            "to a less elongated shape."
+        )
+
+
+def target_size(spec: FamilySpec, width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """The size to resize a (width, height) image to before it goes to the model.
+
+    Downscales (keeping the aspect ratio) so that width*height <= max_pixels; upscales an
+    image whose short side is below the family's `factor`. The result never has an aspect
+    ratio above the family's limit, even after rounding. Call `check_shape` first.
+    """
+    w, h = width, height
+    if max_pixels is not None and w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        w, h = max(1, math.floor(w * scale)), max(1, math.floor(h * scale))
+    if spec.factor is not None and min(w, h) < spec.factor:
+        scale = spec.factor / min(w, h)
+        w, h = max(spec.factor, round(w * scale)), max(spec.factor, round(h * scale))
+    if spec.max_aspect_ratio is not None:
+        # Rounding a short side down can push a ratio just under the limit over it.
+        if w > h * spec.max_aspect_ratio:
+            h = math.ceil(w / spec.max_aspect_ratio)
+        elif h > w * spec.max_aspect_ratio:
+            w = math.ceil(h / spec.max_aspect_ratio)
+    return w, h

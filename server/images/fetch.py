@@ -1,0 +1,199 @@
+"""Fetching image bytes over http(s) without letting the URL reach internal services.
+
+For every hop: check the host against the domain lists, resolve it once (injectable
+resolver, off the event loop), require every address to pass the address policy, then
+connect to a checked address: the request URL carries the IP itself while the `Host`
+header and the TLS SNI / certificate check keep the original name. Redirects are followed
+by hand, each hop re-checked. The body is streamed under a byte cap; connect, read and
+total deadlines apply. https requests send `Connection: close`, so a TLS connection that
+was verified for one host name is never reused for another name on the same address.
+
+An injected `httpx.AsyncClient` must not go through a proxy (`trust_env=False`, no
+`proxy=`): a proxy would connect to the name, not to the checked address. Build it with
+`build_http_client` unless there is a reason not to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+import httpx
+
+from .. import __version__
+from ..errors import ImageFetchError, ImageTooLargeError
+from .policy import AddressPolicy, DomainPolicy
+from .resolve import ResolutionError, Resolver
+from .urls import HttpURL, IPAddress, join_redirect
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"qwen-vl-serve/{__version__} (image fetcher)"
+#: Longest silence between two reads of one response (capped by the total deadline).
+READ_TIMEOUT_SECONDS = 5.0
+#: Addresses of one host tried in turn when connecting fails.
+MAX_CONNECT_ATTEMPTS = 3
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def human_bytes(n: int) -> str:
+    """`20 MiB`, `512 KiB`, `100 bytes`: for client-facing limit messages."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} bytes"
+
+
+def too_large(max_bytes: int) -> ImageTooLargeError:
+    """The error for an encoded image over the byte cap (fetched, data: or file:)."""
+    return ImageTooLargeError(f"The image is larger than this server's limit of {human_bytes(max_bytes)}.")
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    max_bytes: int
+    total_timeout: float
+    connect_timeout: float
+    max_redirects: int
+    read_timeout: float = READ_TIMEOUT_SECONDS
+
+
+class HttpFetcher:
+    """Fetches http(s) image URLs under the address and domain policies."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        addresses: AddressPolicy,
+        domains: DomainPolicy,
+        resolver: Resolver,
+        limits: FetchLimits,
+        concurrency: int,
+    ) -> None:
+        self._client = client
+        self._addresses = addresses
+        self._domains = domains
+        self._resolver = resolver
+        self._limits = limits
+        self._semaphore = asyncio.Semaphore(concurrency)
+        read = min(limits.read_timeout, limits.total_timeout)
+        self._timeout = httpx.Timeout(
+            connect=min(limits.connect_timeout, limits.total_timeout), read=read, write=read, pool=limits.total_timeout
+        )
+
+    async def fetch(self, url: HttpURL) -> bytes:
+        """The body of `url` after redirects. Raises ImageURLForbiddenError (policy),
+        ImageTooLargeError (byte cap) or ImageFetchError (everything else)."""
+        async with self._semaphore:
+            try:
+                async with asyncio.timeout(self._limits.total_timeout):
+                    return await self._fetch(url)
+            except TimeoutError:
+                raise ImageFetchError(
+                    f"Fetching the image took longer than {self._limits.total_timeout:g} s. Use a faster "
+                    "host or send the image as a data: URL."
+                ) from None
+
+    async def _fetch(self, url: HttpURL) -> bytes:
+        for _ in range(self._limits.max_redirects + 1):
+            addresses = await self._check(url)
+            response = await self._send(url, addresses)
+            try:
+                if response.status_code in REDIRECT_STATUSES:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise ImageFetchError("The image server sent a redirect without a Location.")
+                    url = join_redirect(url, location)
+                    continue
+                if not 200 <= response.status_code < 300:
+                    raise ImageFetchError(
+                        f"The image server answered HTTP {response.status_code}; check the image URL."
+                    )
+                return await self._read_body(response)
+            finally:
+                await response.aclose()
+        raise ImageFetchError(
+            f"The image URL redirected more than {self._limits.max_redirects} times; link the image directly."
+        )
+
+    async def _check(self, url: HttpURL) -> list[IPAddress]:
+        self._domains.check(url.host)
+        if url.ip is not None:
+            addresses = [url.ip]
+        else:
+            try:
+                addresses = list(await self._resolver(url.host, url.port))
+            except ResolutionError as exc:
+                raise ImageFetchError(f"The image host '{url.host}' could not be resolved.") from exc
+        self._addresses.check(url.host, addresses)
+        return addresses
+
+    def _request(self, url: HttpURL, ip: IPAddress) -> httpx.Request:
+        headers = {
+            "Host": url.host_header,
+            "User-Agent": USER_AGENT,
+            "Accept": "image/*",
+            # Compressed transfer would let a small body inflate past the byte cap.
+            "Accept-Encoding": "identity",
+        }
+        extensions = {}
+        if url.scheme == "https":
+            headers["Connection"] = "close"
+            if url.ip is None:
+                extensions["sni_hostname"] = url.host
+        target = httpx.URL(scheme=url.scheme, host=str(ip), port=url.port, raw_path=url.target.encode("ascii"))
+        return self._client.build_request(
+            "GET", target, headers=headers, timeout=self._timeout, extensions=extensions
+        )
+
+    async def _send(self, url: HttpURL, addresses: list[IPAddress]) -> httpx.Response:
+        for ip in addresses[:MAX_CONNECT_ATTEMPTS]:
+            try:
+                return await self._client.send(self._request(url, ip), stream=True, follow_redirects=False)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                log.debug("image fetch: connecting to %s failed: %r", url.host, exc)
+            except httpx.TimeoutException:
+                raise ImageFetchError("The image server did not answer in time.") from None
+            except httpx.HTTPError as exc:
+                log.debug("image fetch from %s failed: %r", url.host, exc)
+                raise ImageFetchError("The image server closed the connection or sent an invalid answer.") from exc
+        raise ImageFetchError(f"Could not connect to the image host '{url.host}'.")
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        cap = self._limits.max_bytes
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise too_large(cap)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ImageFetchError("The image server sent a compressed (Content-Encoding) body; serve the image as is.")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in response.aiter_bytes():  # identity only: checked above
+                size += len(chunk)
+                if size > cap:
+                    raise too_large(cap)
+                chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise ImageFetchError("The image server stopped sending data.") from None
+        except httpx.HTTPError as exc:
+            log.debug("image body read failed: %r", exc)
+            raise ImageFetchError("The image download was cut off or malformed.") from exc
+        return b"".join(chunks)
+
+
+def build_http_client(concurrency: int) -> httpx.AsyncClient:
+    """The client the loader uses when none is injected: no proxy from the environment, no
+    automatic redirects, no cookies (requests go to IP URLs, so a jar would share one host's
+    cookies with every name on that address), pool sized to the fetch concurrency."""
+    return httpx.AsyncClient(
+        trust_env=False,
+        follow_redirects=False,
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        headers={"User-Agent": USER_AGENT},
+    )

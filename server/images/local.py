@@ -1,0 +1,76 @@
+"""Image bytes that need no network: `data:` URLs and files under the local media directory."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from pathlib import Path
+
+from ..errors import ImageDecodeError, ImageFetchError, ImageURLForbiddenError
+from .fetch import too_large
+from .urls import DataURL, FileURL
+
+#: base64 characters decoded per step. binascii holds the GIL while it works (a worker
+#: thread would stall the event loop just the same), so large payloads are decoded on the
+#: loop in steps that yield in between.
+B64_STEP = 128 * 1024
+
+
+async def decode_data_url(url: DataURL, max_bytes: int) -> bytes:
+    """The bytes of a base64 `data:` URL. The size is checked from the encoded length before
+    anything is decoded. Raises ImageTooLargeError or ImageDecodeError (not strict base64:
+    wrong alphabet, whitespace, bad padding)."""
+    text, start, end = url.url, url.start, len(url.url)
+    size = end - start
+    padding = text.endswith("=") + text.endswith("==")  # no copy of the payload anywhere here
+    if size // 4 * 3 - padding > max_bytes:
+        raise too_large(max_bytes)
+    invalid = ImageDecodeError("The data: URL is not valid base64 (standard alphabet, padded, no whitespace).")
+    if size % 4 or text.find("=", start, end - 2) >= 0:
+        raise invalid
+    parts: list[bytes] = []
+    try:
+        for i in range(start, end, B64_STEP):
+            parts.append(base64.b64decode(text[i : min(i + B64_STEP, end)], validate=True))
+            if size > B64_STEP:
+                await asyncio.sleep(0)
+    except (binascii.Error, ValueError) as exc:
+        raise invalid from exc
+    data = b"".join(parts)
+    if not data:
+        raise ImageDecodeError("The data: URL holds no image data.")
+    return data
+
+
+class LocalMediaReader:
+    """Reads `file:` image URLs, only inside `root`. Blocking: run it in a worker thread."""
+
+    def __init__(self, root: Path | None, max_bytes: int) -> None:
+        self.root = root.resolve() if root is not None else None
+        self.max_bytes = max_bytes
+
+    def read(self, url: FileURL) -> bytes:
+        """The file's bytes. Raises ImageURLForbiddenError when file: URLs are off or the
+        path (after `..` and symlinks are resolved) leaves the media directory;
+        ImageFetchError when there is no readable regular file; ImageTooLargeError."""
+        if self.root is None:
+            raise ImageURLForbiddenError("file: image URLs are not enabled on this server.")
+        try:
+            path = Path(url.path).resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop
+            raise ImageURLForbiddenError("The file: image URL cannot be resolved.") from exc
+        if not path.is_relative_to(self.root):
+            raise ImageURLForbiddenError("The file: image URL points outside the allowed local media directory.")
+        try:
+            if not path.is_file():
+                raise ImageFetchError("No image file exists at that path in the local media directory.")
+            if path.stat().st_size > self.max_bytes:
+                raise too_large(self.max_bytes)
+            with path.open("rb") as f:
+                data = f.read(self.max_bytes + 1)
+        except OSError as exc:
+            raise ImageFetchError("The image file in the local media directory could not be read.") from exc
+        if len(data) > self.max_bytes:
+            raise too_large(self.max_bytes)
+        return data

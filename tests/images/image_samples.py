@@ -1,0 +1,118 @@
+"""Test images, benign and hostile, built in memory (no files in the repository)."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png(width: int = 64, height: int = 48, color=(255, 0, 0), mode: str = "RGB") -> bytes:
+    return encode(Image.new(mode, (width, height), color), "PNG")
+
+
+def noise_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A JPEG of a gradient plus noise, so decoding does real work. Deterministic: a
+    256x256 tile of numpy noise (seeded) repeated over a stretched gradient."""
+    rng = np.random.default_rng(seed)
+    tile = Image.fromarray(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
+    noise = Image.new("RGB", (width, height))
+    for x in range(0, width, 256):
+        for y in range(0, height, 256):
+            noise.paste(tile, (x, y))
+    gradient = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    return encode(Image.blend(gradient, noise, 0.25), "JPEG", quality=quality)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: list[bytes] | None = None,
+            idat: bytes | None = None) -> bytes:
+    """A PNG written by hand: any header, given rows (filter byte added) or raw IDAT."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    if idat is None:
+        idat = zlib.compress(b"".join(b"\x00" + row for row in rows or []))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def bomb_png(side: int = 8000) -> bytes:
+    """A real decompression bomb: side x side greyscale zeros, a few dozen KiB on the wire."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return raw_png(side, side, 8, 0, idat=idat)
+
+
+def header_bomb_png(side: int = 100_000) -> bytes:
+    """A PNG whose header claims side x side pixels (10^10) with almost no data."""
+    return raw_png(side, side, 8, 2, idat=zlib.compress(b"\x00" * 64))
+
+
+def png16_rgb(width: int, height: int, rgb16: tuple[int, int, int]) -> bytes:
+    row = struct.pack(">HHH", *rgb16) * width
+    return raw_png(width, height, 16, 2, rows=[row] * height)
+
+
+def png16_grey(values: list[int]) -> bytes:
+    return encode(Image.fromarray(np.array([values], dtype=np.uint16)), "PNG")
+
+
+def animated_gif(frames: int) -> bytes:
+    """A 1x1 GIF with `frames` frames, written by hand (Pillow merges identical frames)."""
+    out = [b"GIF89a", struct.pack("<HHBBB", 1, 1, 0x80, 0, 0), b"\x00\x00\x00\xff\xff\xff"]
+    frame = (
+        b"\x21\xf9\x04\x00\x0a\x00\x00\x00"  # graphic control: delay 10
+        + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0)  # image descriptor 1x1
+        + b"\x02\x02\x44\x01\x00"  # LZW min code 2: clear, index 0, end
+    )
+    out.append(frame * frames)
+    out.append(b"\x3b")
+    return b"".join(out)
+
+
+def cmyk_jpeg(width: int = 32, height: int = 32) -> bytes:
+    return encode(Image.new("CMYK", (width, height), (0, 255, 255, 0)), "JPEG", quality=95)
+
+
+def rotated_jpeg() -> bytes:
+    """Stored 40x20, left half red and right half blue, EXIF orientation 6 (display is
+    rotated 90 degrees clockwise: 20x40 with red on top)."""
+    im = Image.new("RGB", (40, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(im, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def transparent_png() -> bytes:
+    im = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    im.putpixel((0, 0), (0, 0, 255, 255))
+    return encode(im, "PNG")
+
+
+def palette_png_with_transparency() -> bytes:
+    im = Image.new("P", (8, 8), 0)
+    im.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    im.putpixel((0, 0), 1)
+    return encode(im, "PNG", transparency=0)
+
+
+def random_bytes(n: int = 4096) -> bytes:
+    return random.Random(1234).randbytes(n)
+
+
+HTML = b"<!doctype html><html><head><title>x</title></head><body>not an image</body></html>"
+SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+       b'<rect width="10" height="10" fill="red"/></svg>')

@@ -1,0 +1,75 @@
+"""Model-family shape rules: what reaches the Qwen2-VL processor never makes its
+`smart_resize` raise, and the pixel ceiling can be lowered per request but never raised."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from server.errors import ImageError
+from server.images.family import FAMILIES, check_shape, effective_max_pixels, family_spec, target_size
+
+QWEN2 = FAMILIES["qwen2-vl"]
+QWEN3 = FAMILIES["qwen3-vl"]
+QWEN1 = FAMILIES["qwen-vl"]
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError):
+        family_spec("llava")
+
+
+def test_ceiling_only_goes_down():
+    assert effective_max_pixels(QWEN2, None, None) == 12_845_056
+    assert effective_max_pixels(QWEN2, 1_000_000, None) == 1_000_000
+    assert effective_max_pixels(QWEN2, 1_000_000, 500_000) == 500_000
+    assert effective_max_pixels(QWEN2, 1_000_000, 50_000_000) == 1_000_000  # never raised
+    assert effective_max_pixels(QWEN2, None, 10) == QWEN2.min_pixels  # floored
+    assert effective_max_pixels(QWEN1, None, None) is None
+    assert effective_max_pixels(QWEN1, None, 200_000) == 200_000
+    assert effective_max_pixels(QWEN3, None, None) == 16_777_216
+
+
+def test_extreme_aspect_ratio_is_refused_for_qwen2_family_only():
+    for spec in (QWEN2, FAMILIES["qwen2.5-vl"], QWEN3):
+        with pytest.raises(ImageError) as info:
+            check_shape(spec, 1, 10_000)
+        assert info.value.code == "invalid_image"
+        assert "aspect ratio" in info.value.message
+        check_shape(spec, 1, 200)
+    check_shape(QWEN1, 1, 10_000)
+
+
+def test_tiny_images_are_upscaled_to_the_factor():
+    assert target_size(QWEN2, 1, 1, None) == (28, 28)
+    assert target_size(QWEN3, 1, 1, None) == (32, 32)
+    assert target_size(QWEN2, 10, 100, None) == (28, 280)
+    assert target_size(QWEN1, 1, 1, None) == (1, 1)
+
+
+def test_downscale_respects_the_ceiling_and_ratio():
+    w, h = target_size(QWEN2, 4000, 3000, 1_000_000)
+    assert w * h <= 1_000_000 and abs(w / h - 4 / 3) < 0.01
+    assert target_size(QWEN2, 640, 480, 1_000_000) == (640, 480)
+
+
+@pytest.mark.parametrize("spec", [QWEN2, QWEN3])
+def test_smart_resize_accepts_every_image_we_pass_on(spec):
+    rng = random.Random(7)
+    shapes = [(1, 1), (1, 200), (200, 1), (41, 8190), (8190, 41), (3, 599), (27, 27), (28, 5600), (1, 150)]
+    shapes += [(rng.randint(1, 3000), rng.randint(1, 3000)) for _ in range(300)]
+    shapes += [(s := rng.randint(1, 60), min(s * rng.randint(100, 200), 12000)) for _ in range(300)]
+    for width, height in shapes:
+        try:
+            check_shape(spec, width, height)
+        except ImageError:
+            continue
+        for ceiling in (None, 3136, 200_000, 1_003_520):
+            limit = effective_max_pixels(spec, None, ceiling)
+            w, h = target_size(spec, width, height, limit)
+            assert min(w, h) >= spec.factor
+            assert max(w, h) <= 200 * min(w, h)
+            # The processor's own call (the checkpoint defaults) must not raise.
+            smart_resize(h, w, factor=spec.factor, min_pixels=3136, max_pixels=12_845_056)

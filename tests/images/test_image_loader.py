@@ -1,0 +1,283 @@
+"""`ImageLoader` end to end: concurrency and ordering, cancellation on the first failure,
+caches, data: and file: URLs, pixel ceilings, metrics, and an event loop that keeps
+ticking while large images decode."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+
+import pytest
+
+from server.errors import (
+    ImageDecodeError,
+    ImageError,
+    ImageFetchError,
+    ImageTooLargeError,
+    ImageURLForbiddenError,
+    TooManyImagesError,
+)
+from server.images import ImageLoader, check_image_count
+from server.images.decode import DecodeLimits, decode_image
+from server.images.family import FAMILIES
+from server.metrics import Metrics
+
+import image_samples as samples
+from image_helpers import load_one, make_settings, use_loader
+from support.http_server import static
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def sample(metrics: Metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def slow(body: bytes, delay: float):
+    route = static(body, "image/png")
+
+    def handle(h):
+        time.sleep(delay)
+        route(h)
+
+    return handle
+
+
+def test_load_all_is_concurrent_and_keeps_order(image_server):
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]):
+        image_server.routes[f"/slow{i}.png"] = slow(samples.png(8 + i, 8, color), 0.4)
+    urls = [image_server.url(f"/slow{i}.png") for i in range(4)]
+
+    async def run(loader):
+        started = time.monotonic()
+        images = await loader.load_all(urls)
+        return images, time.monotonic() - started
+
+    images, elapsed = asyncio.run(use_loader(run))
+    assert [im.original_size[0] for im in images] == [8, 9, 10, 11]
+    assert images[2].image.getpixel((4, 4)) == (0, 0, 255)
+    assert elapsed < 1.2  # four 0.4 s fetches in parallel, not in sequence
+
+
+def test_first_failure_cancels_the_rest_and_names_the_image(image_server):
+    urls = [image_server.url("/drip.png"), image_server.url("/drip.png"), "http://127.0.0.1/x.png"]
+    params = [f"messages[0].content[{i}].image_url" for i in range(3)]
+    metrics = Metrics()
+
+    async def run(loader):
+        started = time.monotonic()
+        with pytest.raises(ImageURLForbiddenError) as info:
+            await loader.load_all(urls, params=params)
+        return info.value, time.monotonic() - started
+
+    error, elapsed = asyncio.run(use_loader(run, metrics=metrics))
+    assert error.param == "messages[0].content[2].image_url"
+    assert elapsed < 1.0  # did not wait for the dripping downloads
+    assert sample(metrics, "qwenvl_image_rejections_total", code="image_url_forbidden") == 1
+    with pytest.raises(ValueError):
+        asyncio.run(use_loader(lambda loader: loader.load_all(urls, params=params[:1])))
+    assert asyncio.run(use_loader(lambda loader: loader.load_all([]))) == []
+
+
+def test_url_and_content_caches(image_server):
+    image_server.routes["/cache-a.png"] = static(samples.png(30, 20, (1, 2, 3)), "image/png")
+    image_server.routes["/cache-b.png"] = static(samples.png(30, 20, (1, 2, 3)), "image/png")
+    metrics = Metrics()
+
+    async def run(loader):
+        first = await loader.load(image_server.url("/cache-a.png"))
+        again = await loader.load(image_server.url("/cache-a.png"))
+        same_bytes = await loader.load(image_server.url("/cache-b.png"))
+        smaller = await loader.load(image_server.url("/cache-a.png"), max_pixels=3136)
+        return first, again, same_bytes, smaller
+
+    before = len(image_server.requests)
+    first, again, same_bytes, smaller = asyncio.run(use_loader(run, metrics=metrics))
+    assert again is first and same_bytes is first
+    assert smaller is not first and first.digest == smaller.digest
+    fetched = [p for p, _ in image_server.requests[before:]]
+    assert fetched == ["/cache-a.png", "/cache-b.png", "/cache-a.png"]  # the 2nd load never fetched
+    assert sample(metrics, "qwenvl_image_cache_total", cache="url", result="hit") == 1
+    assert sample(metrics, "qwenvl_image_cache_total", cache="url", result="miss") == 3
+    assert sample(metrics, "qwenvl_image_cache_total", cache="content", result="hit") == 1
+    assert sample(metrics, "qwenvl_image_cache_total", cache="content", result="miss") == 2
+    assert sample(metrics, "qwenvl_image_fetch_seconds_count") == 3
+    assert sample(metrics, "qwenvl_image_decode_seconds_count") == 2
+    assert sample(metrics, "qwenvl_image_bytes_count") == 3
+
+
+def test_cache_can_be_disabled(image_server):
+    settings = make_settings(image_cache_size=0)
+
+    async def run(loader):
+        return [await loader.load(image_server.url("/blue.png")) for _ in range(2)]
+
+    a, b = asyncio.run(use_loader(run, settings=settings))
+    assert a is not b and a.digest == b.digest
+
+
+def test_data_urls():
+    loaded = load_one(data_url(samples.png(5, 7)))
+    assert loaded.original_size == (5, 7) and loaded.image.size == (28, 39)
+    big = load_one(data_url(samples.noise_jpeg(900, 600), "image/jpeg"), settings=make_settings(image_max_bytes=10**6))
+    assert big.original_size == (900, 600)
+    cases = [
+        (data_url(os.urandom(300_000)), ImageTooLargeError),  # refused from the length alone
+        ("data:image/png;base64,iVBORw0KGgo!!!!", ImageDecodeError),
+        ("data:image/png;base64,iVBO Rw0K", ImageDecodeError),
+        ("data:image/png;base64,iVBORw0KGgoA", ImageDecodeError),  # bad padding
+        ("data:image/png;base64,", ImageDecodeError),
+        (data_url(samples.SVG, "image/svg+xml"), ImageDecodeError),
+        (data_url(samples.HTML), ImageDecodeError),
+        (data_url(samples.png(), "text/html"), ImageError),
+    ]
+    for url, error in cases:
+        with pytest.raises(error):
+            load_one(url)
+
+
+def test_file_urls(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "red image.png").write_bytes(samples.png())
+    (tmp_path / "secret.png").write_bytes(samples.png())
+    (media / "escape.png").symlink_to(tmp_path / "secret.png")
+    (media / "big.png").write_bytes(b"\x00" * 300_000)
+    settings = make_settings(allowed_local_media_path=media)
+    assert load_one(f"file://{media}/red%20image.png", settings=settings).original_size == (64, 48)
+    for url in (f"file://{tmp_path}/secret.png", f"file://{media}/../secret.png", f"file://{media}/escape.png",
+                f"file://{media}/%2e%2e/secret.png", "file:///etc/passwd"):
+        with pytest.raises(ImageURLForbiddenError):
+            load_one(url, settings=settings)
+    with pytest.raises(ImageFetchError):
+        load_one(f"file://{media}/missing.png", settings=settings)
+    with pytest.raises(ImageFetchError):
+        load_one(f"file://{media}", settings=settings)  # a directory
+    with pytest.raises(ImageTooLargeError):
+        load_one(f"file://{media}/big.png", settings=settings)
+    with pytest.raises(ImageURLForbiddenError):
+        load_one(f"file://{media}/red%20image.png")  # no media directory configured
+
+
+def test_pixel_ceiling_from_settings_and_request():
+    url = data_url(samples.noise_jpeg(1600, 1200), "image/jpeg")
+    settings = make_settings(image_max_pixels=500_000, image_max_bytes=10**6)
+    capped = load_one(url, settings=settings)
+    assert capped.original_size == (1600, 1200)
+    assert capped.image.width * capped.image.height <= 500_000
+    lowered = load_one(url, settings=settings, max_pixels=100_000)
+    assert lowered.image.width * lowered.image.height <= 100_000
+    raised = load_one(url, settings=settings, max_pixels=10_000_000)
+    assert raised.image.size == capped.image.size  # a request cannot raise the ceiling
+    with pytest.raises(ImageError):
+        load_one(url, settings=settings, max_pixels=0)
+
+
+HOSTILE = {
+    "/bomb.png": "image_too_large",
+    "/header-bomb.png": "image_too_large",
+    "/truncated.jpg": "image_decode_failed",
+    "/truncated.png": "image_decode_failed",
+    "/random.png": "image_decode_failed",
+    "/page.png": "image_decode_failed",
+    "/page.html": "image_decode_failed",
+    "/image.svg": "image_decode_failed",
+    "/frames.gif": "image_too_large",
+    "/1x10000.png": "invalid_image",
+    "/big.bin": "image_too_large",
+}
+
+
+def test_hostile_images_over_http_then_a_normal_image_still_loads(image_server):
+    metrics = Metrics()
+
+    async def run(loader):
+        codes = {}
+        for path in HOSTILE:
+            try:
+                await loader.load(image_server.url(path))
+                codes[path] = "loaded"
+            except ImageError as exc:
+                codes[path] = exc.code
+        converted = {path: await loader.load(image_server.url(path))
+                     for path in ("/cmyk.jpg", "/16bit.png", "/rotated.jpg", "/1x1.png")}
+        normal = await loader.load(image_server.url("/photo.jpg"))
+        return codes, converted, normal
+
+    settings = make_settings(image_max_bytes=200_000)
+    codes, converted, normal = asyncio.run(use_loader(run, settings=settings, metrics=metrics))
+    assert codes == HOSTILE
+    assert all(item.image.mode == "RGB" for item in converted.values())
+    assert converted["/16bit.png"].image.getpixel((0, 0)) == (255, 0, 128)
+    assert converted["/rotated.jpg"].original_size == (20, 40)
+    assert converted["/1x1.png"].image.size == (28, 28)
+    assert normal.original_size == (640, 480)
+    assert sample(metrics, "qwenvl_image_rejections_total", code="image_decode_failed") == 6
+
+
+def test_check_image_count():
+    check_image_count(4, 4)
+    with pytest.raises(TooManyImagesError) as info:
+        check_image_count(5, 4)
+    assert info.value.code == "too_many_images" and "at most 4" in info.value.message
+    metrics = Metrics()
+    loader = ImageLoader(make_settings(limit_mm_per_prompt=2), metrics, family="qwen2-vl")
+    with pytest.raises(TooManyImagesError):
+        loader.check_count(3)
+    asyncio.run(loader.aclose())
+    assert sample(metrics, "qwenvl_image_rejections_total", code="too_many_images") == 1
+
+
+def test_unknown_family_is_a_configuration_error():
+    with pytest.raises(ValueError):
+        ImageLoader(make_settings(), Metrics(), family="llava")
+
+
+def test_event_loop_keeps_ticking_while_large_images_decode():
+    """Six 12-megapixel JPEGs decoded at full size at once: the loop must keep ticking,
+    because pixel work runs in the worker pool. Were it on the loop, each decode would
+    stall it for a full decode time (measured first, as the yardstick), so nearly all of
+    the elapsed time would be spent in stalls. The bound is on that share, not on the
+    single longest gap, so a busy shared machine descheduling the process now and then
+    does not fail the test."""
+    jpeg = samples.noise_jpeg(4000, 3000)
+    urls = [data_url(jpeg + bytes([i]), "image/jpeg") for i in range(6)]  # distinct digests
+    settings = make_settings(image_max_bytes=20 * 2**20, image_decode_workers=2)
+    limits = DecodeLimits(settings.image_max_input_pixels, settings.image_max_frames)
+    timings = []
+    for _ in range(2):
+        started = time.perf_counter()
+        decode_image(jpeg, limits=limits, family=FAMILIES["qwen2-vl"], max_pixels=None)
+        timings.append(time.perf_counter() - started)
+    stall = max(0.05, min(timings) / 2)
+
+    async def run(loader):
+        gaps: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker():
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.02)
+        started = time.perf_counter()
+        images = await loader.load_all(urls)
+        elapsed = time.perf_counter() - started
+        done.set()
+        await tick
+        return images, gaps, elapsed
+
+    images, gaps, elapsed = asyncio.run(use_loader(run, settings=settings))
+    assert [im.image.size for im in images] == [(4000, 3000)] * 6
+    stalled = sum(gap for gap in gaps if gap > stall)
+    assert len(gaps) > 10
+    assert stalled < 0.3 * elapsed, (stalled, elapsed, stall, sorted(gaps)[-5:])
