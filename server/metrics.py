@@ -38,6 +38,8 @@ class Metrics:
         self.requests_running = Gauge(p + "requests_running", "Requests running in the engine.", registry=r)
         self.requests_waiting = Gauge(p + "requests_waiting", "Requests waiting in the engine's queue.",
                                       registry=r)
+        self.engine_unfinished = Gauge(p + "engine_unfinished_requests", "Requests the engine client still "
+                                       "tracks (running, waiting or finishing).", registry=r)
         self.kv_cache_usage = Gauge(p + "kv_cache_usage_ratio", "Share of the paged KV cache in use (0-1).",
                                     registry=r)
         # admission (front door, before any image work)

@@ -215,6 +215,7 @@ class Runtime:
         self.metrics.requests_running.set(stats.running)
         self.metrics.requests_waiting.set(stats.waiting)
         self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
+        self.metrics.engine_unfinished.set(self.engine.num_unfinished_requests())
 
 
 class ClientGone(Exception):

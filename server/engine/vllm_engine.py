@@ -5,6 +5,7 @@ The only module of the server that imports vLLM (the Qwen-VL model plugin aside)
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -139,6 +140,15 @@ class _StatsCapture:
                 pass
 
         return _Logger(vllm_config, engine_index)
+
+
+class _Closed:
+    """Stands in for the engine after shutdown: every use fails as a dead engine."""
+
+    errored = True
+
+    def __getattr__(self, name: str):
+        raise EngineDeadError("the inference engine was shut down")
 
 
 class VLLMEngine(Engine):
@@ -307,3 +317,7 @@ class VLLMEngine(Engine):
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+        # Drop the engine now: its __del__ would otherwise run at interpreter exit, when
+        # the modules it needs are already torn down, and print a spurious traceback.
+        self._llm = _Closed()
+        gc.collect()

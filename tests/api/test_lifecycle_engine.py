@@ -1,0 +1,192 @@
+"""Lifecycle on the real process and the real engine: client disconnects abort engine work,
+SIGTERM drains, a dead engine core is reported and the process exits non-zero."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from support.live_server import ServerProcess
+
+pytestmark = pytest.mark.engine
+
+LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0}
+
+
+def start(tiny_model, tmp_path, *extra: str) -> ServerProcess:
+    return ServerProcess(
+        ["--model", str(tiny_model("qwen2-vl")), "--served-model-name", "tiny", "--max-model-len", "2048",
+         "--max-num-seqs", "16", *extra],
+        tmp_path / "server.log",
+    ).start()
+
+
+def metric(base_url: str, name: str) -> float:
+    text = httpx.get(base_url + "/metrics").text
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def open_stream(base_url: str, results: list, started: threading.Semaphore | None = None, **body):
+    """Stream one completion in a thread; release `started` once its first content event
+    arrived; append ("ok", status, lines) or ("error", exc) to `results` at the end."""
+    def run():
+        try:
+            payload = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "stream": True, **body}
+            lines = []
+            with httpx.stream("POST", base_url + "/v1/chat/completions", json=payload, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                        if started is not None and len(lines) == 2:
+                            started.release()
+            results.append(("ok", r.status_code, lines))
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            results.append(("error", exc))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_disconnects_stop_engine_work(tiny_model, tmp_path):
+    srv = start(tiny_model, tmp_path)
+    try:
+        clients = []
+        for i in range(8):
+            c = httpx.Client(timeout=60)
+            payload = {"model": "tiny", "messages": [{"role": "user", "content": f"story {i}"}], **LONG}
+            if i % 2 == 0:  # streaming: read one event, then hang up
+                resp = c.send(c.build_request("POST", srv.base_url + "/v1/chat/completions",
+                                              json={**payload, "stream": True}), stream=True)
+                next(resp.iter_lines())
+                clients.append((c, resp))
+            else:  # non-streaming: send and never wait for the answer
+                t = threading.Thread(target=lambda c=c, p=payload: _quiet_post(c, srv.base_url, p), daemon=True)
+                t.start()
+                clients.append((c, None))
+        deadline = time.monotonic() + 20
+        while metric(srv.base_url, "qwenvl_requests_running") < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert metric(srv.base_url, "qwenvl_requests_running") >= 4  # the engine is busy with them
+        for c, resp in clients:
+            if resp is not None:
+                resp.close()
+            c.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if (metric(srv.base_url, "qwenvl_engine_unfinished_requests") == 0
+                    and metric(srv.base_url, "qwenvl_requests_running") == 0):
+                break
+            time.sleep(0.2)
+        # The engine's own counters: nothing running, nothing left in its queues.
+        assert metric(srv.base_url, "qwenvl_engine_unfinished_requests") == 0
+        assert metric(srv.base_url, "qwenvl_requests_running") == 0
+        # 8 x 1500 tokens were asked for; far fewer were generated before the aborts.
+        assert metric(srv.base_url, "qwenvl_completion_tokens_total") < 8 * 1500
+        r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert r.status_code == 200
+    finally:
+        srv.stop()
+
+
+def _quiet_post(client: httpx.Client, base_url: str, payload: dict) -> None:
+    try:
+        client.post(base_url + "/v1/chat/completions", json=payload)
+    except httpx.HTTPError:
+        pass
+
+
+def test_sigterm_drains_in_flight_streams(tiny_model, tmp_path):
+    srv = start(tiny_model, tmp_path, "--drain-timeout", "60")
+    results: list = []
+    started = threading.Semaphore(0)
+    threads = [open_stream(srv.base_url, results, started, max_tokens=1500, ignore_eos=True) for _ in range(3)]
+    assert all(started.acquire(timeout=30) for _ in range(3))
+    srv.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert httpx.get(srv.base_url + "/ready").status_code == 503
+    late = httpx.post(srv.base_url + "/v1/chat/completions",
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+    assert late.status_code == 503 and late.headers.get("retry-after")
+    for t in threads:
+        t.join(120)
+    assert srv.wait(60) == 0
+    assert len(results) == 3
+    for kind, status, lines in results:
+        assert kind == "ok" and status == 200
+        assert lines[-1] == "data: [DONE]"
+        finishes = [json.loads(l[6:])["choices"][0].get("finish_reason") for l in lines
+                    if l.startswith("data: {") and json.loads(l[6:])["choices"]]
+        assert "length" in finishes  # every stream ran to its end
+
+
+def test_drain_timeout_ends_streams_with_error_event(tiny_model, tmp_path):
+    srv = start(tiny_model, tmp_path, "--drain-timeout", "1")
+    results: list = []
+    started = threading.Semaphore(0)
+    threads = [open_stream(srv.base_url, results, started, max_tokens=1900, ignore_eos=True) for _ in range(2)]
+    assert started.acquire(timeout=30) and started.acquire(timeout=30)  # both streams are running
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(60) == 0
+    assert time.monotonic() - t0 < 20
+    for t in threads:
+        t.join(30)
+    for kind, status, lines in results:
+        assert kind == "ok"
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["error"]["code"] == "service_unavailable"
+
+
+def test_second_sigterm_exits_at_once(tiny_model, tmp_path):
+    srv = start(tiny_model, tmp_path, "--drain-timeout", "300")
+    results: list = []
+    started = threading.Semaphore(0)
+    open_stream(srv.base_url, results, started, max_tokens=1900, ignore_eos=True)
+    assert started.acquire(timeout=30)
+    srv.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(30) == 1
+    assert time.monotonic() - t0 < 5
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(srv.port) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path):
+    srv = start(tiny_model, tmp_path)
+    results: list = []
+    started = threading.Semaphore(0)
+    thread = open_stream(srv.base_url, results, started, max_tokens=1900, ignore_eos=True)
+    assert started.acquire(timeout=30)
+    cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
+             if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+    assert cores, "no engine core process found"
+    for p in cores:
+        p.kill()
+    saw_503 = False
+    deadline = time.monotonic() + 30
+    while srv.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(srv.base_url + "/health", timeout=1).status_code == 503:
+                saw_503 = True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    code = srv.wait(30)
+    assert code != 0
+    thread.join(30)
+    kind, status, lines = results[0]
+    assert kind == "ok" and lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][6:])["error"]
+    assert err["code"] == "service_unavailable" and "Traceback" not in lines[-2]
+    assert saw_503 or code != 0
