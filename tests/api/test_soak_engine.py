@@ -1,0 +1,37 @@
+"""A short soak on the real engine (the long one is `python -m clients.soak`): concurrent
+streaming clients with images, hang-ups mid-stream, bursts over the queue limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from clients.soak import run_soak
+from support.live_server import ServerProcess
+
+pytestmark = pytest.mark.engine
+
+
+def test_short_soak(tiny_model, tmp_path):
+    srv = ServerProcess(
+        ["--model", str(tiny_model("qwen2-vl")), "--served-model-name", "tiny", "--max-model-len", "1024",
+         "--max-num-seqs", "16", "--max-concurrent-requests", "16", "--max-queued-requests", "16"],
+        tmp_path / "server.log",
+    ).start()
+    try:
+        report = asyncio.run(run_soak(
+            srv.base_url, model="tiny", clients=48, requests=400, hang_up_share=0.2, burst_every=100,
+            burst_size=60, images=12, max_tokens=8, max_seconds=240, pid=srv.proc.pid))
+    finally:
+        srv.stop()
+    print(report)
+    assert report["server_errors"] == 0, report
+    assert report["invalid"] == [], report
+    assert report["engine_idle_at_end"], report
+    outcomes = report["outcomes"]
+    assert outcomes.get("completed", 0) >= 200
+    assert outcomes.get("hung_up", 0) >= 20
+    assert outcomes.get("refused", 0) >= 1  # the bursts went past the queue: 429s
+    assert set(report["statuses"]) <= {"200", "429"}
+    assert report["rss_mb_end"] - report["rss_mb_start"] < 300
