@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     )
     image_max_frames: int = Field(1000, ge=1, description="Most frames an animated image may have.")
     image_max_pixels: int | None = Field(
-        None, ge=1, description="Ceiling on pixels sent to the model (Qwen2-VL family max_pixels)."
+        None, ge=1, description="Ceiling on pixels per image sent to the model; replaces the model "
+        "family's default (Qwen2-VL family max_pixels). Per-request max_pixels can only lower it."
     )
     image_decode_workers: int = Field(2, ge=1, description="Threads decoding and resizing images.")
     image_cache_size: int = Field(256, ge=0, description="Decoded images kept in the cache (0: off).")
