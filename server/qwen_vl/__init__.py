@@ -1,0 +1,1 @@
+"""First-generation Qwen-VL support for vLLM (out-of-tree model plugin)."""
