@@ -27,6 +27,7 @@ class ModelInfo:
     tokenizer: Any  # a Hugging Face style tokenizer (apply_chat_template, encode, decode)
     model_type: str = ""
     image_processor: dict[str, Any] = field(default_factory=dict)  # min_pixels, max_pixels, ...
+    stop_token_ids: tuple[int, ...] = ()  # end a chat turn besides the tokenizer's EOS
 
 
 @dataclass

@@ -75,7 +75,7 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
         pipeline_parallel_size=settings.pipeline_parallel_size,
         distributed_executor_backend=settings.distributed_executor_backend,
         enforce_eager=on_cpu if settings.enforce_eager is None else settings.enforce_eager,
-        limit_mm_per_prompt={"image": settings.limit_mm_per_prompt, "video": 0},
+        limit_mm_per_prompt=_mm_limits(model, settings.limit_mm_per_prompt),
         seed=settings.seed,
         trust_remote_code=settings.trust_remote_code,
         download_dir=settings.download_dir,
@@ -90,6 +90,30 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
     if settings.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = settings.enable_prefix_caching
     return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _mm_limits(model: str, images: int) -> dict[str, int]:
+    """Images per prompt; video off where the model has it (we accept no video input, and
+    vLLM would otherwise reserve memory for profiling one)."""
+    limits = {"image": images}
+    config = Path(model) / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError):
+        model_type = None
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        limits["video"] = 0
+    return limits
+
+
+def _chat_stop_ids(family: str) -> tuple[int, ...]:
+    """Qwen-VL-Chat's turn ends: its checkpoints name only <|endoftext|> as EOS, but a chat
+    turn also ends at <|im_end|> or a new <|im_start|>."""
+    if family == "qwen-vl":
+        from server.qwen_vl.tokenizer import CHAT_STOP_TOKEN_IDS
+
+        return tuple(CHAT_STOP_TOKEN_IDS)
+    return ()
 
 
 def _image_processor_config(model_dir: str) -> dict[str, Any]:
@@ -172,12 +196,14 @@ class VLLMEngine(Engine):
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
         model_config = llm.model_config
         model_type = getattr(model_config.hf_config, "model_type", "")
+        family = family_of(model_type)
         info = ModelInfo(
-            family=family_of(model_type),
+            family=family,
             max_model_len=model_config.max_model_len,
             tokenizer=llm.get_tokenizer(),
             model_type=model_type,
             image_processor=_image_processor_config(model),
+            stop_token_ids=_chat_stop_ids(family),
         )
         log.info("engine ready: %s (%s) on %s, max_model_len=%d", model, info.family, device, info.max_model_len)
         return cls(llm, info, stats)
@@ -220,13 +246,14 @@ class VLLMEngine(Engine):
         # so generate once and fan the deltas out to n choices.
         copies = s.n if s.temperature == 0 and s.n > 1 else 1
         try:
-            params = self._sampling_params(s, max_tokens, n=1 if copies > 1 else s.n)
+            params = self._sampling_params(s, max_tokens, n=1 if copies > 1 else s.n,
+                                           stop_token_ids=self.info.stop_token_ids)
         except (VLLMValidationError, ValueError) as exc:
             raise InvalidRequestError(f"Invalid sampling parameters: {str(exc)[:300]}") from exc
         return self._stream(engine_input, params, request.request_id, copies)
 
     @staticmethod
-    def _sampling_params(s, max_tokens: int, n: int):
+    def _sampling_params(s, max_tokens: int, n: int, stop_token_ids: tuple[int, ...] = ()):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         return SamplingParams(
@@ -237,6 +264,7 @@ class VLLMEngine(Engine):
             top_k=s.top_k,
             min_p=s.min_p,
             stop=s.stop or None,
+            stop_token_ids=list(stop_token_ids) or None,
             seed=s.seed,
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.engine
 
 IMAGE_HOST = "127.0.0.2"  # the image server's address; the API server allows only it
 MAX_MODEL_LEN = 1024
-ARCHS = ["qwen2-vl"]
+ARCHS = ["qwen2-vl", "qwen-vl"]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,18 @@ def hf_prompt_tokens(server, images, text: str) -> int:
         messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": text}]}]
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return int(processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1])
+    if server.arch == "qwen-vl":
+        # No Hugging Face processor without remote code: the checkpoint's tokenizer on the
+        # Qwen-VL-Chat prompt, each <img></img> holding the model's 256 image tokens.
+        from server.qwen_vl.plugin import register
+        from transformers import AutoTokenizer
+
+        register()
+        tok = AutoTokenizer.from_pretrained(server.model_dir)
+        picture_lines = "".join(f"Picture {i + 1}: <img></img>\n" for i in range(len(images)))
+        prompt = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                  f"{picture_lines}{text}<|im_end|>\n<|im_start|>assistant\n")
+        return len(tok.encode(prompt)) + 256 * len(images)
     raise AssertionError(f"no reference processor for {server.arch}")
 
 

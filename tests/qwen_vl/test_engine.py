@@ -28,6 +28,8 @@ from vllm.sampling_params import RequestOutputKind
 from .engine_helpers import ForceTokens, run_vision_tower
 from .reference import ReferenceQwenVL, expand_image_pairs, load_checkpoint, preprocess
 
+pytestmark = pytest.mark.engine
+
 # Float32 on both sides; differences come from kernel order only.
 LOGPROB_TOLERANCE = 2e-3
 VISION_TOLERANCE = 2e-3

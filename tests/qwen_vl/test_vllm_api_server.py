@@ -32,6 +32,8 @@ from server.qwen_vl.tokenizer import QWenTokenizer
 
 from .reference import ReferenceQwenVL, expand_image_pairs, load_checkpoint, preprocess
 
+pytestmark = pytest.mark.engine
+
 STARTUP_TIMEOUT_S = 420
 MAX_TOKENS = 8
 
