@@ -1,0 +1,268 @@
+"""`qwen-vl-bench`: load an OpenAI-compatible chat-completions server and report
+requests/s, output tokens/s, TTFT, TPOT and end-to-end latency (p50/p90/p99), errors by
+kind and, during the run, /health latency.
+
+    qwen-vl-bench --base-url http://127.0.0.1:8000 --concurrency 16 --num-requests 200 \
+        --images data --image-size 448x448 --max-tokens 16 --json out.json --plot out.png
+    qwen-vl-bench compare --model DIR ...     (side by side with vLLM's server; see
+                                               `clients.compare`)
+
+Requests stream (`stream_options.include_usage`), and by default fix their output length
+(`ignore_eos` with `min_tokens = max_tokens`), so every server generates the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from clients.image_server import DEFAULT_HOST, ImageServer, free_port
+from clients.loadgen import DEFAULT_GRACE, LoadPlan, run_load
+from clients.probe import DEFAULT_INTERVAL, HealthProbe
+from clients.report import format_summary, make_progress, write_json
+from clients.sse import stream_chat
+from clients.stats import RequestResult, Summary, summarize
+from clients.workload import IMAGE_MODES, WorkloadSpec, build_workload
+
+#: Per-request client timeout in seconds.
+DEFAULT_TIMEOUT = 120.0
+#: Seconds to connect to the API server.
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """One benchmark run. `workload.model` may be empty: the server's first model is used.
+    `warmup` requests (not measured, at up to the plan's concurrency) go first."""
+
+    base_url: str
+    workload: WorkloadSpec
+    plan: LoadPlan
+    warmup: int = 4
+    timeout: float = DEFAULT_TIMEOUT
+    image_host: str = DEFAULT_HOST
+    health_interval: float | None = DEFAULT_INTERVAL  # None: no /health probe
+    api_key: str | None = None
+    progress: bool = True
+    label: str = "qwen-vl-bench"
+
+
+@dataclass
+class BenchRun:
+    options: BenchOptions
+    summary: Summary
+    results: list[RequestResult] = field(default_factory=list)
+
+    def to_dict(self, with_requests: bool = False) -> dict:
+        data = {"label": self.options.label, "options": asdict(self.options), "summary": self.summary.to_dict()}
+        if with_requests:
+            data["requests"] = [asdict(r) for r in self.results]
+        return data
+
+
+class BenchError(RuntimeError):
+    """The run could not start (server unreachable, no model listed, ...)."""
+
+
+async def resolve_model(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> str:
+    """The first model `/v1/models` lists. Raises BenchError when there is none."""
+    try:
+        response = await client.get(f"{base_url}/v1/models", headers=headers)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        raise BenchError(f"could not list models at {base_url}/v1/models: {exc}") from exc
+
+
+async def run_bench(opts: BenchOptions) -> BenchRun:
+    """Build the workload, warm up, run the plan while probing /health, summarize.
+    Raises BenchError when the server cannot be asked for its model, RuntimeError when
+    the image server or the probe cannot start. The probe and the image server are child
+    processes started with `spawn`: a script calling this needs the
+    `if __name__ == "__main__":` guard."""
+    base = opts.base_url.rstrip("/")
+    url = f"{base}/v1/chat/completions"
+    headers = {"authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
+    in_flight = opts.plan.concurrency
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    timeout = httpx.Timeout(opts.timeout, connect=min(CONNECT_TIMEOUT, opts.timeout))
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        spec = opts.workload
+        if not spec.model:
+            spec = _with_model(spec, await resolve_model(client, base, headers))
+        image_port = free_port(opts.image_host) if spec.images == "http" else None
+        image_base = f"http://{opts.image_host}:{image_port}" if image_port else None
+        count = opts.warmup + opts.plan.num_requests
+        built = await asyncio.to_thread(build_workload, spec, count, image_base)
+        probe = HealthProbe(f"{base}/health", opts.health_interval or DEFAULT_INTERVAL)
+        with ExitStack() as stack:
+            if image_port:
+                stack.enter_context(ImageServer(built.files, opts.image_host, image_port))
+            if opts.warmup:
+                warm = LoadPlan(num_requests=opts.warmup, concurrency=min(opts.warmup, in_flight or 4))
+                await run_load(lambda i: stream_chat(client, url, built.bodies[i], headers), warm)
+            bodies = built.bodies[opts.warmup :]
+            update, close = make_progress(opts.plan.num_requests, opts.label, opts.progress)
+            stack.callback(close)
+            if opts.health_interval:
+                stack.enter_context(probe)
+            outcome = await run_load(lambda i: stream_chat(client, url, bodies[i], headers), opts.plan, update)
+    summary = summarize(outcome.results, outcome.duration, probe.result.latencies, probe.result.errors)
+    return BenchRun(opts, summary, outcome.results)
+
+
+def _with_model(spec: WorkloadSpec, model: str) -> WorkloadSpec:
+    return WorkloadSpec(**{**asdict(spec), "model": model})
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        w, _, h = text.lower().partition("x")
+        size = (int(w), int(h or w))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size {text!r} is not WIDTHxHEIGHT") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError("image size must be positive")
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwen-vl-bench",
+        description="Load generator for OpenAI-compatible chat completions (streaming). "
+        "`qwen-vl-bench compare --help`: side by side with vLLM's server.",
+    )
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
+    p.add_argument("--model", default="", help="model name (default: the first /v1/models lists)")
+    p.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    load = p.add_argument_group("load")
+    load.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 8 without --rate)")
+    load.add_argument("--rate", type=float, default=None, help="requests per second (Poisson arrivals); "
+                      "with --concurrency, that caps requests in flight")
+    load.add_argument("--constant-rate", action="store_true", help="equal gaps instead of Poisson arrivals")
+    load.add_argument("--num-requests", type=int, default=100, help="measured requests")
+    load.add_argument("--duration", type=float, default=None, help="stop issuing after this many seconds")
+    load.add_argument("--warmup", type=int, default=4, help="unmeasured requests sent first")
+    load.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="per-request timeout, seconds")
+    load.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                      help="seconds in-flight requests may finish after --duration")
+    work = p.add_argument_group("workload")
+    work.add_argument("--images", choices=IMAGE_MODES, default="data",
+                      help="none: text only; data: base64 data URLs; http: URLs on a local image server")
+    work.add_argument("--images-per-request", type=int, default=1)
+    work.add_argument("--image-size", type=_image_size, default=(448, 448), metavar="WxH")
+    work.add_argument("--image-format", choices=("jpeg", "png", "webp"), default="jpeg")
+    work.add_argument("--repeat-share", type=float, default=0.0,
+                      help="share of images drawn from a small pool (0: every image unique)")
+    work.add_argument("--image-pool", type=int, default=4, help="pictures in the pool of repeated images")
+    work.add_argument("--image-host", default=DEFAULT_HOST, help="loopback address of the image server")
+    work.add_argument("--prompt-words", type=int, default=32, help="words of text per prompt (~tokens)")
+    work.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
+    work.add_argument("--no-fixed-output", dest="fixed_output", action="store_false",
+                      help="let requests stop at EOS (default: ignore_eos and min_tokens=max_tokens)")
+    work.add_argument("--temperature", type=float, default=0.0,
+                      help="sampling temperature (0: greedy; 1 for random-weight full-size checkpoints)")
+    work.add_argument("--seed", type=int, default=0, help="seed of pictures, prompts and arrivals")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", type=Path, default=None, help="write the summary as JSON here ('-': stdout)")
+    out.add_argument("--save-requests", action="store_true", help="include every request in the JSON")
+    out.add_argument("--plot", type=Path, default=None, help="write latency distributions to this PNG")
+    out.add_argument("--label", default="qwen-vl-bench", help="title of the report")
+    out.add_argument("--no-progress", dest="progress", action="store_false")
+    out.add_argument("--health-interval", type=float, default=DEFAULT_INTERVAL,
+                     help="seconds between /health probes during the run (0: none)")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """BenchOptions from parsed arguments. Raises ValueError for inconsistent values."""
+    concurrency = args.concurrency if args.concurrency is not None or args.rate is not None else 8
+    width, height = args.image_size
+    workload = WorkloadSpec(
+        model=args.model,
+        images=args.images,
+        images_per_request=args.images_per_request,
+        image_width=width,
+        image_height=height,
+        image_format=args.image_format.upper(),
+        repeat_share=args.repeat_share,
+        pool_size=args.image_pool,
+        prompt_words=args.prompt_words,
+        max_tokens=args.max_tokens,
+        fixed_output=args.fixed_output,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    plan = LoadPlan(
+        num_requests=args.num_requests,
+        concurrency=concurrency,
+        rate=args.rate,
+        constant_rate=args.constant_rate,
+        duration=args.duration,
+        grace=args.grace,
+        seed=args.seed,
+    )
+    if args.warmup < 0 or args.timeout <= 0 or args.health_interval < 0:
+        raise ValueError("warmup, timeout and health interval must not be negative")
+    return BenchOptions(
+        base_url=args.base_url,
+        workload=workload,
+        plan=plan,
+        warmup=args.warmup,
+        timeout=args.timeout,
+        image_host=args.image_host,
+        health_interval=args.health_interval or None,
+        api_key=args.api_key,
+        progress=args.progress,
+        label=args.label,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from clients.compare import main as compare_main
+
+        return compare_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        opts = options_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run = asyncio.run(run_bench(opts))
+    except BenchError as exc:
+        print(f"qwen-vl-bench: {exc}", file=sys.stderr)
+        return 1
+    to_stdout = args.json is not None and str(args.json) == "-"
+    print(format_summary(run.summary, opts.label), file=sys.stderr if to_stdout else sys.stdout)
+    if args.json is not None:
+        data = run.to_dict(with_requests=args.save_requests)
+        if to_stdout:
+            print(json.dumps(data, indent=2))
+        else:
+            write_json(args.json, data)
+    if args.plot is not None:
+        from clients.plot import PlotUnavailableError, plot_latencies
+
+        try:
+            plot_latencies({"": {opts.label: run.results}}, args.plot, opts.label)
+        except PlotUnavailableError as exc:
+            print(f"qwen-vl-bench: {exc}", file=sys.stderr)
+            return 1
+    return 0 if run.summary.succeeded else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

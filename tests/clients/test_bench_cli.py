@@ -1,0 +1,142 @@
+"""`qwen-vl-bench`: argument handling, output formats, and short real runs against the
+real qwen-vl-serve app on a scripted engine (no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from clients.bench import BenchOptions, build_parser, main, options_from_args, run_bench
+from clients.loadgen import LoadPlan
+from clients.report import format_summary
+from clients.stats import RequestResult, summarize
+from clients.workload import WorkloadSpec
+
+from bench_scripted_server import scripted_server
+
+
+def parse(*argv: str) -> BenchOptions:
+    return options_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_defaults():
+    o = parse()
+    assert o.plan.concurrency == 8 and o.plan.rate is None and o.plan.num_requests == 100
+    assert o.workload.images == "data" and (o.workload.image_width, o.workload.image_height) == (448, 448)
+    assert o.workload.fixed_output and o.workload.max_tokens == 16
+    assert o.health_interval == 0.05 and o.warmup == 4
+
+
+def test_rate_without_concurrency_is_uncapped():
+    o = parse("--rate", "5")
+    assert o.plan.rate == 5.0 and o.plan.concurrency is None
+
+
+def test_workload_flags():
+    o = parse("--images", "http", "--image-size", "224x160", "--image-format", "png", "--repeat-share", "0.75",
+              "--image-pool", "3", "--prompt-words", "5", "--max-tokens", "9", "--no-fixed-output",
+              "--images-per-request", "2", "--health-interval", "0", "--concurrency", "3", "--duration", "10")
+    w = o.workload
+    assert (w.images, w.image_width, w.image_height, w.image_format) == ("http", 224, 160, "PNG")
+    assert (w.repeat_share, w.pool_size, w.prompt_words, w.max_tokens) == (0.75, 3, 5, 9)
+    assert not w.fixed_output and w.images_per_request == 2
+    assert o.health_interval is None and o.plan.concurrency == 3 and o.plan.duration == 10.0
+
+
+@pytest.mark.parametrize("argv", [["--image-size", "big"], ["--image-size", "0x10"], ["--images", "ftp"]])
+def test_bad_arguments_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["--repeat-share", "2"], ["--num-requests", "0"], ["--timeout", "0"]])
+def test_inconsistent_values_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_reported(capsys):
+    assert main(["--base-url", "http://127.0.0.1:9", "--num-requests", "1", "--no-progress"]) == 1
+    assert "could not list models" in capsys.readouterr().err
+
+
+def test_table_lists_every_figure():
+    s = summarize([RequestResult(0.0, 1.0, 0.2, 0.8, 4, 30), RequestResult(0.0, 0.1, error="http_429")],
+                  1.0, health=[0.002])
+    table = format_summary(s, "title")
+    for word in ("title", "req/s", "output tok/s", "TTFT", "TPOT", "E2E", "/health", "http_429: 1"):
+        assert word in table
+
+
+# --- live: the real app on a scripted engine ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    with scripted_server(delay=0.002, image_allow_networks=["127.0.0.2/32"]) as (base, engine):
+        yield base, engine
+
+
+@pytest.mark.parametrize("images", ["data", "http", "none"])
+def test_live_run(server, images):
+    base, engine = server
+    before = len(engine.history)
+    opts = BenchOptions(
+        base_url=base,
+        workload=WorkloadSpec(model="", images=images, image_width=64, image_height=64, max_tokens=5,
+                              repeat_share=0.5, pool_size=2),
+        plan=LoadPlan(num_requests=12, concurrency=4),
+        warmup=2,
+        health_interval=0.02,
+        progress=False,
+    )
+    run = asyncio.run(run_bench(opts))
+    s = run.summary
+    assert (s.requests, s.succeeded, s.errors) == (12, 12, {})
+    assert s.mean_output_tokens == 5  # usage from the server: exactly max_tokens
+    assert s.ttft.p50 > 0 and s.tpot.p50 > 0 and s.e2e.p99 >= s.e2e.p50
+    assert s.requests_per_s > 0 and s.output_tokens_per_s == pytest.approx(5 * s.requests_per_s)
+    assert s.health is not None and s.health.count >= 1
+    sent = engine.history[before:]
+    assert len(sent) == 14  # warmup included
+    assert all(r.sampling.ignore_eos and r.sampling.min_tokens == 5 for r in sent)
+    assert {len(r.images) for r in sent} == ({0} if images == "none" else {1})
+
+
+def test_live_run_counts_refusals(server):
+    """An unknown model name: every request fails with a 404, counted by kind."""
+    base, _ = server
+    opts = BenchOptions(base_url=base, workload=WorkloadSpec(model="nope", images="none"),
+                        plan=LoadPlan(num_requests=5, concurrency=2), warmup=0, health_interval=None,
+                        progress=False)
+    s = asyncio.run(run_bench(opts)).summary
+    assert s.succeeded == 0 and s.errors == {"http_404": 5}
+
+
+def test_cli_writes_json_and_plot(server, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    base, _ = server
+    code = main(["--base-url", base, "--num-requests", "6", "--concurrency", "2", "--images", "none",
+                 "--max-tokens", "3", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+                 "--no-progress", "--save-requests", "--label", "live"])
+    assert code == 0
+    assert "live" in capsys.readouterr().out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["summary"]["succeeded"] == 6 and len(data["requests"]) == 6
+    assert data["options"]["workload"]["model"] == ""  # resolved at run time
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_json_to_stdout(server, capsys):
+    base, _ = server
+    assert main(["--base-url", base, "--num-requests", "2", "--images", "none", "--json", "-",
+                 "--no-progress", "--health-interval", "0"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["summary"]["requests"] == 2
+    assert "TTFT" in out.err
+

@@ -1,0 +1,119 @@
+"""The side-by-side script's pure parts: ratios, target checks, tables, arguments,
+server commands. (The full run needs two real engines: see docs/benchmarks.md.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clients.compare import (
+    OURS,
+    THEIRS,
+    Cell,
+    Measurement,
+    build_parser,
+    check_targets,
+    config_from_args,
+    engine_flags,
+    format_markdown,
+    format_text,
+    ratio,
+)
+from clients.servers import ours_spec, vllm_spec
+from clients.stats import RequestResult, summarize
+
+
+def summary(req_per_s: float, ttft: float, health: float | None = None):
+    """A summary over 1 s with `req_per_s` requests of the given TTFT."""
+    n = int(req_per_s)
+    results = [RequestResult(0.0, 0.9, ttft, 0.8, output_tokens=16) for _ in range(n)]
+    return summarize(results, 1.0, health=[health] if health is not None else [])
+
+
+def cell(wl: str, conc: int, ours: tuple, theirs: tuple, other: float = 0.0) -> Cell:
+    c = Cell(wl, conc)
+    c.runs[OURS] = Measurement(OURS, summary(*ours), other, api_cpu_ms=12.0, engine_cpu_ms=30.0)
+    c.runs[THEIRS] = Measurement(THEIRS, summary(*theirs), 0.0, api_cpu_ms=24.0, engine_cpu_ms=30.0)
+    return c
+
+
+def test_ratio():
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None and ratio(1.0, None) is None and ratio(1.0, 0.0) is None
+
+
+def test_targets_met():
+    cells = [
+        cell("a", 64, (10, 0.1, 0.01), (10, 0.1)),
+        cell("b", 64, (15, 0.1, 0.02), (10, 0.2)),
+        cell("c", 64, (11, 0.1, 0.01), (10, 0.1)),
+        cell("d", 64, (20, 0.05, 0.01), (19, 0.06)),
+    ]
+    checks = {c.target: c for c in check_targets(cells)}
+    assert all(c.met for c in checks.values()), checks
+    assert "c=64: 1.50x" in checks["(b) throughput >= 1.5x theirs"].detail
+
+
+def test_targets_missed_and_unmeasured():
+    cells = [
+        cell("a", 1, (9, 0.1, 0.01), (10, 0.1)),       # slower
+        cell("b", 1, (14, 0.1, 0.01), (10, 0.1)),      # 1.4x < 1.5x
+        cell("d", 1, (10, 0.2, 0.08), (10, 0.1)),      # TTFT doubled, /health slow
+    ]
+    checks = {c.target: c.met for c in check_targets(cells)}
+    assert checks["(a) throughput >= 1x theirs"] is False
+    assert checks["(b) throughput >= 1.5x theirs"] is False
+    assert checks["(c) throughput >= 1x theirs"] is None
+    assert checks["(d) throughput >= 1x theirs"] is True
+    assert checks["median TTFT <= theirs"] is False
+    assert checks["/health p99 < 50 ms at c=1"] is False
+
+
+def test_tables_show_both_servers_and_ratio():
+    cells = [cell("b", 16, (15, 0.1, 0.004), (10, 0.2), other=0.5)]
+    text = format_text(cells)
+    assert OURS in text and THEIRS in text and "ratio" in text
+    assert "1.50" in text and "0.50" in text  # throughput and TTFT ratios
+    header, _, _, ratios = text.splitlines()
+    assert "API CPU/req ms" in header and ratios.split()[-2:] == ["0.50", "1.00"]  # CPU ratios
+    md = format_markdown(cells)
+    assert md.count("\n") == 4 and "**ours/theirs**" in md and "**1.50**" in md
+    assert cells[0].disturbed
+
+
+def test_quick_config_and_subsets():
+    args = build_parser().parse_args(["--quick", "--workloads", "b,d", "--concurrency", "1,8"])
+    cfg = config_from_args(args)
+    assert cfg.workloads == ("b", "d") and cfg.concurrencies == (1, 8)
+    assert cfg.cell_duration < 40 and cfg.max_wall <= 900
+    assert cfg.num_requests(1) == 30 and cfg.num_requests(8) >= 64
+
+
+def test_full_matrix_is_bounded_under_30_minutes():
+    cfg = config_from_args(build_parser().parse_args([]))
+    cells = len(cfg.workloads) * len(cfg.concurrencies)
+    assert cells == 12
+    assert cfg.max_wall <= 1500  # 25 min, servers' start-up included
+
+
+@pytest.mark.parametrize("argv", [["--workloads", "a,x"], ["--concurrency", "1,0"], ["--concurrency", "one"]])
+def test_bad_matrix_arguments(argv):
+    with pytest.raises(ValueError):
+        config_from_args(build_parser().parse_args(argv))
+
+
+def test_both_servers_get_the_same_engine_options():
+    engine = engine_flags(2048, 64, 2048)
+    ours = ours_spec("/m", "127.0.0.1", 1, engine, "127.0.0.2")
+    theirs = vllm_spec("/m", "127.0.0.1", 2, engine, "127.0.0.2")
+    assert ours.argv[1:3] == ["-m", "server.cli"]
+    assert theirs.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    for spec in (ours, theirs):
+        joined = " ".join(spec.argv)
+        assert " ".join(engine) in joined and "--model /m" in joined
+    # each may fetch images from the image server's address only
+    assert ours.argv[ours.argv.index("--image-allow-networks") + 1] == "127.0.0.2/32"
+    assert theirs.argv[theirs.argv.index("--allowed-media-domains") + 1] == "127.0.0.2"
+    assert ours.ready_path == "/ready"
+    json.dumps(ours.argv)  # plain strings only

@@ -1,0 +1,118 @@
+"""The load loop on a fake sender: concurrency held, rate kept, bounds respected."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from clients.loadgen import LoadPlan, arrival_offsets, run_load
+from clients.stats import RequestResult
+
+
+class FakeSender:
+    """Answers after `latency` seconds; records indices, send times and peak in-flight."""
+
+    def __init__(self, latency: float = 0.01) -> None:
+        self.latency = latency
+        self.indices: list[int] = []
+        self.sent_at: list[float] = []
+        self.in_flight = 0
+        self.peak = 0
+
+    async def __call__(self, index: int) -> RequestResult:
+        started = time.perf_counter()
+        self.indices.append(index)
+        self.sent_at.append(started)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(self.latency)
+        finally:
+            self.in_flight -= 1
+        return RequestResult(started, time.perf_counter(), started, started, output_tokens=1)
+
+
+def run(sender, plan, progress=None):
+    return asyncio.run(run_load(sender, plan, progress))
+
+
+def test_fixed_concurrency_sends_each_index_once_and_holds_concurrency():
+    sender = FakeSender(0.01)
+    seen = []
+    out = run(sender, LoadPlan(num_requests=50, concurrency=8), seen.append)
+    assert sorted(sender.indices) == list(range(50))
+    assert sender.peak == 8
+    assert len(out.results) == 50 and len(seen) == 50
+    assert out.duration > 0
+
+
+def test_concurrency_above_request_count_sends_only_the_requests():
+    sender = FakeSender(0.0)
+    out = run(sender, LoadPlan(num_requests=3, concurrency=64))
+    assert sorted(sender.indices) == [0, 1, 2] and len(out.results) == 3
+
+
+def test_duration_stops_issuing():
+    sender = FakeSender(0.05)
+    started = time.perf_counter()
+    out = run(sender, LoadPlan(num_requests=10_000, concurrency=2, duration=0.3))
+    assert time.perf_counter() - started < 2.0
+    assert 4 <= len(out.results) < 40
+
+
+def test_grace_cancels_requests_that_outlive_the_duration():
+    sender = FakeSender(10.0)
+    started = time.perf_counter()
+    out = run(sender, LoadPlan(num_requests=4, concurrency=2, duration=0.1, grace=0.2))
+    assert time.perf_counter() - started < 3.0
+    assert [r.error for r in out.results] == ["cancelled", "cancelled"]
+
+
+def test_rate_spaces_requests():
+    sender = FakeSender(0.0)
+    out = run(sender, LoadPlan(num_requests=6, rate=20.0, constant_rate=True))
+    gaps = [b - a for a, b in zip(sender.sent_at, sender.sent_at[1:])]
+    assert len(out.results) == 6
+    assert all(g >= 0.04 for g in gaps), gaps  # 50 ms apart, minus scheduling jitter
+    assert sender.sent_at[-1] - sender.sent_at[0] >= 0.24
+
+
+def test_rate_with_concurrency_cap():
+    sender = FakeSender(0.2)
+    run(sender, LoadPlan(num_requests=8, rate=1000.0, concurrency=2))
+    assert sender.peak == 2 and sorted(sender.indices) == list(range(8))
+
+
+def test_poisson_arrivals_are_seeded_and_average_the_rate():
+    plan = LoadPlan(num_requests=2000, rate=50.0, seed=3)
+    offsets = arrival_offsets(plan)
+    assert offsets == arrival_offsets(plan)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets)
+    assert offsets[-1] / (len(offsets) - 1) == pytest.approx(1 / 50, rel=0.1)
+    assert arrival_offsets(LoadPlan(num_requests=5, rate=2.0, constant_rate=True)) == [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def test_sender_exception_propagates():
+    async def broken(index: int) -> RequestResult:
+        raise RuntimeError("bug in the sender")
+
+    with pytest.raises(RuntimeError, match="bug in the sender"):
+        run(broken, LoadPlan(num_requests=3, concurrency=2))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_requests": 0, "concurrency": 1},
+        {"num_requests": 1},
+        {"num_requests": 1, "concurrency": 0},
+        {"num_requests": 1, "rate": 0.0},
+        {"num_requests": 1, "concurrency": 1, "duration": 0.0},
+        {"num_requests": 1, "concurrency": 1, "grace": -1.0},
+    ],
+)
+def test_plan_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        LoadPlan(**kwargs)
