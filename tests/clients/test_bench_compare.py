@@ -7,15 +7,13 @@ import json
 
 import pytest
 
-from clients.compare import (
+from clients.compare import build_parser, config_from_args, engine_flags
+from clients.compare_report import (
     OURS,
     THEIRS,
     Cell,
     Measurement,
-    build_parser,
     check_targets,
-    config_from_args,
-    engine_flags,
     format_markdown,
     format_text,
     ratio,

@@ -247,10 +247,14 @@ HOSTILE = {
 
 
 def _parse_time(text: str) -> float:
-    start = time.perf_counter()
-    for family in ("qwen-vl", "qwen2.5-vl"):
-        parse_grounding(text, family, [SIZE])
-    return time.perf_counter() - start
+    """Best of three: on a shared 2-core machine one run can be stalled by other work."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for family in ("qwen-vl", "qwen2.5-vl"):
+            parse_grounding(text, family, [SIZE])
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 @pytest.mark.timeout(300)
