@@ -103,11 +103,11 @@ def _send_raw(srv: ServerProcess, payload: dict) -> socket.socket:
     return sock
 
 
-def wait_inflight(base_url: str, count: int, timeout: float = 90) -> None:
+def wait_inflight(srv: ServerProcess, count: int, timeout: float = 90) -> None:
     """Wait until the server itself reports `count` requests in process."""
     deadline = time.monotonic() + timeout
-    while metric(base_url, "qwenvl_admission_inflight_requests") < count:
-        assert time.monotonic() < deadline, "streams did not start"
+    while (seen := metric(srv.base_url, "qwenvl_admission_inflight_requests")) < count:
+        assert time.monotonic() < deadline, f"{seen:g} of {count} streams in process:\n{srv.log_tail(20)}"
         time.sleep(0.1)
 
 
@@ -115,7 +115,7 @@ def test_sigterm_drains_in_flight_streams(tiny_model, tmp_path):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "60")
     results: list = []
     threads = [open_stream(srv.base_url, results, max_tokens=3000, ignore_eos=True) for _ in range(3)]
-    wait_inflight(srv.base_url, 3)  # the server's own count: all three are in process
+    wait_inflight(srv, 3)  # the server's own count: all three are in process
     srv.signal(signal.SIGTERM)
     time.sleep(0.3)
     assert httpx.get(srv.base_url + "/ready").status_code == 503
@@ -138,7 +138,7 @@ def test_drain_timeout_ends_streams_with_error_event(tiny_model, tmp_path):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "1")
     results: list = []
     threads = [open_stream(srv.base_url, results, **LONG) for _ in range(2)]
-    wait_inflight(srv.base_url, 2)  # both streams are running in the server
+    wait_inflight(srv, 2)  # both streams are running in the server
     t0 = time.monotonic()
     srv.signal(signal.SIGTERM)
     assert srv.wait(60) == 0
@@ -155,7 +155,7 @@ def test_second_sigterm_exits_at_once(tiny_model, tmp_path):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "300")
     results: list = []
     open_stream(srv.base_url, results, **LONG)
-    wait_inflight(srv.base_url, 1)
+    wait_inflight(srv, 1)
     srv.signal(signal.SIGTERM)
     time.sleep(0.5)
     t0 = time.monotonic()
@@ -169,7 +169,7 @@ def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path):
     srv = start(tiny_model, tmp_path)
     results: list = []
     thread = open_stream(srv.base_url, results, **LONG)
-    wait_inflight(srv.base_url, 1)
+    wait_inflight(srv, 1)
     cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
              if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
     assert cores, "no engine core process found"
