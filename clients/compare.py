@@ -7,9 +7,10 @@ same engine options, on loopback, under the same workloads, alternating between 
 Workloads (`WORKLOADS`): (a) a unique 448x448 JPEG per request as a data URL, (b) a few
 pictures reused across all requests, (c) unique pictures by http URL from a local image
 server on 127.0.0.2, (d) text only; each at every concurrency (1, 16, 64 by default). In
-each cell both servers get byte-identical requests; which one goes first alternates
-from cell to cell. The whole run is bounded: each measurement stops issuing after
-`--cell-duration` seconds, and no cell starts once `--max-wall` seconds are near.
+each cell both servers get byte-identical requests, and the same number of them: the first
+runs for `--cell-duration` seconds, the second gets as many requests; which one goes first
+alternates from cell to cell. The whole run is bounded: no cell starts once `--max-wall`
+seconds are near.
 
 Prints, and writes to `--out-dir` (compare.json, compare.md, latency.png), every figure
 for both servers and the ratio ours/theirs, plus the CPU other processes used meanwhile
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="CPU only: VLLM_CPU_KVCACHE_SPACE for both")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="GPU only: share of GPU memory for each server (both run at once: at most 0.45)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--ours-arg", action="append", default=[], help="extra qwen-vl-serve flag (repeat)")
     p.add_argument("--theirs-arg", action="append", default=[], help="extra vLLM server flag (repeat)")
@@ -307,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         model = str(write_tiny_model(args.tiny_arch, Path(tempfile.mkdtemp(prefix="qwen-vl-bench-")), seed=0))
         log(f"built a tiny {args.tiny_arch} checkpoint in {model}")
     engine = engine_flags(args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens)
+    if args.gpu_memory_utilization is not None:
+        engine += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     host = "127.0.0.1"
     specs = {
         OURS: ours_spec(model, host, free_port(host), [*engine, "--limit-mm-per-prompt", "4"],

@@ -20,7 +20,7 @@ FIGURES = (
 
 
 class PlotUnavailableError(RuntimeError):
-    """matplotlib is not installed (`pip install 'qwen-vl-serve[bench]'`)."""
+    """matplotlib is not installed (it comes with the project's `test` extra)."""
 
 
 def plot_latencies(rows: Mapping[str, Mapping[str, Sequence[RequestResult]]], path: Path, title: str = "") -> Path:
@@ -35,7 +35,7 @@ def plot_latencies(rows: Mapping[str, Mapping[str, Sequence[RequestResult]]], pa
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise PlotUnavailableError("plotting needs matplotlib: pip install 'qwen-vl-serve[bench]'") from exc
+        raise PlotUnavailableError("plotting needs matplotlib: pip install 'qwen-vl-serve[test]'") from exc
     fig, axes = plt.subplots(len(rows), len(FIGURES), figsize=(5 * len(FIGURES), 3.2 * len(rows)), squeeze=False)
     for r, (row_label, series) in enumerate(rows.items()):
         for c, (name, figure) in enumerate(FIGURES):

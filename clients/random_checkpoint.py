@@ -160,14 +160,17 @@ def write_shards(out: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0, s
 
 def write_random_checkpoint(arch: str, out: Path, size: str = "7b", seed: int = 0,
                             shard_bytes: int = SHARD_BYTES, shrink: dict[str, Any] | None = None) -> int:
-    """Write the checkpoint; returns its parameter count. `shrink` overrides sizes (for
-    tests: e.g. fewer layers). Raises ValueError for an unknown arch or size."""
+    """Write the checkpoint; returns its parameter count. `shrink` overrides sizes (tests
+    use it for fewer, narrower layers): for qwen-vl, config keys with a nested `visual`
+    dict; for qwen2-vl, `{"text": {...}, "vision": {...}}`. Raises ValueError for an
+    unknown arch or size."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if arch == "qwen-vl":
         overrides = copy.deepcopy(QWEN_VL_CHAT)
-        for key, value in (shrink or {}).items():
-            (overrides["visual"] if key == "visual" else overrides).update(value if key == "visual" else {key: value})
+        extra = copy.deepcopy(shrink or {})
+        overrides["visual"].update(extra.pop("visual", {}))
+        overrides.update(extra)
         shapes = qwen_vl_shapes(out, overrides)
     elif arch == "qwen2-vl":
         if size not in QWEN2_VL:
