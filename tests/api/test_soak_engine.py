@@ -16,7 +16,7 @@ pytestmark = pytest.mark.engine
 def test_short_soak(tiny_model, tmp_path):
     srv = ServerProcess(
         ["--model", str(tiny_model("qwen2-vl")), "--served-model-name", "tiny", "--max-model-len", "1024",
-         "--max-num-seqs", "16", "--max-concurrent-requests", "16", "--max-queued-requests", "16"],
+         "--max-num-seqs", "16", "--max-concurrent-requests", "8", "--max-queued-requests", "8"],
         tmp_path / "server.log",
     ).start()
     try:
@@ -30,8 +30,9 @@ def test_short_soak(tiny_model, tmp_path):
     assert report["invalid"] == [], report
     assert report["engine_idle_at_end"], report
     outcomes = report["outcomes"]
-    assert outcomes.get("completed", 0) >= 200
+    assert outcomes.get("completed", 0) >= 150
     assert outcomes.get("hung_up", 0) >= 20
-    assert outcomes.get("refused", 0) >= 1  # the bursts went past the queue: 429s
+    # 48 clients and the bursts against 8 slots + 8 queue places: the excess got 429s.
+    assert outcomes.get("refused", 0) >= 1
     assert set(report["statuses"]) <= {"200", "429"}
     assert report["rss_mb_end"] - report["rss_mb_start"] < 300
