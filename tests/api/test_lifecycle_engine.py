@@ -21,12 +21,25 @@ pytestmark = pytest.mark.engine
 LONG = {"max_tokens": 3900, "ignore_eos": True, "temperature": 0}
 
 
+_STARTED: list[ServerProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_servers():
+    """A failed test must not leave a server (and its busy engine) running."""
+    yield
+    while _STARTED:
+        _STARTED.pop().stop()
+
+
 def start(tiny_model, tmp_path, *extra: str) -> ServerProcess:
-    return ServerProcess(
+    srv = ServerProcess(
         ["--model", str(tiny_model("qwen2-vl")), "--served-model-name", "tiny", "--max-model-len", "4096",
          "--max-num-seqs", "16", *extra],
         tmp_path / "server.log",
-    ).start()
+    )
+    _STARTED.append(srv)
+    return srv.start()
 
 
 def metric(base_url: str, name: str) -> float:
