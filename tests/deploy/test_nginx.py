@@ -240,11 +240,6 @@ def in_flight(replica) -> float:
     return float(m.group(1))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open defect: in fresh-clone CI runs the draining replica's engine stalled ('No available "
-    "shared memory broadcast block found in 60 seconds'), the drain timed out and the process "
-    "did not exit within drain_timeout + 30 s; passed in earlier runs. Under investigation "
-    "(issue 8 left open)."))
 def test_sigterm_drains_one_replica_while_the_other_takes_new_work(cluster):
     cluster.ensure_up()
     draining, survivor = cluster.replicas[1], cluster.replicas[0]
