@@ -45,6 +45,17 @@ class SoakResult:
     outcomes: Counter = field(default_factory=Counter)
     invalid: list[str] = field(default_factory=list)
     statuses: Counter = field(default_factory=Counter)
+    max_loop_lag: float = 0.0
+
+
+async def _watch_loop_lag(result: SoakResult, period: float = 0.05) -> None:
+    """Records how late this client's own event loop wakes up. A transport error (say a
+    connect timeout) while the lag was as long as the timeout is the client's stall, not
+    the server's: the report shows both so the two can be told apart."""
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(period)
+        result.max_loop_lag = max(result.max_loop_lag, time.monotonic() - before - period)
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, image: str | None, hang_up: bool,
@@ -132,6 +143,7 @@ async def run_soak(url: str, *, model: str, clients: int, requests: int, hang_up
         await asyncio.gather(*(_one(client, url, model, pool[i % len(pool)], False, max_tokens, result)
                                for i in range(min(32, requests))))
         rss_start = _rss_mb(pid)
+        lag_watch = asyncio.create_task(_watch_loop_lag(result))
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(requests):
             queue.put_nowait(i)
@@ -151,6 +163,7 @@ async def run_soak(url: str, *, model: str, clients: int, requests: int, hang_up
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         elapsed = time.monotonic() - started
+        lag_watch.cancel()
         # The engine must be idle once the clients are gone (aborted work included).
         idle = False
         for _ in range(100):
@@ -167,6 +180,7 @@ async def run_soak(url: str, *, model: str, clients: int, requests: int, hang_up
         "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
         "server_errors": sum(v for k, v in result.statuses.items() if k >= 500),
         "invalid": result.invalid[:20],
+        "client_max_loop_lag_s": round(result.max_loop_lag, 2),
         "engine_idle_at_end": idle,
         "rss_mb_start": rss_start and round(rss_start, 1),
         "rss_mb_end": rss_end and round(rss_end, 1),

@@ -112,6 +112,7 @@ class ChatService:
                 prompt_token_ids=prompt_ids,
                 images=[img.image for img in loaded],
                 sampling=sampling,
+                image_ids=[img.pixels_id for img in loaded],
             )
         )
         grounding = s.grounding if req.grounding is None else req.grounding

@@ -57,6 +57,9 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     images: Sequence[Image.Image]
     sampling: SamplingOptions
+    #: One stable id per image (equal ids only for equal pixels), or empty: the engine
+    #: then identifies images by hashing their pixels.
+    image_ids: Sequence[str] = ()
 
 
 @dataclass(frozen=True)

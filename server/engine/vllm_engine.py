@@ -166,6 +166,10 @@ class _StatsCapture:
         return _Logger(vllm_config, engine_index)
 
 
+def _no_op(*args, **kwargs) -> None:
+    return None
+
+
 class _Closed:
     """Stands in for the engine after shutdown: every use fails as a dead engine."""
 
@@ -217,6 +221,11 @@ class VLLMEngine(Engine):
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}
+            ids = list(request.image_ids)
+            if len(ids) == len(request.images) and all(ids):
+                # Our content ids spare vLLM hashing every image's pixels (processor
+                # cache and prefix-cache keys) on each request.
+                prompt["multi_modal_uuids"] = {"image": ids}
         try:
             # Expands the image placeholders (runs the HF processor off the event loop), so
             # the true prompt length is known before anything is scheduled.
@@ -344,8 +353,13 @@ class VLLMEngine(Engine):
         return self._llm.get_num_unfinished_requests()
 
     async def shutdown(self) -> None:
-        self._llm.shutdown()
-        # Drop the engine now: its __del__ would otherwise run at interpreter exit, when
-        # the modules it needs are already torn down, and print a spurious traceback.
-        self._llm = _Closed()
+        llm, self._llm = self._llm, _Closed()
+        if isinstance(llm, _Closed):
+            return
+        llm.shutdown()
+        # AsyncLLM.__del__ calls shutdown() again; when vLLM's own tasks keep the object
+        # alive until interpreter exit, that second call meets torn-down modules and
+        # prints a traceback. It has nothing left to do, so make it a no-op.
+        llm.shutdown = _no_op
+        del llm
         gc.collect()

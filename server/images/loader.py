@@ -47,11 +47,14 @@ class LoadedImage:
     """A decoded image. `image` is RGB and fully loaded, possibly resized to the pixel
     ceiling; it may be shared through the cache, so callers must not modify it.
     `original_size` is (width, height) after EXIF orientation, before resizing; `digest`
-    is the SHA-256 of the encoded bytes."""
+    is the SHA-256 of the encoded bytes. `pixels_id` names the decoded pixels: equal ids
+    mean equal images (same bytes, same pixel ceiling), so the engine may use it as the
+    image's cache key instead of hashing the pixels again."""
 
     image: Image.Image
     original_size: tuple[int, int]
     digest: str
+    pixels_id: str = ""
 
 
 class ImageLoader:
@@ -180,7 +183,7 @@ class ImageLoader:
         )
         image, original_size = await self._in_pool(decode)
         self._metrics.image_decode_seconds.observe(time.perf_counter() - started)
-        loaded = LoadedImage(image, original_size, digest)
+        loaded = LoadedImage(image, original_size, digest, pixels_id=f"{digest}:{ceiling}")
         self._content.put(key, loaded, nbytes=image.width * image.height * 3)
         return loaded
 

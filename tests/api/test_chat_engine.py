@@ -128,6 +128,26 @@ def test_multi_turn_with_images(client, server, image_server):
     assert r.usage.prompt_tokens > 20
 
 
+def test_the_image_shapes_the_answer_and_a_repeat_gives_the_same_one(client, server):
+    """The engine caches images (processor cache, prefix cache) under the server's content
+    ids: a repeated image must give exactly the same answer, a different one another."""
+
+    def answer(picture_bytes: bytes) -> list[tuple[str, float]]:
+        r = ask(client, server, [image_part(data_url(picture_bytes)), {"type": "text", "text": "Describe."}],
+                max_tokens=4, logprobs=True, extra_body={"ignore_eos": True})
+        return [(item.token, item.logprob) for item in r.choices[0].logprobs.content]
+
+    def differ(a, b) -> bool:
+        return any(x[0] != y[0] or abs(x[1] - y[1]) > 1e-4 for x, y in zip(a, b))
+
+    black, white = picture(112, 112, (0, 0, 0)), picture(112, 112, (255, 255, 255))
+    first = answer(black)
+    other = answer(white)
+    repeat = answer(black)
+    assert not differ(first, repeat), (first, repeat)
+    assert differ(first, other), (first, other)
+
+
 def test_prompt_tokens_match_hf_processor(client, server):
     """usage.prompt_tokens counts image tokens exactly as the checkpoint's own processor."""
     from PIL import Image

@@ -177,6 +177,20 @@ def test_pixel_ceiling_from_settings_and_request():
         load_one(url, settings=settings, max_pixels=0)
 
 
+def test_pixels_id_names_the_decoded_pixels():
+    """Equal ids only for equal pixels: the engine uses the id as the image's cache key."""
+    jpeg = samples.noise_jpeg(1600, 1200)
+    settings = make_settings(image_max_pixels=500_000, image_max_bytes=10**6)
+    first = load_one(data_url(jpeg, "image/jpeg"), settings=settings)
+    again = load_one(data_url(jpeg, "image/jpeg"), settings=settings)
+    smaller = load_one(data_url(jpeg, "image/jpeg"), settings=settings, max_pixels=100_000)
+    other = load_one(data_url(samples.noise_jpeg(1600, 1201), "image/jpeg"), settings=settings)
+    assert first.pixels_id and first.pixels_id == again.pixels_id
+    assert first.image.tobytes() == again.image.tobytes()
+    assert smaller.image.size != first.image.size and smaller.pixels_id != first.pixels_id
+    assert other.pixels_id != first.pixels_id
+
+
 HOSTILE = {
     "/bomb.png": "image_too_large",
     "/header-bomb.png": "image_too_large",
