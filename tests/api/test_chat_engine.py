@@ -303,6 +303,17 @@ def test_models_health_ready(server):
     assert httpx.get(server.base_url + "/ready").json() == {"status": "ready"}
 
 
+def test_engine_processes_run_below_the_front_end(server):
+    """On CPU the engine's processes get nice +10 so HTTP work runs first."""
+    import psutil
+
+    front = psutil.Process(server.proc.pid)
+    engine = front.children(recursive=True)
+    assert engine, "the engine runs in child processes"
+    for child in engine:
+        assert child.nice() == min(19, front.nice() + 10), (child.name(), child.nice(), front.nice())
+
+
 def test_metrics(client, server):
     ask(client, server, [image_part(data_url(picture(50, 50))), {"type": "text", "text": "m"}], max_tokens=2)
     text = httpx.get(server.base_url + "/metrics").text
