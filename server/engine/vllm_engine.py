@@ -170,22 +170,23 @@ def _child_pids() -> set[int]:
     import psutil
 
     try:
-        return {p.pid for p in psutil.Process().children(recursive=True)}
+        return {p.pid for p in psutil.Process().children()}
     except psutil.Error:
         return set()
 
 
 def _lower_priority(pids: set[int], nice: int) -> None:
-    """Add `nice` to the niceness of the engine's processes. vLLM's engine core polls its
-    workers in a busy loop; where it shares cores with this process (the CPU build) the
-    lower priority lets HTTP work (probes, streaming, new requests) run first."""
+    """Add `nice` to the niceness of the engine core's processes. vLLM's engine core polls
+    its workers in a busy loop; where it shares cores with this process and the workers
+    (the CPU build), the lower priority lets HTTP work (probes, streaming, new requests)
+    and the model's own compute run first."""
     for pid in pids:
         try:
             os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
         except OSError as exc:  # the process is gone, or we may not change it
             log.warning("could not lower the priority of engine process %d: %s", pid, exc)
     if pids:
-        log.info("engine processes %s run at nice +%d", sorted(pids), nice)
+        log.info("engine core processes %s run at nice +%d", sorted(pids), nice)
 
 
 def _no_op(*args, **kwargs) -> None:
@@ -228,6 +229,8 @@ class VLLMEngine(Engine):
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
         nice = settings.engine_nice if settings.engine_nice is not None else (10 if device == "cpu" else 0)
         if nice:
+            # Our direct children are the engine core (the scheduler); its workers, which
+            # run the model, were started by it before this point and keep our priority.
             _lower_priority(_child_pids() - before, nice)
         model_config = llm.model_config
         model_type = getattr(model_config.hf_config, "model_type", "")
