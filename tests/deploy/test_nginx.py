@@ -245,17 +245,6 @@ def test_sigterm_drains_one_replica_while_the_other_takes_new_work(cluster):
     draining, survivor = cluster.replicas[1], cluster.replicas[0]
     session = session_for(cluster, draining)
 
-    # A long stream in flight on the replica about to drain.
-    stream = StreamOutcome()
-    stream_thread = threading.Thread(target=_stream_pinned, args=(cluster.nginx.url, session, stream))
-    stream_thread.start()
-    assert stream.first_chunk.wait(60) and stream.error is None, stream.error
-    # Server-side truth, not the client's view: the replica is generating the stream.
-    deadline = time.monotonic() + 30
-    while in_flight(draining) < 1:
-        assert time.monotonic() < deadline and stream_thread.is_alive(), "the stream never showed as in flight"
-        time.sleep(0.05)
-
     # Steady load through nginx, below what one replica admits (no 429 expected).
     stop = threading.Event()
     outcomes: list[Outcome] = []
@@ -274,9 +263,19 @@ def test_sigterm_drains_one_replica_while_the_other_takes_new_work(cluster):
     workers = [threading.Thread(target=load) for _ in range(cluster.max_concurrent)]
     for w in workers:
         w.start()
+    # A long stream in flight on the replica about to drain.
+    stream = StreamOutcome()
+    stream_thread = threading.Thread(target=_stream_pinned, args=(cluster.nginx.url, session, stream))
+    stream_thread.start()
     try:
-        time.sleep(0.3)
-        busy_at_sigterm = in_flight(draining)
+        assert stream.first_chunk.wait(60) and stream.error is None, stream.error
+        # Server-side truth, not the client's view: the replica is generating the stream. The
+        # SIGTERM follows at once (the load is already running), so the stream is mid-way.
+        deadline = time.monotonic() + 30
+        while (busy_at_sigterm := in_flight(draining)) < 1:
+            assert time.monotonic() < deadline and stream_thread.is_alive(), "the stream never showed as in flight"
+            time.sleep(0.05)
+        stream_open_at_sigterm = stream_thread.is_alive() and stream.finish_reason is None
         sigterm_at = time.monotonic()
         draining.signal(signal.SIGTERM)
         exit_code = draining.wait(cluster.drain_timeout + 30)
@@ -290,7 +289,7 @@ def test_sigterm_drains_one_replica_while_the_other_takes_new_work(cluster):
 
     assert exit_code == 0
     # The stream, still being generated at the SIGTERM, was allowed to finish.
-    assert busy_at_sigterm >= 1, "the stream ended before the SIGTERM: make it longer"
+    assert busy_at_sigterm >= 1 and stream_open_at_sigterm, "the stream ended before the SIGTERM"
     assert stream.error is None, stream.error
     assert stream.finish_reason == "length", stream
 
