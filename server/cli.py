@@ -136,7 +136,10 @@ def serve(settings: Settings, model: str) -> int:
     )
     server = _DrainingServer(config, runtime, settings.drain_timeout)
     server_ref["server"] = server
-    server.run()
+    # Bind before the app starts: a taken port ends the process (uvicorn logs why and
+    # exits 3) before the engine spends a minute loading for nothing.
+    sock = config.bind_socket()
+    server.run(sockets=[sock])
     return exit_code["code"]
 
 

@@ -21,6 +21,9 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_SHUT_DOWN = "The server shut down before the response was complete."
+_ENGINE_STOPPED = "The inference engine stopped; retry on another replica."
+
 EngineFactory = Callable[[], Engine]
 ImagesFactory = Callable[[Engine], Any]
 
@@ -52,8 +55,10 @@ class Runtime:
         self.draining = False
         self.load_failed = False
         self._tasks: list[asyncio.Task] = []
-        # Set at the end of a drain: open requests stop with a clean error.
+        # Set at the end of a drain or when the engine dies: open requests stop with a clean
+        # error saying `abort_message`.
         self.abort_all = asyncio.Event()
+        self.abort_message = _SHUT_DOWN
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -90,8 +95,22 @@ class Runtime:
             if engine is not None and engine.is_dead and not self.dead:
                 self.dead = True
                 log.error("the inference engine died; failing open requests and exiting")
+                # End open requests ourselves rather than wait for vLLM to fail them: its
+                # teardown can outlast the server's own exit, and a stream cut mid-way
+                # tells the client nothing.
+                self.abort(_ENGINE_STOPPED)
+                try:
+                    await asyncio.wait_for(self.admission.wait_idle(), 5)
+                except asyncio.TimeoutError:
+                    log.error("requests still open after the engine died")
                 self._fatal(1)
                 return
+
+    def abort(self, message: str) -> None:
+        """End every open request: streams with an SSE error event saying `message`, the
+        others with a 503 saying it."""
+        self.abort_message = message
+        self.abort_all.set()
 
     def _fatal(self, code: int) -> None:
         if self._on_fatal is not None:
@@ -116,7 +135,7 @@ class Runtime:
         except asyncio.TimeoutError:
             pass
         log.warning("drain timeout: aborting %d requests", self.admission.active)
-        self.abort_all.set()
+        self.abort(_SHUT_DOWN)
         try:
             await asyncio.wait_for(self.admission.wait_idle(), 5)
         except asyncio.TimeoutError:
@@ -162,12 +181,12 @@ class Runtime:
             if watcher in done:
                 raise ClientGone()
             if stopper in done:
-                raise ServiceUnavailableError("The server shut down before the response was complete.")
+                raise ServiceUnavailableError(self.abort_message)
             raise RequestTimeoutError(
                 f"The request took longer than the server's {self.settings.request_timeout:g} s deadline."
             )
         except EngineDeadError as exc:
-            raise ServiceUnavailableError("The inference engine stopped; retry on another replica.") from exc
+            raise ServiceUnavailableError(_ENGINE_STOPPED) from exc
         finally:
             for aux in (watcher, stopper):
                 aux.cancel()
@@ -180,7 +199,8 @@ class Runtime:
         into an error event plus `[DONE]`, tracking for draining, and the admission slot
         released at the end."""
         deadline = prepared.started + self.settings.request_timeout
-        pumped = with_keepalive(events, self.settings.sse_keepalive_interval, deadline, self.abort_all)
+        pumped = with_keepalive(events, self.settings.sse_keepalive_interval, deadline, self.abort_all,
+                                lambda: ServiceUnavailableError(self.abort_message))
         try:
             async for item in pumped:
                 yield item
@@ -191,7 +211,7 @@ class Runtime:
             yield sse_event(err.to_dict())
             yield sse_done()
         except EngineDeadError:
-            err = ServiceUnavailableError("The inference engine stopped; retry on another replica.")
+            err = ServiceUnavailableError(_ENGINE_STOPPED)
             yield sse_event(err.to_dict())
             yield sse_done()
         except APIError as err:

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once by the engine.")
     max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may use.")
+    engine_nice: int | None = Field(
+        None, ge=0, le=19,
+        description="Nice value added to the engine core process, vLLM's scheduler (default: 10 on "
+        "CPU, where its busy polling shares cores with the HTTP front end and the model "
+        "workers; 0 on GPU). The workers keep the server's priority.",
+    )
     kv_cache_space_gib: int = Field(
         1, ge=1, description="CPU only: paged KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )

@@ -20,12 +20,13 @@ def sse_comment(text: str = "keep-alive") -> str:
     return f": {text}\n\n"
 
 
-async def with_keepalive(events, interval: float, deadline: float | None = None, stop=None):
+async def with_keepalive(events, interval: float, deadline: float | None = None, stop=None, stop_error=None):
     """Re-yield `events`, adding an SSE comment whenever nothing was sent for `interval`
     seconds (queueing, a long prefill) so that proxies do not close an idle stream.
 
     `deadline` (a `time.perf_counter()` value) raises `TimeoutError` when passed; setting
-    the `stop` event (an `asyncio.Event`) raises `ServiceUnavailableError`. Closing
+    the `stop` event (an `asyncio.Event`) raises `stop_error()` (by default a
+    `ServiceUnavailableError` saying the server shut down). Closing
     this generator (a client disconnect) closes `events` too, which aborts the engine
     request behind it.
     """
@@ -49,6 +50,8 @@ async def with_keepalive(events, interval: float, deadline: float | None = None,
             waiting = {pending} if stopper is None else {pending, stopper}
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if stopper is not None and stopper in done:
+                if stop_error is not None:
+                    raise stop_error()
                 raise ServiceUnavailableError("The server shut down before the response was complete.")
             if not done:
                 if deadline is None or time.perf_counter() < deadline:

@@ -166,6 +166,29 @@ class _StatsCapture:
         return _Logger(vllm_config, engine_index)
 
 
+def _child_pids() -> set[int]:
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process().children()}
+    except psutil.Error:
+        return set()
+
+
+def _lower_priority(pids: set[int], nice: int) -> None:
+    """Add `nice` to the niceness of the engine core's processes. vLLM's engine core polls
+    its workers in a busy loop; where it shares cores with this process and the workers
+    (the CPU build), the lower priority lets HTTP work (probes, streaming, new requests)
+    and the model's own compute run first."""
+    for pid in pids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
+        except OSError as exc:  # the process is gone, or we may not change it
+            log.warning("could not lower the priority of engine process %d: %s", pid, exc)
+    if pids:
+        log.info("engine core processes %s run at nice +%d", sorted(pids), nice)
+
+
 def _no_op(*args, **kwargs) -> None:
     return None
 
@@ -193,11 +216,22 @@ class VLLMEngine(Engine):
         device = detect_device(settings.device)
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+        # AsyncLLM hands engine outputs to the request streams in chunks, yielding to the
+        # event loop between chunks. vLLM's 128 keeps the loop busy for a whole batch;
+        # 8 lets probes and new requests in between (measured, workload (b) at 64 streams
+        # on 2 CPU cores: /health p99 166-191 ms -> 32-41 ms, throughput not lower).
+        os.environ.setdefault("VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", "8")
         from vllm.v1.engine.async_llm import AsyncLLM
 
         stats = _StatsCapture()
         args = engine_args_from_settings(settings, model, device)
+        before = _child_pids()
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
+        nice = settings.engine_nice if settings.engine_nice is not None else (10 if device == "cpu" else 0)
+        if nice:
+            # Our direct children are the engine core (the scheduler); its workers, which
+            # run the model, were started by it before this point and keep our priority.
+            _lower_priority(_child_pids() - before, nice)
         model_config = llm.model_config
         model_type = getattr(model_config.hf_config, "model_type", "")
         family = family_of(model_type)

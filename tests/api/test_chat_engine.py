@@ -303,6 +303,20 @@ def test_models_health_ready(server):
     assert httpx.get(server.base_url + "/ready").json() == {"status": "ready"}
 
 
+def test_engine_core_runs_below_the_front_end_and_the_workers(server):
+    """On CPU the busy-polling engine core gets nice +10; the model workers do not."""
+    import psutil
+
+    front = psutil.Process(server.proc.pid)
+    cores = front.children()
+    workers = [w for core in cores for w in core.children(recursive=True)]
+    assert cores and workers, "the engine core and its workers run in child processes"
+    for core in cores:
+        assert core.nice() == min(19, front.nice() + 10), (core.name(), core.nice(), front.nice())
+    for worker in workers:
+        assert worker.nice() == front.nice(), (worker.name(), worker.nice(), front.nice())
+
+
 def test_metrics(client, server):
     ask(client, server, [image_part(data_url(picture(50, 50))), {"type": "text", "text": "m"}], max_tokens=2)
     text = httpx.get(server.base_url + "/metrics").text

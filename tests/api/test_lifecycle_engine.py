@@ -200,8 +200,9 @@ def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path):
     code = srv.wait(30)
     assert code != 0
     thread.join(30)
+    assert results and results[0][0] == "ok", f"{results}\n{srv.log_tail(30)}"
     kind, status, lines = results[0]
-    assert kind == "ok" and lines[-1] == "data: [DONE]"
+    assert lines[-1] == "data: [DONE]"
     err = json.loads(lines[-2][6:])["error"]
     assert err["code"] == "service_unavailable" and "Traceback" not in lines[-2]
     assert saw_503 or code != 0

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from server.app import create_app
 from server.engine.base import ModelInfo
 from server.engine.scripted import ScriptedEngine
 from server.settings import Settings
@@ -159,6 +160,55 @@ class FailingEngine(ScriptedEngine):
         async for chunk in super()._stream(request, reply, n_prompt):
             yield chunk
             raise RuntimeError("secret internal detail at 0xdeadbeef")
+
+
+class SilentlyDeadEngine(ScriptedEngine):
+    """Reports itself dead but leaves its open streams hanging (vLLM can take seconds to fail
+    them while it tears its processes down)."""
+
+    died = False
+
+    @property
+    def is_dead(self) -> bool:
+        return self.died
+
+
+def test_a_dead_engine_ends_open_requests_cleanly_and_the_process_exits(tiny_tokenizer):
+    engine = SilentlyDeadEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer),
+                                default_reply="x" * 1000, chunk_chars=1, delay=0.05)
+    fatal: list[int] = []
+    settings = Settings(served_model_name="scripted")
+    app = create_app(settings, engine=engine, model_names=["scripted"], on_fatal=fatal.append)
+    with AppServer(app) as srv:
+        results: dict = {}
+
+        def stream():
+            results["stream"] = sse_lines(srv.base_url, stream=True)
+
+        def plain():
+            results["plain"] = chat(srv.base_url)
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=plain)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while srv.runtime.admission.active < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        engine.died = True
+        for t in threads:
+            t.join(15)
+        lines = results["stream"]
+        assert lines[-1] == "data: [DONE]"
+        err = json.loads(lines[-2][6:])["error"]
+        assert err["code"] == "service_unavailable" and "engine" in err["message"]
+        assert results["plain"].status_code == 503
+        assert "engine" in results["plain"].json()["error"]["message"]
+        deadline = time.monotonic() + 5
+        while not fatal and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fatal == [1]  # the process exits non-zero (the orchestrator restarts it)
+        assert httpx.get(srv.base_url + "/health").status_code == 503
 
 
 def test_error_after_stream_started(tiny_tokenizer):
