@@ -21,13 +21,13 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from clients.image_server import DEFAULT_HOST, ImageServer, free_port
 from clients.loadgen import DEFAULT_GRACE, LoadPlan, run_load
 from clients.probe import DEFAULT_INTERVAL, HealthProbe
 from clients.report import format_summary, make_progress, write_json
-from clients.sse import stream_chat
+from clients.sse import open_session, stream_chat
 from clients.stats import RequestResult, Summary, summarize
 from clients.workload import IMAGE_MODES, WorkloadSpec, build_workload
 
@@ -71,14 +71,13 @@ class BenchError(RuntimeError):
     """The run could not start (server unreachable, no model listed, ...)."""
 
 
-async def resolve_model(client: httpx.AsyncClient, base_url: str, headers: dict[str, str]) -> str:
+async def resolve_model(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str]) -> str:
     """The first model `/v1/models` lists. Raises BenchError when there is none."""
     try:
-        response = await client.get(f"{base_url}/v1/models", headers=headers)
-        response.raise_for_status()
-        return response.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
-        raise BenchError(f"could not list models at {base_url}/v1/models: {exc}") from exc
+        async with session.get(f"{base_url}/v1/models", headers=headers, raise_for_status=True) as response:
+            return (await response.json(content_type=None))["data"][0]["id"]
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise BenchError(f"could not list models at {base_url}/v1/models: {exc!r}") from exc
 
 
 async def run_bench(opts: BenchOptions) -> BenchRun:
@@ -91,12 +90,10 @@ async def run_bench(opts: BenchOptions) -> BenchRun:
     url = f"{base}/v1/chat/completions"
     headers = {"authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
     in_flight = opts.plan.concurrency
-    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
-    timeout = httpx.Timeout(opts.timeout, connect=min(CONNECT_TIMEOUT, opts.timeout))
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    async with open_session(in_flight, opts.timeout, min(CONNECT_TIMEOUT, opts.timeout)) as session:
         spec = opts.workload
         if not spec.model:
-            spec = _with_model(spec, await resolve_model(client, base, headers))
+            spec = _with_model(spec, await resolve_model(session, base, headers))
         image_port = free_port(opts.image_host) if spec.images == "http" else None
         image_base = f"http://{opts.image_host}:{image_port}" if image_port else None
         count = opts.warmup + opts.plan.num_requests
@@ -107,13 +104,13 @@ async def run_bench(opts: BenchOptions) -> BenchRun:
                 stack.enter_context(ImageServer(built.files, opts.image_host, image_port))
             if opts.warmup:
                 warm = LoadPlan(num_requests=opts.warmup, concurrency=min(opts.warmup, in_flight or 4))
-                await run_load(lambda i: stream_chat(client, url, built.bodies[i], headers), warm)
+                await run_load(lambda i: stream_chat(session, url, built.bodies[i], headers), warm)
             bodies = built.bodies[opts.warmup :]
             update, close = make_progress(opts.plan.num_requests, opts.label, opts.progress)
             stack.callback(close)
             if opts.health_interval:
                 stack.enter_context(probe)
-            outcome = await run_load(lambda i: stream_chat(client, url, bodies[i], headers), opts.plan, update)
+            outcome = await run_load(lambda i: stream_chat(session, url, bodies[i], headers), opts.plan, update)
     summary = summarize(outcome.results, outcome.duration, probe.result.latencies, probe.result.errors)
     return BenchRun(opts, summary, outcome.results)
 

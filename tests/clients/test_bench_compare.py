@@ -88,6 +88,14 @@ def test_quick_config_and_subsets():
     assert cfg.num_requests(1) == 30 and cfg.num_requests(8) >= 64
 
 
+def test_workloads_without_unique_pictures_may_send_more_requests():
+    from clients.compare import CHEAP_FACTOR, WORKLOADS
+
+    assert [k for k, w in WORKLOADS.items() if w.unique_images] == ["a", "c"]
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert cfg.num_requests(64, unique_images=False) == CHEAP_FACTOR * cfg.num_requests(64) > cfg.num_requests(64)
+
+
 def test_full_matrix_is_bounded_under_30_minutes():
     cfg = config_from_args(build_parser().parse_args([]))
     cells = len(cfg.workloads) * len(cfg.concurrencies)
