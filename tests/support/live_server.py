@@ -12,26 +12,13 @@ from pathlib import Path
 
 import httpx
 
+from clients.servers import lower_session_priority
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _lower_session_priority(pid: int, nice: int) -> None:
-    """Give the server's new session the lower priority too, not only its processes.
-
-    With the kernel's autogroup scheduling (on by default in most distributions) every session
-    is its own scheduling group and groups share the CPUs equally whatever their processes'
-    nice values; the busy engine then halves the test process's CPU, and the test's own threads
-    (a poller next to a few stream readers) were measured stalling for 11 s fighting over the
-    GIL on what was left. The group's nice value is what restores the intended priority.
-    """
-    try:
-        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
-    except OSError:  # no autogroup support (or not Linux): plain nice is all there is
-        pass
 
 
 class ServerProcess:
@@ -59,7 +46,9 @@ class ServerProcess:
         nice = self.nice
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True, preexec_fn=lambda: os.nice(nice))
-        _lower_session_priority(self.proc.pid, nice)
+        # The session too, not only its processes: the test's own threads (a poller next to a
+        # few stream readers) were measured stalling for 11 s without it.
+        lower_session_priority(self.proc.pid, nice)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
