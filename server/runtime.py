@@ -4,6 +4,7 @@ control, and the lifecycle flags that /health and /ready report."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -78,6 +79,7 @@ class Runtime:
             self.load_failed = True
             self._fatal(1)
             return
+        _freeze_startup_heap()
         self._install(engine)
 
     def _install(self, engine: Engine) -> None:
@@ -263,3 +265,15 @@ async def _aclose(gen: Any) -> None:
             await aclose()
         except Exception:
             pass
+
+
+def _freeze_startup_heap() -> None:
+    """Move everything allocated so far (torch, transformers, vLLM, the tokenizer: millions
+    of objects that live as long as the process) out of the garbage collector's reach.
+
+    Otherwise every full collection walks them all while serving, stopping the event loop
+    for tens of milliseconds at a time: probes and streams all wait. vLLM's own server does
+    the same after start-up. Called once, after the engine is loaded and before the server
+    reports ready; objects allocated later are collected as usual."""
+    gc.collect()
+    gc.freeze()

@@ -339,3 +339,24 @@ def test_engine_death_reported(tiny_tokenizer):
         assert httpx.get(srv.base_url + "/health").status_code == 503
         assert httpx.get(srv.base_url + "/ready").status_code == 503
         assert chat(srv.base_url).status_code == 503
+
+
+def test_the_startup_heap_is_frozen_once_a_loaded_engine_is_installed(tiny_tokenizer):
+    """Full garbage collections must not walk the millions of start-up objects while serving
+    (0.4 s for the imports alone, measured): the server freezes them once the engine loads."""
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    app = create_app(Settings(served_model_name="scripted"),
+                     engine_factory=lambda: slow_engine(tiny_tokenizer, 0.0), model_names=["scripted"])
+    try:
+        with AppServer(app) as server:
+            assert httpx.get(server.base_url + "/ready").status_code == 200
+            assert gc.get_freeze_count() > 0
+            # Serving goes on as usual afterwards.
+            r = httpx.post(server.base_url + "/v1/chat/completions",
+                           json={"model": "scripted", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
