@@ -23,7 +23,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
+
+from clients.sse import open_session
 
 
 def _images(count: int, seed: int) -> list[str]:
@@ -58,39 +61,46 @@ async def _watch_loop_lag(result: SoakResult, period: float = 0.05) -> None:
         result.max_loop_lag = max(result.max_loop_lag, time.monotonic() - before - period)
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, image: str | None, hang_up: bool,
-               max_tokens: int, result: SoakResult) -> None:
+async def _one(session: aiohttp.ClientSession, url: str, model: str, image: str | None, hang_up: bool,
+               max_tokens: int, result: SoakResult) -> int | None:
+    """One streaming request, its outcome counted in `result`; returns the HTTP status (None
+    when the connection failed)."""
     content: list | str = "Describe the picture briefly."
     if image is not None:
         content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe it."}]
     body = {"model": model, "messages": [{"role": "user", "content": content}], "stream": True,
             "max_tokens": max_tokens, "temperature": 0.7, "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-            result.statuses[r.status_code] += 1
-            if r.status_code != 200:
-                await r.aread()
-                result.outcomes["refused" if r.status_code == 429 else f"http_{r.status_code}"] += 1
-                if r.status_code != 429:
-                    result.invalid.append(f"status {r.status_code}: {r.text[:200]}")
-                return
+        async with session.post(url + "/v1/chat/completions", json=body) as r:
+            result.statuses[r.status] += 1
+            if r.status != 200:
+                text = await r.text(errors="replace")
+                result.outcomes["refused" if r.status == 429 else f"http_{r.status}"] += 1
+                if r.status != 429:
+                    result.invalid.append(f"status {r.status}: {text[:200]}")
+                return r.status
             events = []
-            async for line in r.aiter_lines():
+            async for raw in r.content:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if not line.startswith("data: "):
                     continue
                 events.append(line[6:])
                 if hang_up and len(events) >= 2:
+                    # Leaving with the body unread closes the connection: the server sees
+                    # the client go away mid-stream.
                     result.outcomes["hung_up"] += 1
-                    return
+                    return r.status
             problem = _validate(events)
             if problem:
                 result.invalid.append(problem)
                 result.outcomes["invalid"] += 1
             else:
                 result.outcomes["completed"] += 1
-    except httpx.HTTPError as exc:
+            return r.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         result.outcomes["transport_error"] += 1
         result.invalid.append(f"transport error: {type(exc).__name__}")
+        return None
 
 
 def _validate(events: list[str]) -> str | None:
@@ -136,9 +146,11 @@ async def run_soak(url: str, *, model: str, clients: int, requests: int, hang_up
     rng = random.Random(seed)
     pool = _images(images, seed)
     result = SoakResult()
-    limits = httpx.Limits(max_connections=clients + burst_size + 8, max_keepalive_connections=clients)
     started = time.monotonic()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10), limits=limits) as client:
+    # aiohttp, as the benchmark's load generator: an httpx client kept far fewer connections
+    # open than it had requests in flight (docs/benchmarks.md), which would soak far fewer
+    # concurrent streams than `clients` says.
+    async with open_session(None, timeout=120, connect_timeout=10) as client:
         # Warm-up, then the memory baseline (caches and allocator arenas settle first).
         await asyncio.gather(*(_one(client, url, model, pool[i % len(pool)], False, max_tokens, result)
                                for i in range(min(32, requests))))
@@ -155,7 +167,12 @@ async def run_soak(url: str, *, model: str, clients: int, requests: int, hang_up
                 except asyncio.QueueEmpty:
                     return
                 image = pool[rng.randrange(len(pool))] if rng.random() < 0.8 else None
-                await _one(client, url, model, image, rng.random() < hang_up_share, max_tokens, result)
+                status = await _one(client, url, model, image, rng.random() < hang_up_share, max_tokens, result)
+                if status == 429:
+                    # Back off as a real client does (the SDKs retry after a pause): without
+                    # it, refusals come back in a millisecond and the client burns through its
+                    # request budget while the server is full.
+                    await asyncio.sleep(rng.uniform(0.05, 0.25))
                 if burst_every and i % burst_every == 0:
                     # A burst far beyond the queue: the excess must be refused with 429 at once.
                     await asyncio.gather(*(_one(client, url, model, None, False, max_tokens, result)
@@ -167,7 +184,8 @@ async def run_soak(url: str, *, model: str, clients: int, requests: int, hang_up
         # The engine must be idle once the clients are gone (aborted work included).
         idle = False
         for _ in range(100):
-            text = (await client.get(url + "/metrics")).text
+            async with client.get(url + "/metrics") as r:
+                text = await r.text()
             if _metric(text, "qwenvl_engine_unfinished_requests") == 0 and _metric(text, "qwenvl_admission_inflight_requests") == 0:
                 idle = True
                 break

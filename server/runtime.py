@@ -23,6 +23,8 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 _SHUT_DOWN = "The server shut down before the response was complete."
+# How often a drain that is still waiting logs what it waits for.
+_DRAIN_REPORT_S = 10.0
 _ENGINE_STOPPED = "The inference engine stopped; retry on another replica."
 
 EngineFactory = Callable[[], Engine]
@@ -131,17 +133,30 @@ class Runtime:
         end the rest: streams get a final SSE error event, other requests a 503."""
         self.draining = True
         self.admission.closed = True
-        try:
-            await asyncio.wait_for(self.admission.wait_idle(), timeout)
-            return
-        except asyncio.TimeoutError:
-            pass
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self.admission.wait_idle(), min(left, _DRAIN_REPORT_S))
+                return
+            except asyncio.TimeoutError:
+                # A long drain says what it waits for: an operator (or a failed test) can
+                # tell generation still under way from a request that makes no progress.
+                self._log_drain_progress(left)
         log.warning("drain timeout: aborting %d requests", self.admission.active)
         self.abort(_SHUT_DOWN)
         try:
             await asyncio.wait_for(self.admission.wait_idle(), 5)
         except asyncio.TimeoutError:
             log.error("requests still open after abort")
+
+    def _log_drain_progress(self, left: float) -> None:
+        engine = self.engine
+        if engine is None:
+            log.info("draining: %d requests open, %.0f s left", self.admission.active, left)
+            return
+        stats = engine.stats()
+        log.info("draining: %d requests open, %.0f s left; engine: %d unfinished, %d running, %d waiting",
+                 self.admission.active, left, engine.num_unfinished_requests(), stats.running, stats.waiting)
 
     def state(self) -> str:
         if self.dead or self.load_failed:

@@ -360,3 +360,30 @@ def test_the_startup_heap_is_frozen_once_a_loaded_engine_is_installed(tiny_token
             assert r.status_code == 200, r.text
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
+
+
+def test_a_long_drain_logs_what_it_waits_for_and_lets_the_stream_finish(tiny_tokenizer, monkeypatch, caplog):
+    """While it waits, a drain reports every few seconds how many requests are open and what
+    the engine is doing (the evidence for telling slow generation from a stuck request)."""
+    import server.runtime
+
+    monkeypatch.setattr(server.runtime, "_DRAIN_REPORT_S", 0.2)
+    app, _ = scripted_app(tiny_tokenizer, engine=slow_engine(tiny_tokenizer, delay=0.1))  # ~1.2 s
+    with AppServer(app) as srv:
+        done: list = []
+        reader = threading.Thread(target=lambda: done.append(sse_lines(srv.base_url)))
+        reader.start()
+        deadline = time.monotonic() + 10
+        while srv.runtime.admission.active < 1:
+            assert time.monotonic() < deadline, "the stream never started"
+            time.sleep(0.01)
+        with caplog.at_level(logging.INFO, logger="server.runtime"):
+            srv.call(srv.runtime.drain(30))
+        reader.join(10)
+    reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith("draining: 1 requests open")]
+    assert reports and "engine: 1 unfinished" in reports[0], reports
+    # The drain ended because the stream finished, not by its timeout.
+    assert not any("drain timeout" in r.getMessage() for r in caplog.records)
+    events = [json.loads(line[6:]) for line in done[0] if line.startswith("data: {")]
+    assert not any("error" in e for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"

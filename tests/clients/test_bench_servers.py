@@ -4,6 +4,7 @@ and stopping one ends its whole process group."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,9 +25,12 @@ def _spec() -> ServerSpec:
 def _autogroup_nice(pid: int) -> int | None:
     """The nice value of `pid`'s autogroup ("/autogroup-42 nice 5"), None without autogroups."""
     try:
-        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+        text = Path(f"/proc/{pid}/autogroup").read_text()
     except OSError:
         return None
+    # Some sandboxes (seen on CI) have the file but leave it empty: no autogroups there either.
+    match = re.search(r"nice\s+(-?\d+)", text)
+    return int(match.group(1)) if match else None
 
 
 def _children(proc: psutil.Process, timeout: float = 10) -> list[psutil.Process]:

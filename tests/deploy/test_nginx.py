@@ -39,9 +39,9 @@ SHORT_TOKENS = 4
 # A stream of several seconds on the tiny CPU model: long enough to tell incremental delivery
 # from buffering.
 STREAM_TOKENS = 1500
-# The stream a replica is generating when it gets SIGTERM: ~10-20 s here, inside the
-# replicas' drain timeout.
-DRAIN_STREAM_TOKENS = 3500
+# The stream a replica is generating when it gets SIGTERM: 6-13 s here (the SIGTERM follows
+# its first chunk within a second), well inside the replicas' drain timeout on a slower machine.
+DRAIN_STREAM_TOKENS = 2000
 
 
 def chat_body(max_tokens: int, stream: bool = False) -> dict:
@@ -290,8 +290,8 @@ def test_sigterm_drains_one_replica_while_the_other_takes_new_work(cluster):
     assert exit_code == 0
     # The stream, still being generated at the SIGTERM, was allowed to finish.
     assert busy_at_sigterm >= 1 and stream_open_at_sigterm, "the stream ended before the SIGTERM"
-    assert stream.error is None, stream.error
-    assert stream.finish_reason == "length", stream
+    # The replica's own log says what it was doing meanwhile (the test sees only the stream).
+    assert stream.error is None and stream.finish_reason == "length", (stream, draining.log_tail(120))
 
     failed = [o for o in outcomes if o.error or o.status != 200]
     assert not failed, failed

@@ -3,8 +3,11 @@ real HTTP, real middleware and streaming, no model. For fast edge-case tests."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from typing import Any, Awaitable
+
 import httpx
 import uvicorn
 
@@ -23,6 +26,14 @@ class AppServer:
         config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # not the main thread
+        self.loop: asyncio.AbstractEventLoop | None = None
+        serve = self.server.serve
+
+        async def serve_and_record_loop(*args, **kwargs):
+            self.loop = asyncio.get_running_loop()
+            return await serve(*args, **kwargs)
+
+        self.server.serve = serve_and_record_loop
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -32,6 +43,12 @@ class AppServer:
     @property
     def runtime(self):
         return self.app.state.runtime
+
+    def call(self, work: Awaitable[Any], timeout: float = 30) -> Any:
+        """Run a coroutine on the server's event loop (as its own code would) and return its
+        result."""
+        assert self.loop is not None, "the server is not running"
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout)
 
     def __enter__(self) -> "AppServer":
         self.thread.start()
