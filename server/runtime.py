@@ -141,7 +141,7 @@ class Runtime:
             except asyncio.TimeoutError:
                 # A long drain says what it waits for: an operator (or a failed test) can
                 # tell generation still under way from a request that makes no progress.
-                self._log_drain_progress(left)
+                self._log_drain_progress(max(0.0, deadline - time.monotonic()))
         log.warning("drain timeout: aborting %d requests", self.admission.active)
         self.abort(_SHUT_DOWN)
         try:
