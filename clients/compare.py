@@ -46,7 +46,15 @@ from clients.compare_report import (
 from clients.image_server import DEFAULT_HOST, free_port
 from clients.loadgen import LoadPlan
 from clients.report import write_json
-from clients.servers import ManagedServer, busy_cpu_seconds, ours_spec, process_tree_cpu, vllm_spec
+from clients.servers import (
+    ManagedServer,
+    busy_cpu_seconds,
+    ours_spec,
+    priority_warning,
+    process_tree_cpu,
+    session_nice,
+    vllm_spec,
+)
 from clients.workload import WorkloadSpec
 
 SERVED_NAME = "tiny"
@@ -313,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    client_nice = session_nice()
+    warning = priority_warning(client_nice)
+    if warning:
+        log(f"warning: {warning}")
     model = args.model
     if model is None:
         from server.tiny_model import write_tiny_model
@@ -347,8 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    info = machine_info()
+    info = {**machine_info(), "load_generator_session_nice": str(client_nice)}
     notes = write_outputs(out_dir, cells, cfg, info, command, args.plot_concurrency)
+    if warning:
+        notes.append(warning)
     print(format_text(cells))
     print()
     print(format_targets(check_targets(cells)).replace("**", ""))

@@ -4,14 +4,12 @@ and stopping one ends its whole process group."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
-from pathlib import Path
 
 import psutil
 
-from clients.servers import SERVER_NICE, ManagedServer, ServerSpec
+from clients.servers import SERVER_NICE, ManagedServer, ServerSpec, parse_autogroup, priority_warning, session_nice
 
 # A stand-in server: a process that starts a child (as a server starts its engine), then waits.
 SLEEPER = ("import subprocess, sys, time; "
@@ -20,17 +18,6 @@ SLEEPER = ("import subprocess, sys, time; "
 
 def _spec() -> ServerSpec:
     return ServerSpec("sleeper", [sys.executable, "-c", SLEEPER], "127.0.0.1", 9)
-
-
-def _autogroup_nice(pid: int) -> int | None:
-    """The nice value of `pid`'s autogroup ("/autogroup-42 nice 5"), None without autogroups."""
-    try:
-        text = Path(f"/proc/{pid}/autogroup").read_text()
-    except OSError:
-        return None
-    # Some sandboxes (seen on CI) have the file but leave it empty: no autogroups there either.
-    match = re.search(r"nice\s+(-?\d+)", text)
-    return int(match.group(1)) if match else None
 
 
 def _children(proc: psutil.Process, timeout: float = 10) -> list[psutil.Process]:
@@ -46,8 +33,8 @@ def test_server_runs_below_the_client_and_stop_ends_its_group(tmp_path):
     try:
         assert os.getsid(server.pid) == server.pid  # a session of its own
         assert proc.nice() == min(19, psutil.Process().nice() + SERVER_NICE)
-        if _autogroup_nice(os.getpid()) is not None:  # the kernel schedules sessions as groups
-            assert _autogroup_nice(server.pid) == SERVER_NICE
+        if session_nice(os.getpid()) is not None:  # the kernel schedules sessions as groups
+            assert session_nice(server.pid) == SERVER_NICE
         children = _children(proc)
         assert children, "the stand-in server did not start its child"
     finally:
@@ -61,7 +48,23 @@ def test_nice_zero_leaves_priority_alone(tmp_path):
     server = ManagedServer(_spec(), tmp_path / "log", stop_timeout=5, nice=0).start()
     try:
         assert psutil.Process(server.pid).nice() == psutil.Process().nice()
-        if _autogroup_nice(os.getpid()) is not None:
-            assert _autogroup_nice(server.pid) == 0
+        if session_nice(os.getpid()) is not None:
+            assert session_nice(server.pid) == 0
     finally:
         server.stop()
+
+
+def test_autogroup_lines_parse_and_an_empty_file_means_no_autogroups():
+    assert parse_autogroup("/autogroup-42 nice 5\n") == 5
+    assert parse_autogroup("/autogroup-7 nice -3") == -3
+    assert parse_autogroup("") is None  # CI's sandbox shows the file empty
+    assert session_nice(2**22 + 12345) is None  # no such process
+
+
+def test_a_client_session_not_below_the_servers_is_flagged():
+    assert priority_warning(0) is None
+    assert priority_warning(None) is None  # no autogroups: plain nice values decide
+    warning = priority_warning(5)
+    assert warning and "nice 5" in warning and "echo 0 > /proc/$$/autogroup" in warning
+    assert priority_warning(7, server_nice=5)
+    assert priority_warning(5, server_nice=0) is None  # servers not lowered: nothing to compare
