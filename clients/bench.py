@@ -59,6 +59,9 @@ class BenchRun:
     options: BenchOptions
     summary: Summary
     results: list[RequestResult] = field(default_factory=list)
+    #: the /health probe's latencies (seconds) and failed probes, behind `summary.health`
+    health: list[float] = field(default_factory=list)
+    health_errors: int = 0
 
     def to_dict(self, with_requests: bool = False) -> dict:
         data = {"label": self.options.label, "options": asdict(self.options), "summary": self.summary.to_dict()}
@@ -112,7 +115,7 @@ async def run_bench(opts: BenchOptions) -> BenchRun:
                 stack.enter_context(probe)
             outcome = await run_load(lambda i: stream_chat(session, url, bodies[i], headers), opts.plan, update)
     summary = summarize(outcome.results, outcome.duration, probe.result.latencies, probe.result.errors)
-    return BenchRun(opts, summary, outcome.results)
+    return BenchRun(opts, summary, outcome.results, list(probe.result.latencies), probe.result.errors)
 
 
 def _with_model(spec: WorkloadSpec, model: str) -> WorkloadSpec:

@@ -7,9 +7,11 @@ same engine options, on loopback, under the same workloads, alternating between 
 Workloads (`WORKLOADS`): (a) a unique 448x448 JPEG per request as a data URL, (b) a few
 pictures reused across all requests, (c) unique pictures by http URL from a local image
 server on 127.0.0.2, (d) text only; each at every concurrency (1, 16, 64 by default). In
-each cell both servers get byte-identical requests, and the same number of them: the first
-runs for `--cell-duration` seconds, the second gets as many requests; which one goes first
-alternates from cell to cell. The whole run is bounded: no cell starts once `--max-wall`
+each cell both servers get byte-identical requests, and the same number of them, in
+`--rounds` rounds (2): in each round the first server runs for its share of
+`--cell-duration` seconds and the second gets as many requests; which one goes first
+alternates between rounds and between cells. Before the first cell each server gets
+`--warmup-seconds` of unmeasured load. The whole run is bounded: no cell starts once `--max-wall`
 seconds are near.
 
 Prints, and writes to `--out-dir` (compare.json, compare.md, latency.png), every figure
@@ -30,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clients.bench import BenchOptions, run_bench
+from clients.bench import BenchOptions, BenchRun, run_bench
 from clients.compare_report import (
     DISTURBED_CORES,
     OURS,
@@ -46,6 +48,7 @@ from clients.compare_report import (
 from clients.image_server import DEFAULT_HOST, free_port
 from clients.loadgen import LoadPlan
 from clients.report import write_json
+from clients.stats import summarize
 from clients.servers import (
     ManagedServer,
     busy_cpu_seconds,
@@ -88,6 +91,18 @@ FULL_REQUESTS = {1: 100, 16: 600, 64: 1200}
 QUICK_REQUESTS = {1: 30, 16: 160, 64: 320}
 CHEAP_FACTOR = 5
 
+#: Seconds of unmeasured load each server gets before the first cell (full and --quick).
+#: Measured on the 2-core machine, workload (b) at 64 streams, 20 s runs one after another
+#: on servers just started: qwen-vl-serve 178 req/s in its first run, then 196-215; vLLM's
+#: server 132, then 164-174. Without a warm-up the first cells measured start-up effects.
+WARMUP_SECONDS = 20.0
+QUICK_WARMUP_SECONDS = 8.0
+#: Cell index offset of the warm-up runs, so their pictures (seeded by index) are not the
+#: cells' and no cell finds its pictures already cached.
+WARMUP_INDEX = 10_000
+#: Cell index offset of each further round (see `MatrixConfig.rounds`).
+ROUND_INDEX = 1_000
+
 
 @dataclass(frozen=True)
 class MatrixConfig:
@@ -96,6 +111,11 @@ class MatrixConfig:
     requests: dict[int, int] = field(default_factory=lambda: dict(FULL_REQUESTS))
     cell_duration: float = 30.0
     max_wall: float = 1500.0
+    warmup_seconds: float = WARMUP_SECONDS
+    #: Each cell runs in this many rounds of `cell_duration / rounds` seconds, the server
+    #: going first alternating between rounds (ABBA), so that drift in the machine's speed
+    #: during a cell falls on both servers alike.
+    rounds: int = 2
     max_tokens: int = 16
     prompt_words: int = 32
     temperature: float = 0.0
@@ -122,7 +142,19 @@ def engine_flags(max_model_len: int, max_num_seqs: int, max_batched: int) -> lis
             "--dtype", "auto", "--seed", "0", "--enforce-eager"]
 
 
-async def measure(server: ManagedServer, opts: BenchOptions) -> Measurement:
+@dataclass
+class RunCost:
+    """One run against one server, with the CPU seconds its front end and its engine
+    processes used, and the CPU seconds processes outside this one's tree used meanwhile."""
+
+    run: BenchRun
+    api_s: float
+    engine_s: float
+    other_s: float
+    wall: float
+
+
+async def measure(server: ManagedServer, opts: BenchOptions) -> RunCost:
     """Run `opts` against `server`, and account the CPU that processes outside this one's
     tree (which holds the servers, the probe and the image server) used meanwhile."""
     me = os.getpid()
@@ -133,10 +165,23 @@ async def measure(server: ManagedServer, opts: BenchOptions) -> Measurement:
     wall = time.monotonic() - wall_before
     api, engine = (a - b for a, b in zip(server.cpu_split(), (api_before, engine_before)))
     ours = process_tree_cpu(me) - ours_before
-    other = max(0.0, (busy_cpu_seconds() - busy_before - ours) / wall) if wall > 0 else 0.0
-    n = run.summary.succeeded + opts.warmup
-    per = (lambda x: 1000 * x / n) if run.summary.succeeded else (lambda x: None)
-    return Measurement(server.spec.name, run.summary, other, per(api), per(engine), run.results)
+    other = max(0.0, busy_cpu_seconds() - busy_before - ours)
+    return RunCost(run, api, engine, other, wall)
+
+
+def combine(name: str, parts: list[RunCost]) -> Measurement:
+    """One server's figures over all its runs of a cell: every request and probe of every
+    run, over the runs' summed measured time; CPU per successful request (warm-up requests
+    counted, since their CPU is in the totals)."""
+    results = [r for p in parts for r in p.run.results]
+    summary = summarize(results, sum(p.run.summary.duration for p in parts),
+                        [h for p in parts for h in p.run.health], sum(p.run.health_errors for p in parts))
+    n = summary.succeeded + sum(p.run.options.warmup for p in parts)
+    per = (lambda x: 1000 * x / n) if summary.succeeded else (lambda x: None)
+    wall = sum(p.wall for p in parts)
+    other = sum(p.other_s for p in parts) / wall if wall > 0 else 0.0
+    return Measurement(name, summary, other, per(sum(p.api_s for p in parts)),
+                       per(sum(p.engine_s for p in parts)), results)
 
 
 def cell_options(server: ManagedServer, wl: Workload, conc: int, cfg: MatrixConfig, index: int,
@@ -159,13 +204,35 @@ def cell_options(server: ManagedServer, wl: Workload, conc: int, cfg: MatrixConf
     )
 
 
+async def warm_up(servers: dict[str, ManagedServer], cfg: MatrixConfig,
+                  log: Callable[[str], None]) -> None:
+    """Load each server, unmeasured, for `cfg.warmup_seconds` in all: every workload of
+    the run in turn, for an equal share of the time, at the highest concurrency."""
+    if cfg.warmup_seconds <= 0 or not cfg.workloads:
+        return
+    share = cfg.warmup_seconds / len(cfg.workloads)
+    conc = max(cfg.concurrencies)
+    for name, server in servers.items():
+        done, began = 0, time.monotonic()
+        for k, wl_key in enumerate(cfg.workloads):
+            wl = WORKLOADS[wl_key]
+            # as many requests as a cell would get in that time: request bodies are made
+            # before the clock starts, and unique pictures take ~15 ms each to make
+            count = max(conc, round(cfg.num_requests(conc, wl.unique_images) * share / cfg.cell_duration))
+            opts = cell_options(server, wl, conc, cfg, WARMUP_INDEX + k, count, share)
+            run = await run_bench(opts)
+            done += run.summary.succeeded
+        log(f"warm-up of {name}: {done} requests in {time.monotonic() - began:.0f} s")
+
+
 async def run_matrix(servers: dict[str, ManagedServer], cfg: MatrixConfig, started: float,
                      log: Callable[[str], None]) -> list[Cell]:
-    """Every workload x concurrency cell on both servers, alternating which goes first.
-    The first server of a cell runs for up to `cfg.cell_duration` seconds; the second gets
-    exactly as many requests (with three times the duration as a safety bound), so both
-    figures cover the same requests. Stops before a cell that might not finish within
-    `cfg.max_wall` of `started`."""
+    """Every workload x concurrency cell on both servers, in `cfg.rounds` rounds. In each
+    round the first server runs for up to `cfg.cell_duration / cfg.rounds` seconds and the
+    second gets exactly as many (byte-identical) requests, with three times the duration as
+    a safety bound, so both figures cover the same requests; which server goes first
+    alternates between rounds and between cells. Stops before a cell that might not finish
+    within `cfg.max_wall` of `started`."""
     cells: list[Cell] = []
     index = 0
     for wl_key in cfg.workloads:
@@ -176,19 +243,33 @@ async def run_matrix(servers: dict[str, ManagedServer], cfg: MatrixConfig, start
                 log(f"stopping: {left:.0f} s left of --max-wall, not enough for another cell")
                 return cells
             cell = Cell(wl_key, conc)
-            order = [OURS, THEIRS] if index % 2 == 0 else [THEIRS, OURS]
-            count, duration = cfg.num_requests(conc, wl.unique_images), cfg.cell_duration
-            for name in order:
-                opts = cell_options(servers[name], wl, conc, cfg, index, count, duration)
-                m = cell.runs[name] = await measure(servers[name], opts)
-                count, duration = m.summary.requests, 3 * cfg.cell_duration
-                s = m.summary
-                log(f"{opts.label}: {s.succeeded}/{s.requests} ok in {s.duration:.1f} s, "
-                    f"{s.requests_per_s:.2f} req/s, TTFT p50 {format_ms(s.ttft and s.ttft.p50)} ms, "
-                    f"other cores {m.other_cores:.2f}")
+            parts: dict[str, list[RunCost]] = {OURS: [], THEIRS: []}
+            for r in range(cfg.rounds):
+                # each round has pictures of its own; the server that goes first alternates
+                # from round to round and from cell to cell
+                order = [OURS, THEIRS] if (index + r) % 2 == 0 else [THEIRS, OURS]
+                count = max(1, cfg.num_requests(conc, wl.unique_images) // cfg.rounds)
+                duration = cfg.cell_duration / cfg.rounds
+                for name in order:
+                    opts = cell_options(servers[name], wl, conc, cfg, index + r * ROUND_INDEX, count, duration)
+                    cost = await measure(servers[name], opts)
+                    parts[name].append(cost)
+                    s = cost.run.summary
+                    count, duration = s.requests, 3 * cfg.cell_duration / cfg.rounds
+                    log(f"{opts.label} round {r + 1}: {s.succeeded}/{s.requests} ok in {s.duration:.1f} s, "
+                        f"{s.requests_per_s:.2f} req/s, TTFT p50 {format_ms(s.ttft and s.ttft.p50)} ms, "
+                        f"other cores {cost.other_s / cost.wall if cost.wall else 0:.2f}")
+            for name in (OURS, THEIRS):
+                cell.runs[name] = combine(name, parts[name])
             cells.append(cell)
             index += 1
     return cells
+
+
+async def warm_up_then_measure(servers: dict[str, ManagedServer], cfg: MatrixConfig, started: float,
+                               log: Callable[[str], None]) -> list[Cell]:
+    await warm_up(servers, cfg, log)
+    return await run_matrix(servers, cfg, started, log)
 
 
 def machine_info() -> dict[str, str]:
@@ -264,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated concurrencies")
     p.add_argument("--cell-duration", type=float, default=None, help="seconds each measurement may issue requests")
     p.add_argument("--max-wall", type=float, default=None, help="overall wall-clock cap in seconds")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds per cell, the server going first alternating (1-9)")
+    p.add_argument("--warmup-seconds", type=float, default=None,
+                   help=f"unmeasured load per server before the cells ({WARMUP_SECONDS:.0f}; "
+                   f"{QUICK_WARMUP_SECONDS:.0f} with --quick; 0: none)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="1.0 for full-size random checkpoints")
@@ -294,12 +380,17 @@ def config_from_args(args: argparse.Namespace) -> MatrixConfig:
         raise ValueError(f"--concurrency {args.concurrency!r} is not a list of integers") from None
     if not concurrencies or min(concurrencies) < 1:
         raise ValueError("concurrencies must be positive")
+    if not 1 <= args.rounds < WARMUP_INDEX // ROUND_INDEX:
+        raise ValueError(f"--rounds must be between 1 and {WARMUP_INDEX // ROUND_INDEX - 1}")
     return MatrixConfig(
         workloads=workloads,
         concurrencies=concurrencies,
         requests=dict(QUICK_REQUESTS if args.quick else FULL_REQUESTS),
         cell_duration=args.cell_duration or (10.0 if args.quick else 30.0),
         max_wall=args.max_wall or (900.0 if args.quick else 1500.0),
+        rounds=args.rounds,
+        warmup_seconds=(args.warmup_seconds if args.warmup_seconds is not None
+                        else QUICK_WARMUP_SECONDS if args.quick else WARMUP_SECONDS),
         max_tokens=args.max_tokens,
         prompt_words=args.prompt_words,
         temperature=args.temperature,
@@ -355,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers.values():
             s.wait_ready(max(1.0, min(args.startup_timeout, cfg.max_wall - (time.monotonic() - started))))
         log("both servers ready")
-        cells = asyncio.run(run_matrix(servers, cfg, started, log))
+        cells = asyncio.run(warm_up_then_measure(servers, cfg, started, log))
     finally:
         for s in servers.values():
             s.stop()

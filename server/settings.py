@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         "CPU, where its busy polling shares cores with the HTTP front end and the model "
         "workers; 0 on GPU). The workers keep the server's priority.",
     )
+    pin_front_end: bool | None = Field(
+        None,
+        description="Keep this process (HTTP, image decoding) and the engine core off the cores "
+        "vLLM binds its model workers to, where it binds them (the CPU build; default: on there). "
+        "Otherwise the kernel also runs them on the workers' cores, taking time from the model.",
+    )
     kv_cache_space_gib: int = Field(
         1, ge=1, description="CPU only: paged KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -62,6 +68,13 @@ class Settings(BaseSettings):
     )
     enable_prefix_caching: bool | None = Field(None, description="vLLM automatic prefix caching.")
     limit_mm_per_prompt: int = Field(4, ge=0, description="Most images in one request.")
+    mm_processor_cache_type: Literal["lru", "shm"] | None = Field(
+        None, description="vLLM's cache of preprocessed images: lru (vLLM's default) or shm.",
+    )
+    mm_processor_cache_gb: float | None = Field(
+        None, ge=0, description="Size of vLLM's cache of preprocessed images, in GiB (vLLM's default: 4; "
+        "with lru it is held twice, by the server and the engine core; 0: off).",
+    )
     seed: int = Field(0, description="Engine seed.")
     trust_remote_code: bool = Field(
         False, description="Execute Python files shipped with a checkpoint. Never needed for Qwen-VL."

@@ -76,6 +76,8 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
         distributed_executor_backend=settings.distributed_executor_backend,
         enforce_eager=on_cpu if settings.enforce_eager is None else settings.enforce_eager,
         limit_mm_per_prompt=_mm_limits(model, settings.limit_mm_per_prompt),
+        mm_processor_cache_type=settings.mm_processor_cache_type,
+        mm_processor_cache_gb=settings.mm_processor_cache_gb,
         seed=settings.seed,
         trust_remote_code=settings.trust_remote_code,
         download_dir=settings.download_dir,
@@ -189,6 +191,49 @@ def _lower_priority(pids: set[int], nice: int) -> None:
         log.info("engine core processes %s run at nice +%d", sorted(pids), nice)
 
 
+def _keep_off_worker_cores(core_pids: set[int]) -> list[int] | None:
+    """Move this process and the engine core processes `core_pids` (every thread; threads
+    started later inherit the mask) onto the CPUs that vLLM left free of model workers.
+
+    The CPU build binds each worker's OpenMP threads to a set of cores and reserves the
+    others for the front end, but does not keep the front end off the workers' cores: the
+    kernel runs this process there too, and the model's step waits. Measured on 2 cores
+    (worker bound to core 0), workload (a) at 64 streams: 46.8-48.6 req/s with this
+    process and the engine core on core 1, 42.4-43.7 without (3 runs each, alternating).
+    Returns the CPUs used, or None (and changes nothing) where no worker is bound to a
+    strict subset of our CPUs or no CPU would be left."""
+    import psutil
+
+    try:
+        me = psutil.Process()
+        allowed = set(me.cpu_affinity())
+        bound: set[int] = set()
+        for child in me.children(recursive=True):
+            try:
+                cpus = set(child.cpu_affinity())
+            except psutil.Error:
+                continue
+            if cpus < allowed:
+                bound |= cpus
+    except (psutil.Error, AttributeError):  # no affinity support on this platform
+        return None
+    front = sorted(allowed - bound)
+    if not bound or not front:
+        return None
+    for pid in (me.pid, *core_pids):
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, front)
+            except OSError:  # the thread ended meanwhile
+                pass
+    log.info("front end and engine core on CPUs %s; model workers on %s", front, sorted(bound))
+    return front
+
+
 def _no_op(*args, **kwargs) -> None:
     return None
 
@@ -227,11 +272,14 @@ class VLLMEngine(Engine):
         args = engine_args_from_settings(settings, model, device)
         before = _child_pids()
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
+        core_pids = _child_pids() - before
         nice = settings.engine_nice if settings.engine_nice is not None else (10 if device == "cpu" else 0)
         if nice:
             # Our direct children are the engine core (the scheduler); its workers, which
             # run the model, were started by it before this point and keep our priority.
-            _lower_priority(_child_pids() - before, nice)
+            _lower_priority(core_pids, nice)
+        if settings.pin_front_end if settings.pin_front_end is not None else device == "cpu":
+            _keep_off_worker_cores(core_pids)
         model_config = llm.model_config
         model_type = getattr(model_config.hf_config, "model_type", "")
         family = family_of(model_type)

@@ -4,6 +4,7 @@ SIGTERM drains, a dead engine core is reported and the process exits non-zero.""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -68,8 +69,23 @@ def open_stream(base_url: str, results: list, **body):
     return t
 
 
+def thread_cpus(pid: int) -> list[set[int]]:
+    """The CPU mask of every thread of process `pid`."""
+    return [set(os.sched_getaffinity(t.id)) for t in psutil.Process(pid).threads()]
+
+
 def test_disconnects_stop_engine_work(tiny_model, tmp_path):
     srv = start(tiny_model, tmp_path)
+    # where vLLM binds the model worker to some cores, the front end and the engine core
+    # run on the others only (server.engine.vllm_engine._keep_off_worker_cores)
+    allowed = set(os.sched_getaffinity(0))
+    procs = psutil.Process(srv.proc.pid).children(recursive=True)
+    worker_cpus = set().union(*(set(p.cpu_affinity()) for p in procs if "Worker" in p.name()))
+    if worker_cpus and worker_cpus < allowed:
+        core = [p for p in psutil.Process(srv.proc.pid).children() if "EngineCor" in p.name()]
+        assert core
+        for pid in (srv.proc.pid, core[0].pid):
+            assert all(cpus == allowed - worker_cpus for cpus in thread_cpus(pid)), pid
     try:
         clients = []
         for i in range(8):

@@ -4,6 +4,7 @@ server commands. (The full run needs two real engines: see docs/benchmarks.md.)"
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -103,7 +104,8 @@ def test_full_matrix_is_bounded_under_30_minutes():
     assert cfg.max_wall <= 1500  # 25 min, servers' start-up included
 
 
-@pytest.mark.parametrize("argv", [["--workloads", "a,x"], ["--concurrency", "1,0"], ["--concurrency", "one"]])
+@pytest.mark.parametrize("argv", [["--workloads", "a,x"], ["--concurrency", "1,0"], ["--concurrency", "one"],
+                                  ["--rounds", "0"], ["--rounds", "10"]])
 def test_bad_matrix_arguments(argv):
     with pytest.raises(ValueError):
         config_from_args(build_parser().parse_args(argv))
@@ -123,3 +125,64 @@ def test_both_servers_get_the_same_engine_options():
     assert theirs.argv[theirs.argv.index("--allowed-media-domains") + 1] == "127.0.0.2"
     assert ours.ready_path == "/ready"
     json.dumps(ours.argv)  # plain strings only
+
+
+def test_warm_up_loads_each_server_with_pictures_no_cell_uses(tmp_path, monkeypatch):
+    """A real run of the matrix against two live servers (the real app on scripted
+    engines): the warm-up reaches both before the first cell, with other pictures."""
+    import asyncio
+    from contextlib import ExitStack
+
+    from bench_scripted_server import MODEL, scripted_server
+
+    import clients.compare
+    from clients.compare import MatrixConfig, warm_up_then_measure
+    from clients.servers import ManagedServer, ServerSpec
+
+    monkeypatch.setattr(clients.compare, "SERVED_NAME", MODEL)
+    cfg = MatrixConfig(workloads=("b", "d"), concurrencies=(1, 2), requests={1: 6, 2: 8},
+                       cell_duration=5.0, max_wall=600.0, warmup_seconds=1.0, max_tokens=4, prompt_words=4)
+    with ExitStack() as stack:
+        engines, servers = {}, {}
+        for name in (OURS, THEIRS):
+            base, engines[name] = stack.enter_context(scripted_server(reply_tokens=8))
+            host, port = base.removeprefix("http://").split(":")
+            servers[name] = ManagedServer(ServerSpec(name, [], host, int(port)), tmp_path / f"{name}.log")
+        warm_counts, lines = {}, []
+
+        def log(msg: str) -> None:
+            lines.append(msg)
+            if msg.startswith("warm-up"):
+                warm_counts[msg.split()[2].rstrip(":")] = {n: len(e.history) for n, e in engines.items()}
+
+        cells = asyncio.run(warm_up_then_measure(servers, cfg, time.monotonic(), log))
+
+    assert [(c.workload, c.concurrency) for c in cells] == [("b", 1), ("b", 2), ("d", 1), ("d", 2)]
+    # each server was loaded before any cell ran: ours first, then theirs
+    assert warm_counts[OURS][OURS] > 0 and warm_counts[OURS][THEIRS] == 0
+    assert warm_counts[THEIRS][THEIRS] > 0 and warm_counts[THEIRS][OURS] == warm_counts[OURS][OURS]
+    for name, engine in engines.items():
+        warm = engine.history[: warm_counts[name][name]]
+        measured = engine.history[warm_counts[name][name]:]
+        warm_ids = {i for r in warm for i in r.image_ids}
+        cell_ids = {i for r in measured for i in r.image_ids}
+        assert warm_ids and cell_ids and not warm_ids & cell_ids
+        assert all(c.runs[name].summary.succeeded == c.runs[name].summary.requests for c in cells)
+    # both servers got the same pictures in the cells
+    cell_pictures = {name: sorted(i for r in e.history[warm_counts[name][name]:] for i in r.image_ids)
+                     for name, e in engines.items()}
+    assert cell_pictures[OURS] == cell_pictures[THEIRS]
+    # two rounds per cell, the server going first alternating: ABBA, then BAAB, ...
+    runs = [line.split(":")[0] for line in lines if " round " in line]
+    assert runs[:8] == [f"b/c=1/{OURS} round 1", f"b/c=1/{THEIRS} round 1", f"b/c=1/{THEIRS} round 2",
+                        f"b/c=1/{OURS} round 2", f"b/c=2/{THEIRS} round 1", f"b/c=2/{OURS} round 1",
+                        f"b/c=2/{OURS} round 2", f"b/c=2/{THEIRS} round 2"]
+    # a cell's figures cover both rounds: (b) sends CHEAP_FACTOR x 6 requests at concurrency 1,
+    # half of them a round
+    assert cells[0].runs[OURS].summary.requests == cells[0].runs[THEIRS].summary.requests == 5 * 6
+
+
+def test_warm_up_defaults_and_flag():
+    assert config_from_args(build_parser().parse_args([])).warmup_seconds == 20.0
+    assert config_from_args(build_parser().parse_args(["--quick"])).warmup_seconds == 8.0
+    assert config_from_args(build_parser().parse_args(["--warmup-seconds", "0"])).warmup_seconds == 0.0
