@@ -200,7 +200,9 @@ def _keep_off_worker_cores(core_pids: set[int]) -> list[int] | None:
     kernel runs this process there too, and the model's step waits. Measured on 2 cores
     (worker bound to core 0), workload (a) at 64 streams: 46.8-48.6 req/s with this
     process and the engine core on core 1, 42.4-43.7 without (3 runs each, alternating).
-    Returns the CPUs used, or None (and changes nothing) where no worker is bound to a
+    Text only at high rates pays for it ((d) at 64 streams: 254-275 against 283-300 req/s),
+    since the front end can no longer borrow the worker's core between short steps; hence
+    `--no-pin-front-end`. Returns the CPUs used, or None (and changes nothing) where no worker is bound to a
     strict subset of our CPUs or no CPU would be left."""
     import psutil
 
