@@ -39,9 +39,11 @@ SHORT_TOKENS = 4
 # A stream of several seconds on the tiny CPU model: long enough to tell incremental delivery
 # from buffering.
 STREAM_TOKENS = 1500
-# The stream a replica is generating when it gets SIGTERM: 6-13 s here (the SIGTERM follows
-# its first chunk within a second), well inside the replicas' drain timeout on a slower machine.
-DRAIN_STREAM_TOKENS = 2000
+# The stream a replica is generating when it gets SIGTERM: long enough that the test sees it
+# in flight on the replica's /metrics before it ends (2,000 tokens took 4.2 s with the front
+# end on its own core, and the test's /metrics polls can take seconds under this load), and
+# well inside the replicas' drain timeout (90 s) on a slower machine.
+DRAIN_STREAM_TOKENS = 3500
 
 
 def chat_body(max_tokens: int, stream: bool = False) -> dict:
