@@ -15,6 +15,7 @@ import httpx
 import psutil
 import pytest
 
+from support.http_client import shared_client
 from support.live_server import ServerProcess
 
 pytestmark = pytest.mark.engine
@@ -33,6 +34,13 @@ def _stop_servers():
         _STARTED.pop().stop()
 
 
+@pytest.fixture
+def http():
+    """Every request of a test, from every thread (see support.http_client)."""
+    with shared_client() as client:
+        yield client
+
+
 def start(tiny_model, tmp_path, *extra: str) -> ServerProcess:
     srv = ServerProcess(
         ["--model", str(tiny_model("qwen2-vl")), "--served-model-name", "tiny", "--max-model-len", "4096",
@@ -43,21 +51,29 @@ def start(tiny_model, tmp_path, *extra: str) -> ServerProcess:
     return srv.start()
 
 
-def metric(base_url: str, name: str) -> float:
-    text = httpx.get(base_url + "/metrics").text
+def metric(http: httpx.Client, base_url: str, name: str) -> float:
+    text = http.get(base_url + "/metrics").text
     m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
     assert m, name
     return float(m.group(1))
 
 
-def open_stream(base_url: str, results: list, **body):
+def server_state(http: httpx.Client, srv: ServerProcess) -> str:
+    """The server's request gauges and the end of its log, for an assertion's message."""
+    text = http.get(srv.base_url + "/metrics").text
+    gauges = [line for line in text.splitlines()
+              if line.startswith(("qwenvl_requests_", "qwenvl_engine_", "qwenvl_admission_", "qwenvl_completion_tokens"))]
+    return "\n".join(gauges) + "\n" + srv.log_tail(30)
+
+
+def open_stream(http: httpx.Client, base_url: str, results: list, **body):
     """Stream one completion in a thread; append ("ok", status, lines) or ("error", exc) to
     `results` at the end."""
     def run():
         try:
             payload = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "stream": True, **body}
             lines = []
-            with httpx.stream("POST", base_url + "/v1/chat/completions", json=payload, timeout=120) as r:
+            with http.stream("POST", base_url + "/v1/chat/completions", json=payload) as r:
                 for line in r.iter_lines():
                     if line:
                         lines.append(line)
@@ -74,7 +90,7 @@ def thread_cpus(pid: int) -> list[set[int]]:
     return [set(os.sched_getaffinity(t.id)) for t in psutil.Process(pid).threads()]
 
 
-def test_disconnects_stop_engine_work(tiny_model, tmp_path):
+def test_disconnects_stop_engine_work(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path)
     # where vLLM binds the model worker to some cores, the front end and the engine core
     # run on the others only (server.engine.vllm_engine._keep_off_worker_cores)
@@ -87,38 +103,35 @@ def test_disconnects_stop_engine_work(tiny_model, tmp_path):
         for pid in (srv.proc.pid, core[0].pid):
             assert all(cpus == allowed - worker_cpus for cpus in thread_cpus(pid)), pid
     try:
-        clients = []
+        hang_ups = []  # what closing drops the connection: a streamed response, or a socket
         for i in range(8):
             payload = {"model": "tiny", "messages": [{"role": "user", "content": f"story {i}"}], **LONG}
             if i % 2 == 0:  # streaming: read one event, then hang up
-                c = httpx.Client(timeout=60)
-                resp = c.send(c.build_request("POST", srv.base_url + "/v1/chat/completions",
-                                              json={**payload, "stream": True}), stream=True)
+                resp = http.send(http.build_request("POST", srv.base_url + "/v1/chat/completions",
+                                                    json={**payload, "stream": True}), stream=True)
                 next(resp.iter_lines())
-                clients.append((c, resp))
+                hang_ups.append(resp)
             else:  # non-streaming: send the request on a raw socket, close it later unread
-                clients.append((_send_raw(srv, payload), None))
+                hang_ups.append(_send_raw(srv, payload))
         deadline = time.monotonic() + 20
-        while metric(srv.base_url, "qwenvl_requests_running") < 4 and time.monotonic() < deadline:
+        while (running := metric(http, srv.base_url, "qwenvl_requests_running")) < 4 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert metric(srv.base_url, "qwenvl_requests_running") >= 4  # the engine is busy with them
-        for c, resp in clients:
-            if resp is not None:
-                resp.close()
-            c.close()  # an httpx client or a socket: the connection goes away either way
+        assert running >= 4, server_state(http, srv)  # the engine is busy with them
+        for conn in hang_ups:
+            conn.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if (metric(srv.base_url, "qwenvl_engine_unfinished_requests") == 0
-                    and metric(srv.base_url, "qwenvl_requests_running") == 0):
+            if (metric(http, srv.base_url, "qwenvl_engine_unfinished_requests") == 0
+                    and metric(http, srv.base_url, "qwenvl_requests_running") == 0):
                 break
             time.sleep(0.2)
         # The engine's own counters: nothing running, nothing left in its queues.
-        assert metric(srv.base_url, "qwenvl_engine_unfinished_requests") == 0
-        assert metric(srv.base_url, "qwenvl_requests_running") == 0
+        assert metric(http, srv.base_url, "qwenvl_engine_unfinished_requests") == 0, server_state(http, srv)
+        assert metric(http, srv.base_url, "qwenvl_requests_running") == 0, server_state(http, srv)
         # 8 x 3900 tokens were asked for; far fewer were generated before the aborts.
-        assert metric(srv.base_url, "qwenvl_completion_tokens_total") < 8 * 3900 / 2
-        r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=60,
-                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert metric(http, srv.base_url, "qwenvl_completion_tokens_total") < 8 * 3900 / 2
+        r = http.post(srv.base_url + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert r.status_code == 200
     finally:
         srv.stop()
@@ -132,23 +145,23 @@ def _send_raw(srv: ServerProcess, payload: dict) -> socket.socket:
     return sock
 
 
-def wait_inflight(srv: ServerProcess, count: int, timeout: float = 90) -> None:
+def wait_inflight(http: httpx.Client, srv: ServerProcess, count: int, timeout: float = 90) -> None:
     """Wait until the server itself reports `count` requests in process."""
     deadline = time.monotonic() + timeout
-    while (seen := metric(srv.base_url, "qwenvl_admission_inflight_requests")) < count:
+    while (seen := metric(http, srv.base_url, "qwenvl_admission_inflight_requests")) < count:
         assert time.monotonic() < deadline, f"{seen:g} of {count} streams in process:\n{srv.log_tail(20)}"
         time.sleep(0.1)
 
 
-def test_sigterm_drains_in_flight_streams(tiny_model, tmp_path):
+def test_sigterm_drains_in_flight_streams(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "60")
     results: list = []
-    threads = [open_stream(srv.base_url, results, max_tokens=3000, ignore_eos=True) for _ in range(3)]
-    wait_inflight(srv, 3)  # the server's own count: all three are in process
+    threads = [open_stream(http, srv.base_url, results, max_tokens=3000, ignore_eos=True) for _ in range(3)]
+    wait_inflight(http, srv, 3)  # the server's own count: all three are in process
     srv.signal(signal.SIGTERM)
     time.sleep(0.3)
-    assert httpx.get(srv.base_url + "/ready").status_code == 503
-    late = httpx.post(srv.base_url + "/v1/chat/completions",
+    assert http.get(srv.base_url + "/ready").status_code == 503
+    late = http.post(srv.base_url + "/v1/chat/completions",
                       json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
     assert late.status_code == 503 and late.headers.get("retry-after")
     for t in threads:
@@ -163,11 +176,11 @@ def test_sigterm_drains_in_flight_streams(tiny_model, tmp_path):
         assert "length" in finishes  # every stream ran to its end
 
 
-def test_drain_timeout_ends_streams_with_error_event(tiny_model, tmp_path):
+def test_drain_timeout_ends_streams_with_error_event(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "1")
     results: list = []
-    threads = [open_stream(srv.base_url, results, **LONG) for _ in range(2)]
-    wait_inflight(srv, 2)  # both streams are running in the server
+    threads = [open_stream(http, srv.base_url, results, **LONG) for _ in range(2)]
+    wait_inflight(http, srv, 2)  # both streams are running in the server
     t0 = time.monotonic()
     srv.signal(signal.SIGTERM)
     assert srv.wait(60) == 0
@@ -180,11 +193,11 @@ def test_drain_timeout_ends_streams_with_error_event(tiny_model, tmp_path):
         assert json.loads(lines[-2][6:])["error"]["code"] == "service_unavailable"
 
 
-def test_second_sigterm_exits_at_once(tiny_model, tmp_path):
+def test_second_sigterm_exits_at_once(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "300")
     results: list = []
-    open_stream(srv.base_url, results, **LONG)
-    wait_inflight(srv, 1)
+    open_stream(http, srv.base_url, results, **LONG)
+    wait_inflight(http, srv, 1)
     srv.signal(signal.SIGTERM)
     time.sleep(0.5)
     t0 = time.monotonic()
@@ -194,11 +207,11 @@ def test_second_sigterm_exits_at_once(tiny_model, tmp_path):
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(srv.port) in " ".join(p.info["cmdline"] or [])]
 
 
-def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path):
+def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path)
     results: list = []
-    thread = open_stream(srv.base_url, results, **LONG)
-    wait_inflight(srv, 1)
+    thread = open_stream(http, srv.base_url, results, **LONG)
+    wait_inflight(http, srv, 1)
     cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
              if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
     assert cores, "no engine core process found"
@@ -208,7 +221,7 @@ def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path):
     deadline = time.monotonic() + 30
     while srv.proc.poll() is None and time.monotonic() < deadline:
         try:
-            if httpx.get(srv.base_url + "/health", timeout=1).status_code == 503:
+            if http.get(srv.base_url + "/health", timeout=1).status_code == 503:
                 saw_503 = True
         except httpx.HTTPError:
             pass

@@ -25,6 +25,8 @@ import httpx
 import openai
 import pytest
 
+from support.http_client import shared_client
+
 NGINX_DIR = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
 
 # Real engines (`make test-fast` leaves them out). Replica start-up (up to READY_TIMEOUT_S)
@@ -41,9 +43,10 @@ SHORT_TOKENS = 4
 STREAM_TOKENS = 1500
 # The stream a replica is generating when it gets SIGTERM: long enough that the test sees it
 # in flight on the replica's /metrics before it ends (2,000 tokens took 4.2 s with the front
-# end on its own core, and the test's /metrics polls can take seconds under this load), and
-# well inside the replicas' drain timeout (90 s) on a slower machine.
+# end on its own core), and well inside the replicas' drain timeout (90 s) on a slower machine.
 DRAIN_STREAM_TOKENS = 3500
+# Load threads, a stream reader and /metrics polls run at once here (support.http_client).
+HTTP = shared_client()
 
 
 def chat_body(max_tokens: int, stream: bool = False) -> dict:
@@ -63,7 +66,7 @@ def post_chat(url: str, *, max_tokens: int = SHORT_TOKENS, session: str | None =
     headers = {"X-Request-Id": rid}
     if session is not None:
         headers[SESSION_HEADER] = session
-    response = httpx.post(f"{url}/v1/chat/completions", json=chat_body(max_tokens),
+    response = HTTP.post(f"{url}/v1/chat/completions", json=chat_body(max_tokens),
                           headers=headers, timeout=timeout)
     return rid, response
 
@@ -111,7 +114,7 @@ def test_requests_spread_over_both_replicas(cluster):
     assert set(served) == {r.addr for r in cluster.replicas}, served
 
     # Without a client id, nginx makes one up, passes it on, and the replica echoes it.
-    response = httpx.post(f"{cluster.nginx.url}/v1/chat/completions", json=chat_body(1), timeout=60)
+    response = HTTP.post(f"{cluster.nginx.url}/v1/chat/completions", json=chat_body(1), timeout=60)
     assert response.status_code == 200
     generated = response.headers["x-request-id"]
     assert served_by(cluster.nginx, generated) in served
@@ -215,7 +218,7 @@ class StreamOutcome:
 def _stream_pinned(url: str, session: str, out: StreamOutcome) -> None:
     """A long stream pinned to one replica, read with plain httpx."""
     try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(DRAIN_STREAM_TOKENS, stream=True),
+        with HTTP.stream("POST", f"{url}/v1/chat/completions", json=chat_body(DRAIN_STREAM_TOKENS, stream=True),
                           headers={SESSION_HEADER: session}, timeout=120) as response:
             response.raise_for_status()
             for line in response.iter_lines():
@@ -236,7 +239,7 @@ def _stream_pinned(url: str, session: str, out: StreamOutcome) -> None:
 
 def in_flight(replica) -> float:
     """Requests the replica is processing now, from its own /metrics."""
-    text = httpx.get(f"http://{replica.addr}/metrics", timeout=10).text
+    text = HTTP.get(f"http://{replica.addr}/metrics", timeout=10).text
     m = re.search(r"^qwenvl_admission_inflight_requests (\S+)$", text, flags=re.M)
     assert m, "qwenvl_admission_inflight_requests missing from /metrics"
     return float(m.group(1))
