@@ -56,8 +56,8 @@ class Prepared:
     grounding: bool
     started: float
     stats: dict[str, Any] = field(default_factory=dict)
-    # Applied to each text delta (special tokens decode atomically, so per-delta is exact).
-    clean: Any = None
+    # Removes special tokens from the text (whole, or across deltas with `pieces()`).
+    clean: SpecialTokenFilter | None = None  # None: the engine skips special tokens itself
 
 
 class ChatService:
@@ -177,7 +177,7 @@ class ChatService:
             prompt_tokens = chunk.prompt_tokens or prompt_tokens
             for c in chunk.choices:
                 tracker.tokens(len(c.token_ids))
-                texts[c.index].append(p.clean(c.text) if p.clean else c.text)
+                texts[c.index].append(c.text)
                 tokens[c.index] += len(c.token_ids)
                 if c.logprobs:
                     logprobs[c.index].extend(c.logprobs)
@@ -185,7 +185,10 @@ class ChatService:
                     finish[c.index] = _finish_reason(c.finish_reason)
         choices = []
         for i in range(n):
+            # Cleaned whole: a special token can be split between two deltas.
             text = "".join(texts[i])
+            if p.clean:
+                text = p.clean(text)
             choices.append(
                 Choice(
                     index=i,
@@ -210,6 +213,7 @@ class ChatService:
         texts = [[] for _ in range(n)]
         tokens = [0] * n
         prompt_tokens = 0
+        pieces = [p.clean.pieces() if p.clean else None for _ in range(n)]
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             return sse_event(_chunk_json(p, choices, usage))
@@ -222,7 +226,9 @@ class ChatService:
                 for c in out.choices:
                     tracker.tokens(len(c.token_ids))
                     tokens[c.index] += len(c.token_ids)
-                    text = p.clean(c.text) if p.clean else c.text
+                    text = c.text
+                    if (cleaner := pieces[c.index]) is not None:
+                        text = cleaner.feed(text) + (cleaner.flush() if c.finish_reason else "")
                     texts[c.index].append(text)
                     if text or c.logprobs:
                         yield chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=text),

@@ -37,8 +37,46 @@ class SpecialTokenFilter:
         # Only worth it when the tokenizer marks grounding tags as special (Qwen2-VL family).
         self.active = bool(drop) and keeps_grounding
         self._pattern = re.compile("|".join(map(re.escape, drop))) if drop else None
+        self._prefixes = frozenset(tok[:i] for tok in drop for i in range(1, len(tok)))
+        self._longest = max(map(len, drop), default=0)
 
     def __call__(self, text: str) -> str:
         if self._pattern is None or not text:
             return text
         return self._pattern.sub("", text)
+
+    def pieces(self) -> "PieceFilter":
+        """A filter for one text that arrives in pieces (a stream's deltas)."""
+        return PieceFilter(self)
+
+    def held_back(self, text: str) -> int:
+        """How many characters at the end of `text` could begin a special token."""
+        for k in range(min(len(text), self._longest - 1), 0, -1):
+            if text[-k:] in self._prefixes:
+                return k
+        return 0
+
+
+class PieceFilter:
+    """`SpecialTokenFilter` across the pieces of one text.
+
+    A special token can be split between two deltas: when the request has stop strings,
+    the engine holds back the text that might begin one, whatever that text is. So the end
+    of a piece that could begin a special token waits for the next piece (or `flush`).
+    """
+
+    def __init__(self, specials: SpecialTokenFilter) -> None:
+        self._specials = specials
+        self._held = ""
+
+    def feed(self, piece: str) -> str:
+        """The text of `piece` that is known to be final, specials removed."""
+        text = self._specials(self._held + piece)
+        k = self._specials.held_back(text)
+        self._held = text[len(text) - k:] if k else ""
+        return text[: len(text) - k]
+
+    def flush(self) -> str:
+        """What was held back, at the end of the text (an unfinished special token is text)."""
+        held, self._held = self._held, ""
+        return held

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import openai
@@ -248,6 +249,19 @@ def test_stop_sequence(client, server):
     assert text.startswith(out)
     assert stopped.choices[0].finish_reason == "stop"
 
+
+def test_stop_strings_let_no_special_token_into_the_text(client, server):
+    """With a stop string, vLLM holds back text that might begin it, so a special token can
+    arrive split across two deltas; none may reach `content` (grounding tags aside)."""
+    specials = re.compile(r"<\|(?:im_start|im_end|endoftext|image_pad|video_pad|vision_start|vision_end|vision_pad)\|>"
+                          r"|<img>|</img>|<imgpad>|<\|extra_\d+\|>")
+    for seed in (17, 22, 5):
+        kwargs = dict(max_tokens=300, temperature=1.0, seed=seed, stop=["\n\n"], extra_body={"ignore_eos": True})
+        whole = ask(client, server, "hello", **kwargs).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, server, "hello", stream=True, **kwargs)
+                           if c.choices)
+        assert not specials.search(whole), whole
+        assert streamed == whole
 
 def test_max_tokens_gives_length(client, server):
     r = ask(client, server, "Write a novel.", max_tokens=3, extra_body={"ignore_eos": True})

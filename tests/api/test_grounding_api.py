@@ -75,15 +75,26 @@ def test_grounding_can_be_turned_off(qwen2_server):
     assert message.get("grounding") is None
 
 
-def test_other_special_tokens_do_not_leak(tiny_tokenizer):
-    reply = "<|vision_start|>" + QWEN2_ANSWER + "<|im_start|><|endoftext|>"
+@pytest.mark.parametrize("piece", [10_000, 3], ids=["whole", "split"])
+def test_other_special_tokens_do_not_leak(tiny_tokenizer, piece):
+    """Also when the deltas split special tokens, as vLLM's do when the request has stop
+    strings (it holds back any text that might begin one)."""
+    reply = "<|vision_start|>" + QWEN2_ANSWER + "<|im_start|>x<|endoftext|><|im_"
+    expected = QWEN2_ANSWER + "x<|im_"  # an unfinished special token at the end is text
     engine = engine_for(tiny_tokenizer, "qwen2-vl", reply)
-    # One delta: a real detokenizer emits each special token whole, never split.
-    engine.chunk_chars = 10_000
+    engine.chunk_chars = piece
     app, _ = scripted_app(tiny_tokenizer, engine=engine)
     with AppServer(app) as srv:
         r = httpx.post(srv.base_url + "/v1/chat/completions", json={"messages": image_message()})
-        assert r.json()["choices"][0]["message"]["content"] == QWEN2_ANSWER
+        message = r.json()["choices"][0]["message"]
+        assert message["content"] == expected
+        assert [b["phrase"] for b in message["grounding"]] == ["the dog", "猫"]
+        engine.enqueue(reply)
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        chunks = list(client.chat.completions.create(model="scripted", messages=image_message(), stream=True))
+        deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(deltas) == expected
+        assert not any("<|vision" in d or "<|endoftext" in d for d in deltas)
         engine.enqueue(reply)
         r = httpx.post(srv.base_url + "/v1/chat/completions",
                        json={"messages": image_message(), "skip_special_tokens": False})
