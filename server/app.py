@@ -142,7 +142,7 @@ def validation_to_api_error(exc: RequestValidationError) -> InvalidRequestError:
         cleaned.append(part)
     loc = cleaned
     param = _format_loc(loc)
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
         text = f"Missing required field '{param}'."
     elif first.get("type") == "union_tag_invalid" or first.get("type") == "union_tag_not_found":

@@ -88,6 +88,13 @@ class AuthenticationError(APIError):
     code = "invalid_api_key"
 
 
+def shown(value: str, limit: int = 100) -> str:
+    """A client-supplied name as an error message may quote it: at most `limit` characters,
+    and only valid Unicode (a lone surrogate would fail the JSON response itself)."""
+    value = value.encode("utf-8", "replace").decode("utf-8")
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
 class ModelNotFoundError(APIError):
     status = 404
     type = "invalid_request_error"

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Integers vLLM serializes as 64-bit (a larger one failed inside the engine, not here).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Counts (tokens, pixels) above this are never meaningful and still fit every C type.
+COUNT_MAX = 2**31 - 1
 
 
 class _Lenient(BaseModel):
@@ -55,13 +60,13 @@ class StreamOptions(_Lenient):
 class ChatCompletionRequest(_Lenient):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=COUNT_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=COUNT_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=COUNT_MAX)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logprobs: bool = False
@@ -69,11 +74,21 @@ class ChatCompletionRequest(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI features this server does not implement: accepted only where they ask for
+    # nothing (ChatService refuses the rest), so that a client never gets a silently different answer.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
     # vLLM extras users rely on
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=COUNT_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=COUNT_MAX)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     # our extensions
@@ -81,8 +96,19 @@ class ChatCompletionRequest(_Lenient):
         None, description="Parse grounding boxes into choices[].message.grounding (default on)."
     )
     max_pixels: int | None = Field(
-        None, ge=1, description="Lower the per-image pixel ceiling for this request."
+        None, ge=1, le=COUNT_MAX, description="Lower the per-image pixel ceiling for this request."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # JSON may escape lone UTF-16 surrogates ("\ud800"); no tokenizer, serializer or
+        # response encoder takes them, so they are refused here, with where they are.
+        where = _surrogate_path(data)
+        if where is not None:
+            raise ValueError(f"{where or 'the body'} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                             "escape), which is not valid Unicode text")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +121,31 @@ class ChatCompletionRequest(_Lenient):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+
+def _surrogate_path(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("" for the top), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        if isinstance(value, dict):
+            if _surrogate_path(key) is not None:
+                return path or "a field name"
+            key = f".{key}" if path else str(key)
+        found = _surrogate_path(item, path + key)
+        if found is not None:
+            return found
+    return None
 
 
 # --- response ---------------------------------------------------------------------------

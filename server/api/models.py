@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.api.deps import RuntimeDep
-from server.errors import NotFoundError
+from server.errors import ModelNotFoundError, shown
 from server.schemas import ModelCard, ModelList
 
 router = APIRouter()
@@ -19,7 +19,7 @@ async def list_models(rt: RuntimeDep) -> ModelList:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, rt: RuntimeDep) -> ModelCard:
     if model_id not in rt.model_names:
-        raise NotFoundError(f"The model '{model_id}' does not exist on this server.", param="model")
+        raise ModelNotFoundError(f"The model '{shown(model_id)}' does not exist on this server.", param="model")
     return _card(rt, model_id)
 
 

@@ -19,8 +19,10 @@ from server.chat.sse import sse_done, sse_event
 from server.engine.base import Engine, GenerationChunk, GenerationRequest, SamplingOptions, TokenLogprob
 from server.errors import (
     APIError,
+    ContextLengthError,
     InvalidRequestError,
     ModelNotFoundError,
+    shown,
 )
 from server.metrics import Metrics
 from server.schemas import (
@@ -38,6 +40,11 @@ from server.schemas import (
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Text averages a few characters per token with these tokenizers; 32 leaves room for long
+# runs of one character, which single tokens cover. More text than max_model_len * 32 is
+# refused without tokenizing it.
+MAX_CHARS_PER_TOKEN = 32
 
 GROUNDING_FAMILIES = ("qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
@@ -90,7 +97,9 @@ class ChatService:
             raise InvalidRequestError(f"n is {req.n}; at most {s.max_n} is allowed.", param="n")
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        _refuse_unsupported(req)
         conv = collect(req.messages)
+        self._check_text_size(conv.texts)
         self.images.check_count(len(conv.images))
         loaded = []
         if conv.images:
@@ -129,11 +138,23 @@ class ChatService:
             clean=clean,
         )
 
+    def _check_text_size(self, texts: list[str]) -> None:
+        """Refuse, before tokenizing, text that cannot fit the context. Tokenizing runs on the
+        event loop; 30 MB of text took 86 s there, with every other request waiting."""
+        limit = self.engine.info.max_model_len * MAX_CHARS_PER_TOKEN
+        size = sum(map(len, texts))
+        if size > limit:
+            raise ContextLengthError(
+                f"The messages hold {size} characters of text; this model's context of "
+                f"{self.engine.info.max_model_len} tokens cannot hold more than about {limit}.",
+                param="messages",
+            )
+
     def _check_model(self, name: str | None) -> str:
         if name is None or name in self.model_names:
             return self.model_names[0]
         raise ModelNotFoundError(
-            f"The model '{name}' does not exist on this server; available: "
+            f"The model '{shown(name)}' does not exist on this server; available: "
             + ", ".join(self.model_names)
             + ".",
             param="model",
@@ -333,3 +354,24 @@ class _Timing:
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         self.metrics.completion_tokens.inc(usage.completion_tokens)
         self.metrics.prompt_tokens_per_request.observe(usage.prompt_tokens)
+
+
+def _refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """A 400 for OpenAI features this server does not implement, where the request asks for
+    them: ignoring them would return an answer the client did not ask for (plain text where
+    it required a tool call or JSON)."""
+    def refuse(what: str, param: str) -> None:
+        raise InvalidRequestError(f"{what} is not supported by this server.", param=param, code="unsupported_parameter")
+
+    if req.tools and req.tool_choice != "none":
+        refuse("Tool calling", "tools")
+    if req.functions and req.function_call != "none":
+        refuse("Function calling", "functions")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        refuse("A response_format other than {'type': 'text'}", "response_format")
+    if req.logit_bias:
+        refuse("logit_bias", "logit_bias")
+    if (req.modalities and set(req.modalities) != {"text"}) or req.audio is not None:
+        refuse("Output other than text", "modalities")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequestError("stream_options is only allowed when stream is true.", param="stream_options")

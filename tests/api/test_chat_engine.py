@@ -372,6 +372,24 @@ def test_error_unknown_model(client, server):
     assert "no-such-model" in err.response.json()["error"]["message"]
 
 
+def test_values_the_engine_cannot_take_are_refused_before_it(client, server):
+    """A lone surrogate or a seed beyond 64 bits failed inside vLLM (500s, and a request the
+    engine client never released); now a 400, and the engine holds nothing afterwards."""
+    def raw(**extra):
+        payload = {"model": model_name(server), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                   **extra}
+        return httpx.post(server.base_url + "/v1/chat/completions", content=json.dumps(payload),
+                          headers={"content-type": "application/json"}, timeout=60)
+
+    for extra in ({"stop": ["\ud800"]}, {"seed": 2**64}, {"top_k": 2**64}, {"stream": True, "seed": -(2**63) - 1},
+                  {"messages": [{"role": "user", "content": "\udfff"}]}, {"tools": [{"type": "function"}]}):
+        r = raw(**extra)
+        assert r.status_code == 400, (extra, r.text)
+    assert raw(seed=2**63 - 1).status_code == 200
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert re.search(r"^qwenvl_engine_unfinished_requests 0(\.0)?$", metrics, re.M), metrics
+
+
 def test_error_schema(client, server):
     expect_error(lambda: ask(client, server, "hi", temperature=7), 400)
     expect_error(lambda: client.chat.completions.create(model=model_name(server), messages=[]), 400)

@@ -1,0 +1,141 @@
+"""Values that passed JSON parsing but broke something further in (the tokenizer, vLLM's
+serializer, the response encoder), and OpenAI features the server does not implement: each
+gets a 400 that says what was wrong, and the server goes on serving. Real HTTP stack and
+real tokenizer, scripted engine (the real engine's side is in test_chat_engine.py)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from support.app_server import AppServer, scripted_app
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_tokenizer):
+    app, engine = scripted_app(tiny_tokenizer)
+    with AppServer(app) as server:
+        server.engine = engine
+        yield server
+
+
+def post(srv, body: dict) -> httpx.Response:
+    # Raw JSON text: json.dumps writes a lone surrogate as the escape "\ud800", as a client would.
+    return httpx.post(srv.base_url + "/v1/chat/completions", content=json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=30)
+
+
+def body(**extra) -> dict:
+    return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+
+
+def assert_400(r: httpx.Response, *words: str, code: str | None = None) -> dict:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    for word in words:
+        assert word in err["message"], err
+    if code:
+        assert err["code"] == code, err
+    assert "Traceback" not in r.text and "/server/" not in r.text
+    return err
+
+
+def still_serves(srv) -> None:
+    r = post(srv, body())
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("request_body, where", [
+    (body(messages=[{"role": "user", "content": "a\ud800b"}]), "messages[0].content"),
+    (body(messages=[{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]), "messages[0].content[0].text"),
+    (body(messages=[{"role": "system", "content": "\ud83d"}, {"role": "user", "content": "x"}]), "messages[0].content"),
+    (body(stop=["\ud800"]), "stop[0]"),
+    (body(model="\ud800"), "model"),
+    (body(stream=True, stop="x\udc00"), "stop"),
+])
+def test_lone_surrogates_are_refused_with_where(srv, request_body, where):
+    err = assert_400(post(srv, request_body), where, "surrogate")
+    assert err["type"] == "invalid_request_error"
+    still_serves(srv)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", 2**64), ("seed", -(2**63) - 1), ("top_k", 2**64), ("min_tokens", 2**63),
+    ("max_tokens", 10**30), ("n", 2**70), ("max_pixels", 2**64),
+])
+def test_integers_beyond_64_bits_are_refused(srv, field, value):
+    err = assert_400(post(srv, body(**{field: value})), field)
+    assert err["param"] == field
+    still_serves(srv)
+
+
+def test_the_largest_64_bit_seed_is_served(srv):
+    assert post(srv, body(seed=2**63 - 1)).status_code == 200
+    assert post(srv, body(seed=-(2**63))).status_code == 200
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"logit_bias": {"15": 100}}, "logit_bias"),
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+])
+def test_unimplemented_openai_features_are_refused_not_ignored(srv, extra, param):
+    err = assert_400(post(srv, body(**extra)), "not supported", code="unsupported_parameter")
+    assert err["param"] == param
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
+    {"tools": []},
+    {"response_format": {"type": "text"}},
+    {"logit_bias": {}},
+    {"modalities": ["text"]},
+])
+def test_feature_fields_that_ask_for_nothing_are_served(srv, extra):
+    r = post(srv, body(**extra))
+    assert r.status_code == 200, r.text
+
+
+def test_stream_options_need_stream(srv):
+    assert_400(post(srv, body(stream_options={"include_usage": True})), "stream_options")
+
+
+def test_text_far_beyond_the_context_is_refused_before_tokenizing(srv, monkeypatch):
+    tokenizer = srv.engine.info.tokenizer
+    calls = []
+    real = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    size = 4096 * 40  # the scripted engine's context is 4,096 tokens
+    err = assert_400(post(srv, body(messages=[{"role": "user", "content": "x " * (size // 2)}])),
+                     "characters", code="context_length_exceeded")
+    assert err["param"] == "messages"
+    assert not calls  # refused on its size alone
+    still_serves(srv)
+
+
+def test_unknown_model_names_are_quoted_short(srv):
+    r = post(srv, body(model="m" * 100_000))
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+    assert len(r.content) < 2_000
+    r = httpx.get(srv.base_url + "/v1/models/" + "n" * 5000)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert len(r.content) < 2_000
+
+
+def test_the_openai_sdk_sees_the_refusals_as_bad_requests(srv):
+    client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_object"})
+    assert "response_format" in str(info.value)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("nope")
+    assert info.value.code == "model_not_found"
