@@ -3,7 +3,6 @@ the engine (given, or loaded in the background), routes, middleware and error ma
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,13 +14,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api import chat, health, models
 from server.engine.base import Engine
-from server.errors import APIError, InternalError, InvalidRequestError
+from server.errors import APIError, InvalidRequestError
 from server.metrics import Metrics
 from server.middleware import install_middleware
 from server.runtime import ClientGone, Runtime
 from server.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 def default_images_factory(settings: Settings, metrics: Metrics) -> Callable[[Engine], Any]:
@@ -83,8 +80,9 @@ def create_app(
 
 
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    """Our exception types, FastAPI's validation errors and anything unexpected all become
-    OpenAI-style error JSON; library exception texts never reach the client."""
+    """Our exception types and FastAPI's validation errors become OpenAI-style error JSON;
+    anything unexpected becomes a 500 in GatewayMiddleware. Library exception texts never
+    reach the client."""
 
     def respond(err: APIError) -> JSONResponse:
         metrics.errors.labels(err.code or err.type).inc()
@@ -115,11 +113,6 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         )
         err.type = "invalid_request_error"
         return respond(err)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return respond(InternalError("The server failed to process the request."))
 
 
 def validation_to_api_error(exc: RequestValidationError) -> InvalidRequestError:

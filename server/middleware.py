@@ -15,10 +15,11 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, AuthenticationError, PayloadTooLargeError
+from server.errors import APIError, AuthenticationError, InternalError, PayloadTooLargeError
 from server.settings import Settings
 
 access_log = logging.getLogger("qwenvl.access")
+log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _OPEN_PATHS = ("/health", "/ready")
@@ -106,7 +107,18 @@ class GatewayMiddleware:
                     await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
                     return
                 receive = replay
-            await self.app(scope, receive, send_wrapper)
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception:
+                # Caught here, inside the access log and the outcome counters, rather than
+                # by Starlette's outermost handler: the 500 is logged and counted as one
+                # (not as a client that went away) and the connection stays usable.
+                if status_holder["status"]:
+                    raise  # the response has begun; there is no error to send any more
+                log.exception("unhandled error")
+                err = InternalError("The server failed to process the request.")
+                self.runtime.metrics.errors.labels(err.code or err.type).inc()
+                await _send_error(send_wrapper, err, {})
         finally:
             if path == "/v1/chat/completions":
                 entry = {

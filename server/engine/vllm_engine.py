@@ -5,6 +5,7 @@ The only module of the server that imports vLLM (the Qwen-VL model plugin aside)
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -388,6 +389,13 @@ class VLLMEngine(Engine):
         except VLLMValidationError as exc:
             log.info("request %s: rejected by engine: %s", request_id, exc)
             raise InvalidRequestError("The engine rejected the request parameters.") from exc
+        except Exception:
+            # A request vLLM failed to add (its serializer refusing a value, say) stays
+            # registered in its client, counted unfinished for good; aborting it by our id
+            # releases it.
+            with contextlib.suppress(Exception):
+                await self._llm.abort(request_id)
+            raise
 
     @staticmethod
     def _choice(c) -> ChoiceDelta:

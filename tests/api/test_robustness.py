@@ -220,10 +220,19 @@ def test_error_after_stream_started(tiny_tokenizer):
         err = json.loads(lines[-2][6:])["error"]
         assert err["type"] == "internal_error"
         assert "deadbeef" not in lines[-2] and "secret" not in lines[-2]
-        r = chat(srv.base_url)  # non-streaming: a clean 500
-        assert r.status_code == 500 and "secret" not in r.text
-        engine.__class__ = ScriptedEngine
-        assert chat(srv.base_url).status_code == 200
+        with httpx.Client(timeout=30) as client:
+            payload = {"messages": [{"role": "user", "content": "hi"}]}
+            r = client.post(srv.base_url + "/v1/chat/completions", json=payload)  # non-streaming: a clean 500
+            assert r.status_code == 500 and "secret" not in r.text
+            assert r.json()["error"]["type"] == "internal_error"
+            assert r.headers.get("connection") != "close"
+            metrics = client.get(srv.base_url + "/metrics").text
+            # counted as the server's failure, not as a client that went away
+            assert 'qwenvl_requests_total{outcome="server_error"} 1.0' in metrics
+            assert 'outcome="cancelled"' not in metrics
+            engine.__class__ = ScriptedEngine
+            # the same keep-alive connection serves on
+            assert client.post(srv.base_url + "/v1/chat/completions", json=payload).status_code == 200
 
 
 def test_slow_reader_does_not_block_others(tiny_tokenizer):
