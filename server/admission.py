@@ -31,6 +31,11 @@ class Admission:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def would_wait(self) -> bool:
+        """True when `acquire()` would queue (every processing slot is taken)."""
+        return self._sem.locked()
+
     async def acquire(self):
         if self.closed:
             self._metrics.admission_refused.labels("draining").inc()

@@ -180,6 +180,32 @@ class Runtime:
 
     # --- request helpers ------------------------------------------------------------------
 
+    async def admit(self, request: Request, timeout: float) -> Callable[[], None]:
+        """`Admission.acquire()` for `request`, given up (its queue place freed) when the
+        client goes away (`ClientGone`) or `timeout` seconds pass (504) while it waits."""
+        if not self.admission.would_wait:
+            return await self.admission.acquire()
+        acquiring = asyncio.ensure_future(self.admission.acquire())
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({acquiring, watcher}, timeout=max(timeout, 0.001),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if acquiring in done:
+                return acquiring.result()  # a slot, or the 429/503 refusal
+            acquiring.cancel()
+            await _quietly(acquiring)
+            if not acquiring.cancelled() and acquiring.exception() is None:
+                acquiring.result()()  # the slot came as the wait ended: give it back
+            if watcher in done:
+                raise ClientGone()
+            raise RequestTimeoutError(
+                f"The request waited longer than the server's {self.settings.request_timeout:g} s deadline "
+                "for a processing slot."
+            )
+        finally:
+            watcher.cancel()
+            await _quietly(watcher)
+
     async def until_disconnect(self, request: Request, work: Awaitable[Any], prepared: Prepared) -> Any:
         """Await `work`, cancelling it (which aborts the engine request) if the client goes
         away or the per-request deadline passes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,10 +20,13 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
     service = rt.chat_service()
-    release = await rt.admission.acquire()
+    arrived = time.perf_counter()
+    deadline = rt.settings.request_timeout  # counted from arrival, time in the queue included
+    release = await rt.admit(request, deadline)
     try:
         prepared = await asyncio.wait_for(
-            service.prepare(body, request.state.request_id), timeout=rt.settings.request_timeout
+            service.prepare(body, request.state.request_id, started=arrived),
+            timeout=max(deadline - (time.perf_counter() - arrived), 0.001),
         )
         request.state.log.update(images=len(prepared.image_sizes))
         if body.stream:

@@ -79,12 +79,14 @@ class ChatService:
 
     # --- preparation --------------------------------------------------------------------
 
-    async def prepare(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
-        """Validate, load images, render the prompt and submit it to the engine.
+    async def prepare(self, req: ChatCompletionRequest, request_id: str, started: float | None = None) -> Prepared:
+        """Validate, load images, render the prompt and submit it to the engine. `started`
+        (`time.perf_counter()`) is when the request arrived, by default now: the deadline and
+        the latency metrics count from it.
 
         Raises an `APIError` (4xx) for anything the client must fix.
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         model = self._check_model(req.model)
         s = self.settings
         if len(req.messages) > s.max_messages:

@@ -173,6 +173,47 @@ class SilentlyDeadEngine(ScriptedEngine):
         return self.died
 
 
+def test_a_client_that_leaves_the_queue_frees_its_place(tiny_tokenizer):
+    engine = slow_engine(tiny_tokenizer, delay=0.25)  # 12 chunks: ~3 s in the one slot
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, max_concurrent_requests=1, max_queued_requests=1)
+    with AppServer(app) as srv, ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(chat, srv.base_url)
+        deadline = time.monotonic() + 5
+        while srv.runtime.admission.active < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(httpx.ReadTimeout):
+            chat(srv.base_url, timeout=0.5)  # queued behind it, then gives up
+        deadline = time.monotonic() + 2
+        while srv.runtime.admission.queued and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.runtime.admission.queued == 0  # its place is free while the slot is still busy
+        assert not busy.done()
+        # so the next client queues (rather than a 429) and is served after the first
+        assert chat(srv.base_url, timeout=30).status_code == 200
+        assert busy.result().status_code == 200
+        metrics = httpx.get(srv.base_url + "/metrics").text
+        assert 'qwenvl_requests_total{outcome="cancelled"} 1.0' in metrics
+        assert "qwenvl_admission_admitted_total 2.0" in metrics
+
+
+def test_the_deadline_counts_the_time_in_the_queue(tiny_tokenizer):
+    app, _ = scripted_app(tiny_tokenizer, max_concurrent_requests=1, max_queued_requests=1, request_timeout=1.0)
+    with AppServer(app) as srv:
+        release = srv.call(srv.runtime.admission.acquire())  # the one slot, held by the test
+        try:
+            waiting = chat(srv.base_url, timeout=30)
+            # it never got the slot: its deadline ran out in the queue, and its place is free
+            assert waiting.status_code == 504
+            assert "processing slot" in waiting.json()["error"]["message"]
+            assert srv.runtime.admission.queued == 0
+        finally:
+            async def give_back():
+                release()
+            srv.call(give_back())
+        assert chat(srv.base_url).status_code == 200
+
+
 def test_a_dead_engine_ends_open_requests_cleanly_and_the_process_exits(tiny_tokenizer):
     engine = SilentlyDeadEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer),
                                 default_reply="x" * 1000, chunk_chars=1, delay=0.05)
