@@ -281,8 +281,8 @@ class ChatService:
                 TokenLogprobOut(
                     token=lp.token,
                     logprob=lp.logprob,
-                    bytes=list(lp.token.encode("utf-8")),
-                    top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8"))) for t, v in lp.top[:k]],
+                    bytes=_bytes(lp.token, lp.bytes),
+                    top_logprobs=[TopLogprob(token=t, logprob=v, bytes=_bytes(t, b)) for t, v, b in lp.top[:k]],
                 )
                 for lp in items
             ]
@@ -377,3 +377,7 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         refuse("Output other than text", "modalities")
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError("stream_options is only allowed when stream is true.", param="stream_options")
+
+
+def _bytes(token: str, raw: bytes | None) -> list[int]:
+    return list(raw if raw is not None else token.encode("utf-8"))

@@ -66,7 +66,11 @@ class GenerationRequest:
 class TokenLogprob:
     token: str
     logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
+    #: (token, logprob, bytes) of the most likely tokens; bytes None where unknown.
+    top: list[tuple[str, float, bytes | None]] = field(default_factory=list)
+    #: The token's own bytes (a piece of a UTF-8 character has no text of its own); None
+    #: where the tokenizer does not say, and then the UTF-8 of `token` stands in.
+    bytes: bytes | None = None
 
 
 @dataclass

@@ -169,6 +169,38 @@ class _StatsCapture:
         return _Logger(vllm_config, engine_index)
 
 
+def token_bytes_of(tokenizer: Any):
+    """`f(token_id) -> bytes | None`: the bytes a token stands for, for byte-level BPE
+    tokenizers (all of the Qwen-VL family's); a token can be part of a UTF-8 character, which
+    its decoded text cannot show. None for ids it does not know and for other tokenizers."""
+    from functools import lru_cache
+
+    from server.qwen_vl.tokenizer import bytes_to_unicode
+
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    try:
+        added = set(tokenizer.get_added_vocab())
+    except Exception:  # noqa: BLE001 - a tokenizer without the method: no added tokens known
+        added = set()
+
+    @lru_cache(maxsize=1 << 16)
+    def token_bytes(token_id: int) -> bytes | None:
+        try:
+            piece = tokenizer.convert_ids_to_tokens(token_id)
+        except Exception:  # noqa: BLE001 - an id past the vocabulary
+            return None
+        if not piece:
+            return None
+        if piece in added:
+            return piece.encode("utf-8")
+        try:
+            return bytes(byte_of[ch] for ch in piece)
+        except KeyError:  # not a byte-level piece
+            return None
+
+    return token_bytes
+
+
 def _child_pids() -> set[int]:
     import psutil
 
@@ -257,6 +289,7 @@ class VLLMEngine(Engine):
         self._llm = llm
         self.info = info
         self._stats = stats
+        self._token_bytes = token_bytes_of(info.tokenizer)
 
     @classmethod
     def load(cls, settings: Settings, model: str) -> "VLLMEngine":
@@ -397,21 +430,20 @@ class VLLMEngine(Engine):
                 await self._llm.abort(request_id)
             raise
 
-    @staticmethod
-    def _choice(c) -> ChoiceDelta:
+    def _choice(self, c) -> ChoiceDelta:
         logprobs = None
         if c.logprobs is not None:
             logprobs = []
+            token_bytes = self._token_bytes
             for token_id, position in zip(c.token_ids, c.logprobs):
                 chosen = position.get(token_id) if position else None
-                top = sorted(
-                    (lp for lp in (position or {}).values()), key=lambda lp: (lp.rank or 0)
-                )
+                top = sorted((position or {}).items(), key=lambda item: item[1].rank or 0)
                 logprobs.append(
                     TokenLogprob(
                         token=(chosen.decoded_token if chosen else "") or "",
                         logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
-                        top=[(lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in top],
+                        top=[(lp.decoded_token or "", max(lp.logprob, -9999.0), token_bytes(i)) for i, lp in top],
+                        bytes=token_bytes(token_id),
                     )
                 )
         finish = c.finish_reason

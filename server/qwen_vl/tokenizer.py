@@ -97,7 +97,7 @@ def load_tiktoken_ranks(path: str | os.PathLike[str]) -> dict[bytes, int]:
 
 
 @cache
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (printable ASCII maps to itself)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -140,7 +140,7 @@ class QWenTokenizer(PythonBackend):
             mergeable_ranks=ranks,
             special_tokens=SPECIAL_TOKENS,
         )
-        byte_encoder = _bytes_to_unicode()
+        byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in byte_encoder.items()}
         id_to_token = {rank: "".join(byte_encoder[b] for b in tok) for tok, rank in ranks.items()}
         # Special strings use only printable ASCII, which the byte alphabet maps to itself, so

@@ -282,6 +282,22 @@ def test_logprobs(client, server):
         assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
 
 
+def test_logprob_bytes_are_the_tokens_own(client, server):
+    """A token can be a piece of a UTF-8 character: its text is empty or a replacement
+    character, its bytes are still the token's; together they spell the answer."""
+    kwargs = dict(max_tokens=40, temperature=1.0, seed=3, logprobs=True, top_logprobs=2,
+                  extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    r = ask(client, server, "hi", **kwargs)
+    items = r.choices[0].logprobs.content
+    # (ids past the tokenizer, which random weights can pick, have neither text nor bytes)
+    spelled = b"".join(bytes(item.bytes) for item in items)
+    # (random weights also pick byte sequences that are no UTF-8; the text marks them with
+    # replacement characters, placed as the detokenizer sees fit)
+    assert spelled.decode("utf-8", errors="ignore") == r.choices[0].message.content.replace("\ufffd", "")
+    pieces = [item for item in items if item.bytes and not item.bytes[0] < 0x80 and item.token in ("", "\ufffd")]
+    assert pieces, "no token was a piece of a character; pick another seed"
+
+
 def test_sixteen_concurrent_requests(server):
     async def run():
         aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
