@@ -136,7 +136,9 @@ def validation_to_api_error(exc: RequestValidationError) -> InvalidRequestError:
     loc = cleaned
     param = _format_loc(loc)
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if first.get("type") == "missing":
+    if first.get("type") == "missing" and not param:
+        text = "The request has no body; send a JSON object with 'messages'."
+    elif first.get("type") == "missing":
         text = f"Missing required field '{param}'."
     elif first.get("type") == "union_tag_invalid" or first.get("type") == "union_tag_not_found":
         text = f"Unsupported content part type at '{param}': use 'text' or 'image_url'."

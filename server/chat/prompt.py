@@ -48,6 +48,12 @@ def collect(messages: list[Message]) -> Conversation:
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
         content = msg.content
+        if msg.role != "assistant" and (content is None or content == []):
+            # (an assistant turn may be empty: OpenAI's are when they only called tools)
+            raise InvalidRequestError(
+                f"messages[{i}] ({msg.role}) has no content; send a string or a list of parts.",
+                param=f"messages[{i}].content",
+            )
         if content is None or (isinstance(content, str)):
             out.append({"role": role, "content": [{"type": "text", "text": sentinel(content or "")}]})
             continue

@@ -166,9 +166,11 @@ class ChatService:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         stop = req.stop or []
         if req.min_tokens and max_tokens is not None and req.min_tokens > max_tokens:
-            raise InvalidRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
+            limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            raise InvalidRequestError(f"min_tokens must not exceed {limit}.", param="min_tokens")
         return SamplingOptions(
             max_tokens=max_tokens,
+            max_tokens_field="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k if req.top_k not in (None, -1) else 0,
@@ -325,6 +327,8 @@ def _chunk_json(p: Prepared, choices: list[ChunkChoice], usage: Usage | None) ->
     }
     if usage is not None:
         body["usage"] = usage.model_dump()
+    elif p.request.stream_options and p.request.stream_options.include_usage:
+        body["usage"] = None  # as OpenAI: every chunk has the field, the last one fills it
     return body
 
 

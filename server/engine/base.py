@@ -35,6 +35,8 @@ class SamplingOptions:
     """Sampling settings, already validated. `max_tokens=None` means "up to the context"."""
 
     max_tokens: int | None = None
+    #: The request field `max_tokens` came from, for error messages (OpenAI has two).
+    max_tokens_field: str = "max_tokens"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

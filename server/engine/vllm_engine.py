@@ -365,9 +365,9 @@ class VLLMEngine(Engine):
         max_tokens = s.max_tokens if s.max_tokens is not None else limit - n_prompt
         if n_prompt + max_tokens > limit:
             raise ContextLengthError(
-                f"max_tokens is {max_tokens}, but the prompt already takes {n_prompt} of this "
+                f"{s.max_tokens_field} is {max_tokens}, but the prompt already takes {n_prompt} of this "
                 f"model's {limit} context tokens; at most {limit - n_prompt} can be generated.",
-                param="max_tokens",
+                param=s.max_tokens_field,
             )
         # vLLM refuses n>1 under greedy decoding; the n answers would be identical anyway,
         # so generate once and fan the deltas out to n choices.

@@ -447,6 +447,11 @@ def test_error_prompt_too_long(client, server):
 def test_error_max_tokens_over_context(client, server):
     err = expect_error(lambda: ask(client, server, "hi", max_tokens=MAX_MODEL_LEN + 1), 400, "context_length_exceeded")
     assert err.response.json()["error"]["param"] == "max_tokens"
+    # the field the client sent is the one named
+    err = expect_error(lambda: ask(client, server, "hi", max_tokens=None, max_completion_tokens=MAX_MODEL_LEN + 1),
+                       400, "context_length_exceeded")
+    body = err.response.json()["error"]
+    assert body["param"] == "max_completion_tokens" and body["message"].startswith("max_completion_tokens is")
 
 
 def test_server_still_serves_after_errors(client, server):

@@ -139,3 +139,36 @@ def test_the_openai_sdk_sees_the_refusals_as_bad_requests(srv):
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("nope")
     assert info.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("content", [None, []])
+def test_a_user_or_system_message_needs_content(srv, content):
+    for role in ("user", "system"):
+        messages = [{"role": role, "content": content}] + ([{"role": "user", "content": "x"}] if role == "system" else [])
+        err = assert_400(post(srv, body(messages=messages)), "no content")
+        assert err["param"] == "messages[0].content"
+    # an assistant turn may be empty
+    r = post(srv, body(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": None},
+                                 {"role": "user", "content": "b"}]))
+    assert r.status_code == 200, r.text
+
+
+def test_no_body_says_so(srv):
+    r = httpx.post(srv.base_url + "/v1/chat/completions", headers={"content-type": "application/json"})
+    err = assert_400(r, "no body")
+    assert err["param"] is None
+
+
+def test_with_include_usage_every_chunk_has_the_usage_field(srv):
+    lines = []
+    with httpx.stream("POST", srv.base_url + "/v1/chat/completions", timeout=30,
+                      json=body(stream=True, stream_options={"include_usage": True})) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    chunks = [json.loads(line[6:]) for line in lines]
+    assert all("usage" in c for c in chunks)
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    # without include_usage the field stays out
+    with httpx.stream("POST", srv.base_url + "/v1/chat/completions", timeout=30, json=body(stream=True)) as r:
+        plain = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert plain and not any("usage" in c for c in plain)
