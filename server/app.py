@@ -16,7 +16,7 @@ from server.api import chat, health, models
 from server.engine.base import Engine
 from server.errors import APIError, InvalidRequestError
 from server.metrics import Metrics
-from server.middleware import install_middleware
+from server.middleware import BODY_STALLED, install_middleware
 from server.runtime import ClientGone, Runtime
 from server.settings import Settings
 
@@ -103,13 +103,15 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
+        kinds = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout"}
         err = APIError(
-            {404: "No such endpoint.", 405: "Method not allowed on this endpoint."}.get(
+            {404: "No such endpoint.", 405: "Method not allowed on this endpoint.",
+             408: BODY_STALLED}.get(
                 exc.status_code, "The request could not be served."
             ),
             status=exc.status_code,
             code=kinds.get(exc.status_code, "http_error"),
+            headers=dict(exc.headers or {}),
         )
         err.type = "invalid_request_error"
         return respond(err)

@@ -129,6 +129,14 @@ class ServiceUnavailableError(APIError):
     code = "service_unavailable"
 
 
+class BodyTimeoutError(APIError):
+    """408: the client stopped sending its request body."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "body_timeout"
+
+
 class RequestTimeoutError(APIError):
     status = 504
     type = "timeout_error"

@@ -3,6 +3,7 @@ request body cap, CORS, and one JSON access-log line per request."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -12,10 +13,11 @@ import uuid
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, AuthenticationError, InternalError, PayloadTooLargeError
+from server.errors import APIError, AuthenticationError, BodyTimeoutError, InternalError, PayloadTooLargeError
 from server.settings import Settings
 
 access_log = logging.getLogger("qwenvl.access")
@@ -88,6 +90,7 @@ class GatewayMiddleware:
                 MutableHeaders(scope=message)["x-request-id"] = rid
             await send(message)
 
+        receive = _body_deadline(receive, self.settings.body_read_timeout)
         try:
             if self._needs_key(path) and not self._authorized(headers):
                 await _send_error(send_wrapper, AuthenticationError(
@@ -99,16 +102,20 @@ class GatewayMiddleware:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
                 return
-            if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-                # A chunked body has no declared size: read it here under the cap (the JSON
-                # parser would read it whole anyway), then replay it to the app.
-                replay = await _read_capped(receive, limit)
-                if replay is None:
-                    await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
-                    return
-                receive = replay
             try:
+                if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+                    # A chunked body has no declared size: read it here under the cap (the JSON
+                    # parser would read it whole anyway), then replay it to the app.
+                    replay = await _read_capped(receive, limit)
+                    if replay is None:
+                        await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
+                        return
+                    receive = replay
                 await self.app(scope, receive, send_wrapper)
+            except _BodyStalled:
+                if status_holder["status"]:
+                    raise
+                await _send_error(send_wrapper, BodyTimeoutError(BODY_STALLED), {"connection": "close"})
             except Exception:
                 # Caught here, inside the access log and the outcome counters, rather than
                 # by Starlette's outermost handler: the 500 is logged and counted as one
@@ -131,6 +138,39 @@ class GatewayMiddleware:
                 }
                 access_log.info(json.dumps(entry))
                 _count_outcome(self.runtime, entry["status"])
+
+
+BODY_STALLED = "The request body stopped arriving before it was complete."
+
+
+class _BodyStalled(StarletteHTTPException):
+    """The client sent part of a request body and then nothing for the body timeout. An
+    HTTP exception, so that FastAPI's body parser passes it on (it turns anything else into
+    a 400); the app's handler then answers 408."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=408, headers={"connection": "close"})
+
+
+def _body_deadline(receive: Receive, timeout: float) -> Receive:
+    """`receive` that raises `_BodyStalled` when the next part of the request body takes
+    longer than `timeout`. Once the body is complete it waits as long as it takes (a streaming
+    response waits on it for the client's disconnect)."""
+    done = False
+
+    async def timed() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout)
+        except asyncio.TimeoutError:
+            raise _BodyStalled() from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            done = True
+        return message
+
+    return timed
 
 
 def _count_outcome(runtime, status: int) -> None:

@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
     max_n: int = Field(8, ge=1, description="Largest n.")
     request_timeout: float = Field(600.0, gt=0, description="Per-request deadline in seconds.")
+    body_read_timeout: float = Field(
+        30.0, gt=0, description="Longest wait, in seconds, for the next part of a request body "
+        "(a client that stops sending one gets a 408 and loses the connection)."
+    )
     sse_keepalive_interval: float = Field(
         15.0, gt=0, description="Seconds between SSE comments while a stream waits."
     )

@@ -214,6 +214,36 @@ def test_the_deadline_counts_the_time_in_the_queue(tiny_tokenizer):
         assert chat(srv.base_url).status_code == 200
 
 
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 1000\r\n\r\n{\"messages\"",  # fewer bytes than declared
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mes\r\n",  # a chunk, then nothing
+], ids=["content-length", "chunked"])
+def test_a_body_that_stops_arriving_gets_a_408_and_the_connection_closes(tiny_tokenizer, framing):
+    app, _ = scripted_app(tiny_tokenizer, body_read_timeout=0.5)
+    with AppServer(app) as srv:
+        sock = socket.create_connection((srv.host, srv.port))
+        sock.settimeout(10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing)
+        data = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            data += chunk
+        sock.close()
+        head, _, payload = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert json.loads(payload)["error"]["code"] == "body_timeout"
+        assert chat(srv.base_url).status_code == 200
+
+
+def test_the_body_timeout_does_not_cut_a_long_response(tiny_tokenizer):
+    engine = slow_engine(tiny_tokenizer, delay=0.15)  # 12 chunks: ~1.8 s
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, body_read_timeout=0.5)
+    with AppServer(app) as srv:
+        lines = sse_lines(srv.base_url)
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == "abcdefghijkl"
+        assert chat(srv.base_url).json()["choices"][0]["message"]["content"] == "abcdefghijkl"
+
+
 def test_a_dead_engine_ends_open_requests_cleanly_and_the_process_exits(tiny_tokenizer):
     engine = SilentlyDeadEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer),
                                 default_reply="x" * 1000, chunk_chars=1, delay=0.05)
