@@ -103,9 +103,13 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout"}
+        # FastAPI answers 400 for a body its JSON parser gave up on past the syntax: a number
+        # of thousands of digits, nesting thousands of levels deep.
+        kinds = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout"}
         err = APIError(
-            {404: "No such endpoint.", 405: "Method not allowed on this endpoint.",
+            {400: "The request body could not be parsed: it holds a value JSON parsing refuses "
+                  "(a number of thousands of digits, or nesting thousands of levels deep).",
+             404: "No such endpoint.", 405: "Method not allowed on this endpoint.",
              408: BODY_STALLED}.get(
                 exc.status_code, "The request could not be served."
             ),

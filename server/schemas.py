@@ -17,7 +17,8 @@ COUNT_MAX = 2**31 - 1
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities are no sampling values (JSON from Python clients can carry them).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 # --- request ------------------------------------------------------------------------------

@@ -172,3 +172,22 @@ def test_with_include_usage_every_chunk_has_the_usage_field(srv):
     with httpx.stream("POST", srv.base_url + "/v1/chat/completions", timeout=30, json=body(stream=True)) as r:
         plain = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert plain and not any("usage" in c for c in plain)
+
+
+@pytest.mark.parametrize("raw", [
+    '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + "0" * 5000 + "}",  # 5,001 digits
+    '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}",  # nested 100,000 deep
+], ids=["huge-number", "deep-nesting"])
+def test_json_the_parser_gives_up_on_is_named_as_such(srv, raw):
+    r = httpx.post(srv.base_url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    err = assert_400(r, "could not be parsed", code="invalid_json")
+    assert err["type"] == "invalid_request_error"
+    still_serves(srv)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_named_as_such(srv, value):
+    raw = '{"messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % value
+    r = httpx.post(srv.base_url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    err = assert_400(r, "finite")
+    assert err["param"] == "temperature"
