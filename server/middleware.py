@@ -4,6 +4,7 @@ request body cap, CORS, and one JSON access-log line per request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -84,11 +85,21 @@ class GatewayMiddleware:
         status_holder = {"status": 0}
         path = scope.get("path", "")
 
+        send_timeout = self.settings.send_timeout
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 MutableHeaders(scope=message)["x-request-id"] = rid
-            await send(message)
+                await send(message)
+                return
+            # A client that stops reading would otherwise hold the response (and its
+            # processing slot) for as long as it keeps the connection open.
+            try:
+                async with asyncio.timeout(send_timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _SendStalled() from None
 
         receive = _body_deadline(receive, self.settings.body_read_timeout)
         try:
@@ -112,6 +123,12 @@ class GatewayMiddleware:
                         return
                     receive = replay
                 await self.app(scope, receive, send_wrapper)
+            except _SendStalled:
+                log.info("request %s: the client took nothing for %g s; response abandoned", rid, send_timeout)
+                abandon = scope["state"].get("abandon")
+                if abandon is not None:
+                    with contextlib.suppress(Exception):
+                        await abandon()
             except _BodyStalled:
                 if status_holder["status"]:
                     raise
@@ -138,6 +155,10 @@ class GatewayMiddleware:
                 }
                 access_log.info(json.dumps(entry))
                 _count_outcome(self.runtime, entry["status"])
+
+
+class _SendStalled(Exception):
+    """The client took no part of the response for the send timeout."""
 
 
 BODY_STALLED = "The request body stopped arriving before it was complete."

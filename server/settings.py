@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
     max_n: int = Field(8, ge=1, description="Largest n.")
     request_timeout: float = Field(600.0, gt=0, description="Per-request deadline in seconds.")
+    send_timeout: float = Field(
+        60.0, gt=0, description="Longest wait, in seconds, for a client to take the next part of "
+        "a response; a client that stops reading then loses the connection (and its slot)."
+    )
     body_read_timeout: float = Field(
         30.0, gt=0, description="Longest wait, in seconds, for the next part of a request body "
         "(a client that stops sending one gets a 408 and loses the connection)."

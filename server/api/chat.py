@@ -32,6 +32,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
         if body.stream:
             events = rt.stream_with_deadline(service.stream(prepared), prepared, release)
             release = None  # the stream owns the slot now
+            # for GatewayMiddleware when the client stops reading: ends the stream, frees the slot
+            request.state.abandon = events.aclose
             return StreamingResponse(
                 events,
                 media_type="text/event-stream",

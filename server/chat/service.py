@@ -371,8 +371,12 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
 
     if req.tools and req.tool_choice != "none":
         refuse("Tool calling", "tools")
+    if req.tool_choice not in (None, "none", "auto"):  # a tool call demanded, tools or not
+        refuse("Tool calling", "tool_choice")
     if req.functions and req.function_call != "none":
         refuse("Function calling", "functions")
+    if req.function_call not in (None, "none", "auto"):
+        refuse("Function calling", "function_call")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
         refuse("A response_format other than {'type': 'text'}", "response_format")
     if req.logit_bias:

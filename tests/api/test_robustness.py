@@ -327,6 +327,38 @@ def test_slow_reader_does_not_block_others(tiny_tokenizer):
         sock.close()
 
 
+def test_a_client_that_stops_reading_loses_its_slot_after_the_send_timeout(tiny_tokenizer):
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=10**9, tokenizer=tiny_tokenizer),
+                            default_reply="x" * 4_000_000, chunk_chars=50_000)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, max_concurrent_requests=1, max_queued_requests=0,
+                          send_timeout=1.0)
+    with AppServer(app) as srv:
+        sock = socket.socket()  # sends, then never reads; a small buffer fills at once
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((srv.host, srv.port))
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 5
+        while srv.runtime.admission.active < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert chat(srv.base_url, timeout=5).status_code == 429  # its one slot is taken
+        deadline = time.monotonic() + 10
+        while srv.runtime.admission.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.runtime.admission.active == 0  # given up on, while the client still holds the socket
+        assert engine.num_unfinished_requests() == 0
+        engine.default_reply = "fast"
+        assert chat(srv.base_url, timeout=5).json()["choices"][0]["message"]["content"] == "fast"
+        sock.settimeout(5)
+        received = b""
+        while chunk := sock.recv(1 << 20):  # what was sent, then the server's close
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and len(received) < 4_000_000
+        sock.close()
+
+
 def test_disconnect_aborts_engine_request(tiny_tokenizer):
     engine = slow_engine(tiny_tokenizer, delay=0.2, reply="x" * 200)
     app, _ = scripted_app(tiny_tokenizer, engine=engine)
