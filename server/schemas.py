@@ -6,6 +6,7 @@ is checked for type and range so that a bad value becomes a 400 naming the field
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -124,14 +125,14 @@ class ChatCompletionRequest(_Lenient):
         return stops
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _surrogate_path(value: Any, path: str = "") -> str | None:
     """Where in a parsed JSON value a string holds a lone surrogate ("" for the top), else None."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
+        # isascii() first: data URLs are megabytes of ASCII, checked without a scan for the range
+        return path if not value.isascii() and _SURROGATE.search(value) else None
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
