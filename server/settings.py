@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         "vLLM binds its model workers to, where it binds them (the CPU build; default: on there). "
         "Otherwise the kernel also runs them on the workers' cores, taking time from the model.",
     )
+    engine_core_on_workers: bool = Field(
+        False,
+        description="With --pin-front-end: run the engine core on the model workers' cores "
+        "instead, leaving this process its cores alone. More throughput where the front end "
+        "is the bottleneck at high concurrency (text, repeated pictures); slower at low "
+        "concurrency and for new pictures (CPU build; see docs/benchmarks.md).",
+    )
     kv_cache_space_gib: int = Field(
         1, ge=1, description="CPU only: paged KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )

@@ -224,19 +224,26 @@ def _lower_priority(pids: set[int], nice: int) -> None:
         log.info("engine core processes %s run at nice +%d", sorted(pids), nice)
 
 
-def _keep_off_worker_cores(core_pids: set[int]) -> list[int] | None:
-    """Move this process and the engine core processes `core_pids` (every thread; threads
-    started later inherit the mask) onto the CPUs that vLLM left free of model workers.
+def _split_cores(core_pids: set[int], engine_core_on_workers: bool = False) -> tuple[list[int], list[int]] | None:
+    """Run this process on the CPUs that vLLM left free of model workers, and the engine core
+    processes `core_pids` there too, or on the workers' CPUs with `engine_core_on_workers`
+    (every thread of each; threads started later inherit the mask).
 
     The CPU build binds each worker's OpenMP threads to a set of cores and reserves the
-    others for the front end, but does not keep the front end off the workers' cores: the
-    kernel runs this process there too, and the model's step waits. Measured on 2 cores
-    (worker bound to core 0), workload (a) at 64 streams: 46.8-48.6 req/s with this
-    process and the engine core on core 1, 42.4-43.7 without (3 runs each, alternating).
-    Text only at high rates pays for it ((d) at 64 streams: 254-275 against 283-300 req/s),
-    since the front end can no longer borrow the worker's core between short steps; hence
-    `--no-pin-front-end`. Returns the CPUs used, or None (and changes nothing) where no worker is bound to a
-    strict subset of our CPUs or no CPU would be left."""
+    others for the front end, but leaves this process and the engine core free to run
+    anywhere: the kernel then also runs them on the workers' cores and the model's step
+    waits. Measured on 2 cores (worker bound to core 0), workload (a) at 64 streams:
+    46.8-48.6 req/s with this process and the engine core on core 1, 42.4-43.7 without.
+
+    The engine core and its workers take turns (one schedules a step while the other
+    waits, each yielding the CPU as it polls), so they can share cores; with
+    `engine_core_on_workers` this process has its cores to itself. That raised throughput
+    where the front end is the bottleneck (on 2 cores, 64 streams: 4 pictures reused
+    163-172 against 105-127 req/s, text only 196-239 against 174-184) but lowered it at 1
+    stream (text only 15.0-18.9 against 19.2-22.0) and doubled the time to first token of
+    unique pictures at 64 streams (not profiled): docs/benchmarks.md. Returns (this process's CPUs, the engine core's CPUs),
+    or None (and changes nothing) where no worker is bound to a strict subset of our CPUs or
+    none would be left."""
     import psutil
 
     try:
@@ -255,18 +262,19 @@ def _keep_off_worker_cores(core_pids: set[int]) -> list[int] | None:
     front = sorted(allowed - bound)
     if not bound or not front:
         return None
-    for pid in (me.pid, *core_pids):
+    core = sorted(bound) if engine_core_on_workers else front
+    for pid, cpus in ((me.pid, front), *((p, core) for p in core_pids)):
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except OSError:
             continue
         for tid in tids:
             try:
-                os.sched_setaffinity(tid, front)
+                os.sched_setaffinity(tid, cpus)
             except OSError:  # the thread ended meanwhile
                 pass
-    log.info("front end and engine core on CPUs %s; model workers on %s", front, sorted(bound))
-    return front
+    log.info("front end on CPUs %s, engine core on %s, model workers on %s", front, core, sorted(bound))
+    return front, core
 
 
 def _no_op(*args, **kwargs) -> None:
@@ -315,7 +323,7 @@ class VLLMEngine(Engine):
             # run the model, were started by it before this point and keep our priority.
             _lower_priority(core_pids, nice)
         if settings.pin_front_end if settings.pin_front_end is not None else device == "cpu":
-            _keep_off_worker_cores(core_pids)
+            _split_cores(core_pids, settings.engine_core_on_workers)
         model_config = llm.model_config
         model_type = getattr(model_config.hf_config, "model_type", "")
         family = family_of(model_type)
