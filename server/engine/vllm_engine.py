@@ -234,16 +234,20 @@ def _split_cores(core_pids: set[int], engine_core_on_workers: bool = False) -> t
     anywhere: the kernel then also runs them on the workers' cores and the model's step
     waits. Measured on 2 cores (worker bound to core 0), workload (a) at 64 streams:
     46.8-48.6 req/s with this process and the engine core on core 1, 42.4-43.7 without.
+    Text only at high rates pays for it ((d) at 64 streams: 254-275 against 283-300 req/s),
+    since the front end can no longer borrow the worker's core between short steps; hence
+    `--no-pin-front-end`.
 
     The engine core and its workers take turns (one schedules a step while the other
     waits, each yielding the CPU as it polls), so they can share cores; with
     `engine_core_on_workers` this process has its cores to itself. That raised throughput
     where the front end is the bottleneck (on 2 cores, 64 streams: 4 pictures reused
-    163-172 against 105-127 req/s, text only 196-239 against 174-184) but lowered it at 1
+    163-172 against 101-127 req/s, text only 196-239 against 174-184) but lowered it at 1
     stream (text only 15.0-18.9 against 19.2-22.0) and doubled the time to first token of
-    unique pictures at 64 streams (not profiled): docs/benchmarks.md. Returns (this process's CPUs, the engine core's CPUs),
-    or None (and changes nothing) where no worker is bound to a strict subset of our CPUs or
-    none would be left."""
+    unique pictures at 64 streams (not profiled): docs/benchmarks.md.
+
+    Returns (this process's CPUs, the engine core's CPUs), or None (and changes nothing)
+    where no worker is bound to a strict subset of our CPUs or none would be left."""
     import psutil
 
     try:
