@@ -138,9 +138,19 @@ class BodyTimeoutError(APIError):
 
 
 class RequestTimeoutError(APIError):
+    """504: the request used up the server's whole deadline (--request-timeout).
+
+    Sent with `x-should-retry: false`, which the official OpenAI SDKs obey: they would
+    otherwise retry a 504 twice, and a request that ran out of time once would most likely
+    run the full deadline again each time, tripling the load it puts on a busy server."""
+
     status = 504
     type = "timeout_error"
     code = "request_timeout"
+
+    def __init__(self, message: str, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
 
 
 class InternalError(APIError):

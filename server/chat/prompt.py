@@ -23,6 +23,7 @@ from server.schemas import ImagePart, Message, TextPart
 class ImageRef:
     url: str
     param: str  # where it sits in the request, for error messages
+    detail: str | None = None  # OpenAI's image_url.detail: "low" caps the picture's size
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def collect(messages: list[Message]) -> Conversation:
                         f"'{msg.role}'.",
                         param=f"messages[{i}].content[{j}]",
                     )
-                images.append(ImageRef(part.image_url.url, f"messages[{i}].content[{j}].image_url"))
+                images.append(ImageRef(part.image_url.url, f"messages[{i}].content[{j}].image_url",
+                                      part.image_url.detail))
                 parts.append({"type": "image"})
         out.append({"role": role, "content": parts})
     if out and out[-1]["role"] == "assistant":

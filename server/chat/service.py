@@ -108,6 +108,7 @@ class ChatService:
             loaded = await self.images.load_all(
                 [ref.url for ref in conv.images],
                 params=[ref.param for ref in conv.images],
+                details=[ref.detail for ref in conv.images],
                 max_pixels=req.max_pixels,
             )
         prompt_ids = self.renderer.render(conv)

@@ -33,6 +33,8 @@ class FamilySpec:
         (the checkpoints' own `max_pixels`; None: no ceiling).
     min_pixels: floor for a per-request or configured ceiling, so that a client asking
         for max_pixels=1 gets the smallest image the model can use, not a 1x1 one.
+    low_detail_max_pixels: the ceiling for an image sent with `detail: "low"` (None: the
+        family's processor gives every image the same cost, so "low" changes nothing).
     """
 
     name: str
@@ -40,9 +42,15 @@ class FamilySpec:
     max_aspect_ratio: float | None
     default_max_pixels: int | None
     min_pixels: int
+    low_detail_max_pixels: int | None = None
 
 
-_QWEN2 = dict(factor=28, max_aspect_ratio=SMART_RESIZE_MAX_RATIO, default_max_pixels=12_845_056, min_pixels=3136)
+#: `detail: "low"` caps a picture at 448x448 pixels: Qwen-VL's own fixed input size, 256
+#: visual tokens for Qwen2-VL and Qwen2.5-VL (196 for Qwen3-VL), whatever the upload's size.
+LOW_DETAIL_MAX_PIXELS = 448 * 448
+
+_QWEN2 = dict(factor=28, max_aspect_ratio=SMART_RESIZE_MAX_RATIO, default_max_pixels=12_845_056, min_pixels=3136,
+              low_detail_max_pixels=LOW_DETAIL_MAX_PIXELS)
 
 FAMILIES: dict[str, FamilySpec] = {
     "qwen-vl": FamilySpec("qwen-vl", factor=None, max_aspect_ratio=None, default_max_pixels=None, min_pixels=1),
@@ -50,7 +58,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen2.5-vl": FamilySpec("qwen2.5-vl", **_QWEN2),
     # Qwen3-VL: patch 16 x merge 2; its checkpoints ship max_pixels 16777216.
     "qwen3-vl": FamilySpec(
-        "qwen3-vl", factor=32, max_aspect_ratio=SMART_RESIZE_MAX_RATIO, default_max_pixels=16_777_216, min_pixels=4096
+        "qwen3-vl", factor=32, max_aspect_ratio=SMART_RESIZE_MAX_RATIO, default_max_pixels=16_777_216, min_pixels=4096,
+        low_detail_max_pixels=LOW_DETAIL_MAX_PIXELS,
     ),
 }
 
@@ -63,10 +72,15 @@ def family_spec(family: str) -> FamilySpec:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}") from None
 
 
-def effective_max_pixels(spec: FamilySpec, server_ceiling: int | None, requested: int | None) -> int | None:
+def effective_max_pixels(
+    spec: FamilySpec, server_ceiling: int | None, requested: int | None, detail: str | None = None
+) -> int | None:
     """The pixel ceiling for one image: the server's (or the family default), lowered but
-    never raised by the request, and never below the family's floor. None: no ceiling."""
+    never raised by the request's `max_pixels` and by `detail: "low"`, and never below the
+    family's floor. "high" and "auto" keep the server's ceiling. None: no ceiling."""
     ceiling = server_ceiling if server_ceiling is not None else spec.default_max_pixels
+    if detail == "low" and spec.low_detail_max_pixels is not None:
+        requested = spec.low_detail_max_pixels if requested is None else min(requested, spec.low_detail_max_pixels)
     if requested is not None:
         ceiling = requested if ceiling is None else min(ceiling, requested)
     if ceiling is not None:
@@ -92,11 +106,25 @@ def target_size(spec: FamilySpec, width: int, height: int, max_pixels: int | Non
     Downscales (keeping the aspect ratio) so that width*height <= max_pixels; upscales an
     image whose short side is below the family's `factor`. The result never has an aspect
     ratio above the family's limit, even after rounding. Call `check_shape` first.
+
+    A downscaled picture of a family with a `factor` gets the size `smart_resize` would give
+    it (sides multiples of `factor`, area at most `max_pixels`): the model's processor then
+    keeps it as it is. Scaled to the ceiling alone, the processor would round the sides to
+    the nearest multiple, up as often as down, and the picture could cost more tokens than
+    the ceiling allows (a 448x448 ceiling: 252 image tokens for a 700x560 upload, where the
+    processor's own 448x448 limit gives 238).
     """
     w, h = width, height
     if max_pixels is not None and w * h > max_pixels:
         scale = math.sqrt(max_pixels / (w * h))
-        w, h = max(1, math.floor(w * scale)), max(1, math.floor(h * scale))
+        if spec.factor is None:
+            w, h = max(1, math.floor(w * scale)), max(1, math.floor(h * scale))
+        else:
+            f = spec.factor
+            w, h = max(f, round(w / f) * f), max(f, round(h / f) * f)
+            if w * h > max_pixels:
+                w = max(f, math.floor(width * scale / f) * f)
+                h = max(f, math.floor(height * scale / f) * f)
     if spec.factor is not None and min(w, h) < spec.factor:
         scale = spec.factor / min(w, h)
         w, h = max(spec.factor, round(w * scale)), max(spec.factor, round(h * scale))

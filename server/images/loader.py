@@ -107,16 +107,19 @@ class ImageLoader:
             self._metrics.image_rejections.labels(code=exc.code).inc()
             raise
 
-    async def load(self, url: str, *, max_pixels: int | None = None, param: str | None = None) -> LoadedImage:
+    async def load(
+        self, url: str, *, max_pixels: int | None = None, detail: str | None = None, param: str | None = None
+    ) -> LoadedImage:
         """Fetch (or take from the cache) and decode one image.
 
-        `max_pixels` may lower the server's pixel ceiling, never raise it. `param` is set
+        `max_pixels` may lower the server's pixel ceiling, never raise it; so may `detail`
+        ("low": `FamilySpec.low_detail_max_pixels`; "high", "auto", None: no change). `param` is set
         as the error's `param` (e.g. "messages[1].content[2].image_url"). Raises only
         ImageError subclasses: ImageURLForbiddenError, ImageFetchError, ImageTooLargeError,
         ImageDecodeError, or ImageError (code invalid_image) for malformed URLs and shapes
         the model cannot take."""
         try:
-            return await self._load(url, max_pixels)
+            return await self._load(url, max_pixels, detail)
         except ImageError as exc:
             if exc.param is None:
                 exc.param = param
@@ -124,17 +127,25 @@ class ImageLoader:
             raise
 
     async def load_all(
-        self, urls: Sequence[str], *, max_pixels: int | None = None, params: Sequence[str] | None = None
+        self,
+        urls: Sequence[str],
+        *,
+        max_pixels: int | None = None,
+        details: Sequence[str | None] | None = None,
+        params: Sequence[str] | None = None,
     ) -> list[LoadedImage]:
-        """Load `urls` concurrently; results keep the order of `urls`. On the first failure
-        the other loads are cancelled and that failure is raised (its `param` taken from
-        `params`, one per URL)."""
+        """Load `urls` concurrently; results keep the order of `urls`. `details` (one per
+        URL) as `detail` of `load`. On the first failure the other loads are cancelled and
+        that failure is raised (its `param` taken from `params`, one per URL)."""
         if params is not None and len(params) != len(urls):
             raise ValueError("params must have one entry per URL")
+        if details is not None and len(details) != len(urls):
+            raise ValueError("details must have one entry per URL")
         if not urls:
             return []
         tasks = [
-            asyncio.create_task(self.load(url, max_pixels=max_pixels, param=params[i] if params else None))
+            asyncio.create_task(self.load(url, max_pixels=max_pixels, detail=details[i] if details else None,
+                                          param=params[i] if params else None))
             for i, url in enumerate(urls)
         ]
         try:
@@ -156,10 +167,10 @@ class ImageLoader:
 
     # --- steps ----------------------------------------------------------------------------
 
-    async def _load(self, url: str, max_pixels: int | None) -> LoadedImage:
+    async def _load(self, url: str, max_pixels: int | None, detail: str | None) -> LoadedImage:
         if max_pixels is not None and max_pixels < 1:
             raise ImageError("max_pixels must be a positive number of pixels.")
-        ceiling = effective_max_pixels(self.family, self.settings.image_max_pixels, max_pixels)
+        ceiling = effective_max_pixels(self.family, self.settings.image_max_pixels, max_pixels, detail)
         parsed = parse_image_url(url)
         cacheable_url = isinstance(parsed, HttpURL)
         if cacheable_url:

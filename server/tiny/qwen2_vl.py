@@ -80,11 +80,13 @@ def _train_tokenizer(vocab_size: int = 1200):
     return tok
 
 
-def write(out_dir: Path, seed: int = 0) -> Path:
+def write(out_dir: Path, seed: int = 0, max_pixels: int = 448 * 448) -> Path:
     """Write the checkpoint to `out_dir` (created) and return it.
 
     Contents: config.json, generation_config.json, model.safetensors, tokenizer files with
     the chat template, preprocessor_config.json (and the processor's other configs).
+    `max_pixels`: the image processor's pixel ceiling (the default keeps the tiny vision
+    tower fast: 256 image tokens at most).
     """
     import torch
     from transformers import (
@@ -156,9 +158,7 @@ def write(out_dir: Path, seed: int = 0) -> Path:
         pad_token_id=ids["<|endoftext|>"],
     ).save_pretrained(out_dir)
 
-    # 448x448 at most keeps the tiny vision tower fast (256 image tokens); real checkpoints
-    # carry their own limits.
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=448 * 448)
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels)
     _save_processor(out_dir, tokenizer, image_processor)
     return out_dir
 

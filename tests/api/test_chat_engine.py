@@ -22,6 +22,7 @@ pytestmark = pytest.mark.engine
 IMAGE_HOST = "127.0.0.2"  # the image server's address; the API server allows only it
 MAX_MODEL_LEN = 1024
 ARCHS = ["qwen2-vl", "qwen-vl"]
+TINY_MAX_PIXELS = 640 * 640
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def image_server():
 @pytest.fixture(scope="module", params=ARCHS)
 def server(request, tiny_model, tmp_path_factory, image_server):
     arch = request.param
-    model_dir = tiny_model(arch)
+    # Qwen2-VL's processor here takes up to 640x640 pixels, so that a picture can be sent
+    # larger than `detail: "low"` allows (the tiny checkpoints' default is 448x448).
+    model_dir = tiny_model(arch, max_pixels=TINY_MAX_PIXELS) if arch == "qwen2-vl" else tiny_model(arch)
     proc = ServerProcess(
         [
             "--model", str(model_dir),
@@ -159,6 +162,32 @@ def test_prompt_tokens_match_hf_processor(client, server):
     r = ask(client, server, content, max_tokens=1)
     assert r.usage.prompt_tokens == hf_prompt_tokens(server, [Image.open(io.BytesIO(raw)).convert("RGB")],
                                                      "How many objects are there? 这是什么？")
+
+
+def test_low_detail_sends_a_smaller_picture(client, server):
+    """image_url.detail "low" caps the picture at 448x448 pixels' worth: fewer image tokens,
+    exactly what the processor gives for the downscaled picture. Qwen-VL's fixed 448x448
+    input has one cost whatever the detail."""
+    from PIL import Image
+    import io
+
+    from server.images.family import FAMILIES, LOW_DETAIL_MAX_PIXELS, target_size
+
+    raw, text = picture(700, 560), "Describe."
+
+    def prompt_tokens(detail: str) -> int:
+        part = {"type": "image_url", "image_url": {"url": data_url(raw), "detail": detail}}
+        return ask(client, server, [part, {"type": "text", "text": text}], max_tokens=1).usage.prompt_tokens
+
+    low, high, auto = prompt_tokens("low"), prompt_tokens("high"), prompt_tokens("auto")
+    assert high == auto
+    if server.arch == "qwen-vl":
+        assert low == high
+        return
+    original = Image.open(io.BytesIO(raw)).convert("RGB")
+    assert high == hf_prompt_tokens(server, [original], text)
+    small = original.resize(target_size(FAMILIES[server.arch], 700, 560, LOW_DETAIL_MAX_PIXELS))
+    assert low == hf_prompt_tokens(server, [small], text) and low < high - 200
 
 
 def hf_prompt_tokens(server, images, text: str) -> int:

@@ -197,6 +197,21 @@ def test_a_client_that_leaves_the_queue_frees_its_place(tiny_tokenizer):
         assert "qwenvl_admission_admitted_total 2.0" in metrics
 
 
+def test_the_sdk_does_not_retry_a_request_that_ran_out_of_time(tiny_tokenizer):
+    """The official SDK retries a 504 twice unless told not to: each retry would run the
+    whole deadline again."""
+    engine = slow_engine(tiny_tokenizer, delay=0.2)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, request_timeout=0.6)
+    with AppServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=2)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
+        assert info.value.status_code == 504 and info.value.code == "request_timeout"
+        assert info.value.response.headers["x-should-retry"] == "false"
+        metrics = httpx.get(srv.base_url + "/metrics").text
+        assert "qwenvl_admission_admitted_total 1.0" in metrics  # one attempt, no retries
+
+
 def test_the_deadline_counts_the_time_in_the_queue(tiny_tokenizer):
     app, _ = scripted_app(tiny_tokenizer, max_concurrent_requests=1, max_queued_requests=1, request_timeout=1.0)
     with AppServer(app) as srv:

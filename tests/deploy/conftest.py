@@ -77,7 +77,9 @@ def log_tail(path: Path, lines: int = 40) -> str:
 class Replica(ServerProcess):
     """One replica on a fixed loopback port (kept across restarts: nginx's list names it)."""
 
-    def __init__(self, name: str, model_dir: Path, log_dir: Path) -> None:
+    def __init__(self, name: str, model_dir: Path, log_dir: Path, worker_cpu: int | None = None) -> None:
+        """`worker_cpu`: the core vLLM binds this replica's model worker to (its default
+        is the first allowed core, the same for every replica on the machine)."""
         super().__init__(
             [
                 "--model", str(model_dir),
@@ -87,6 +89,7 @@ class Replica(ServerProcess):
                 "--drain-timeout", str(DRAIN_TIMEOUT_S),
             ],
             log_path=log_dir / f"{name}.log",
+            env={} if worker_cpu is None else {"VLLM_CPU_OMP_THREADS_BIND": str(worker_cpu)},
         )
         self.name = name
         self.addr = f"{self.host}:{self.port}"
@@ -108,14 +111,6 @@ class Replica(ServerProcess):
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        super().stop()
-        if self.proc is not None:
-            try:  # engine processes left behind by a replica that did not exit cleanly
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def render_nginx(workdir: Path, listen_port: int, upstream_addrs: list[str]) -> Path:
@@ -258,7 +253,12 @@ class Cluster:
     def __init__(self, model_dir: Path, workdir: Path) -> None:
         self.model_dir = model_dir
         self.workdir = workdir
-        self.replicas = [Replica(f"replica-{i}", model_dir, workdir) for i in range(2)]
+        # Each replica's worker on a core of its own where there are two: left to vLLM, both
+        # workers share the first core and the other core takes both front ends and engine
+        # cores, while a replica on its own machine would have one of each per core.
+        cpus = sorted(os.sched_getaffinity(0))
+        self.replicas = [Replica(f"replica-{i}", model_dir, workdir, cpus[i] if len(cpus) >= 2 else None)
+                         for i in range(2)]
         (workdir / "nginx").mkdir(exist_ok=True)
         self.nginx = Nginx(workdir / "nginx", [r.addr for r in self.replicas])
 

@@ -38,4 +38,5 @@ async def use_loader(fn, *, family: str = "qwen2-vl", settings: Settings | None 
 def load_one(url: str, **kwargs):
     """Load one URL with a fresh loader (see use_loader for the options)."""
     max_pixels = kwargs.pop("max_pixels", None)
-    return asyncio.run(use_loader(lambda loader: loader.load(url, max_pixels=max_pixels), **kwargs))
+    detail = kwargs.pop("detail", None)
+    return asyncio.run(use_loader(lambda loader: loader.load(url, max_pixels=max_pixels, detail=detail), **kwargs))

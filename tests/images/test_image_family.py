@@ -32,6 +32,17 @@ def test_ceiling_only_goes_down():
     assert effective_max_pixels(QWEN3, None, None) == 16_777_216
 
 
+def test_low_detail_caps_the_ceiling_where_the_family_has_a_cost_per_pixel():
+    assert effective_max_pixels(QWEN2, None, None, "low") == 448 * 448
+    assert effective_max_pixels(QWEN3, None, None, "low") == 448 * 448
+    assert effective_max_pixels(QWEN2, 100_000, None, "low") == 100_000  # the server's lower ceiling stays
+    assert effective_max_pixels(QWEN2, None, 50_000, "low") == 50_000  # and the request's
+    for detail in ("high", "auto", None):
+        assert effective_max_pixels(QWEN2, None, None, detail) == 12_845_056
+    # Qwen-VL resizes every picture to 448x448 itself: "low" changes nothing.
+    assert effective_max_pixels(QWEN1, None, None, "low") is None
+
+
 def test_extreme_aspect_ratio_is_refused_for_qwen2_family_only():
     for spec in (QWEN2, FAMILIES["qwen2.5-vl"], QWEN3):
         with pytest.raises(ImageError) as info:
@@ -51,8 +62,29 @@ def test_tiny_images_are_upscaled_to_the_factor():
 
 def test_downscale_respects_the_ceiling_and_ratio():
     w, h = target_size(QWEN2, 4000, 3000, 1_000_000)
+    assert w * h <= 1_000_000 and abs(w / h - 4 / 3) < 0.05
+    assert target_size(QWEN2, 640, 480, 1_000_000) == (640, 480)  # under the ceiling: as it is
+    w, h = target_size(QWEN1, 4000, 3000, 1_000_000)
     assert w * h <= 1_000_000 and abs(w / h - 4 / 3) < 0.01
-    assert target_size(QWEN2, 640, 480, 1_000_000) == (640, 480)
+
+
+@pytest.mark.parametrize("spec", [QWEN2, QWEN3])
+def test_a_downscaled_picture_is_one_the_processor_keeps(spec):
+    """Sides on the processor's grid and the area under the ceiling: `smart_resize` with the
+    same ceiling leaves the size alone, so the ceiling bounds the image tokens exactly."""
+    rng = random.Random(11)
+    for _ in range(2000):
+        width, height = rng.randint(1, 5000), rng.randint(1, 5000)
+        if max(width, height) > 200 * min(width, height):
+            continue
+        ceiling = rng.choice([200_704, 409_600, 1_003_520])
+        w, h = target_size(spec, width, height, ceiling)
+        if width * height <= ceiling:
+            continue
+        assert w % spec.factor == 0 and h % spec.factor == 0 and w * h <= ceiling
+        assert smart_resize(h, w, factor=spec.factor, min_pixels=spec.min_pixels, max_pixels=ceiling) == (h, w)
+    # 700x560 under a 448x448 ceiling: 476x392 (238 tokens), not 504x392 (252).
+    assert target_size(QWEN2, 700, 560, 448 * 448) == (476, 392)
 
 
 @pytest.mark.parametrize("spec", [QWEN2, QWEN3])

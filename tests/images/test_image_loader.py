@@ -177,6 +177,23 @@ def test_pixel_ceiling_from_settings_and_request():
         load_one(url, settings=settings, max_pixels=0)
 
 
+def test_low_detail_loads_a_smaller_picture_cached_apart():
+    url = data_url(samples.noise_jpeg(1600, 1200), "image/jpeg")
+    settings = make_settings(image_max_bytes=10**6)
+
+    async def run(loader):
+        return [await loader.load(url, detail=d) for d in ("high", "low", "auto", "low")]
+
+    high, low, auto, low_again = asyncio.run(use_loader(run, settings=settings))
+    assert high.image.size == (1600, 1200) and auto is high
+    assert low.image.width * low.image.height <= 448 * 448
+    assert low.image.width / low.image.height == pytest.approx(4 / 3, rel=0.05)
+    assert low.original_size == (1600, 1200) and low.pixels_id != high.pixels_id
+    assert low_again is low
+    # Qwen-VL stretches every picture to 448x448 itself: the image goes through unchanged.
+    assert load_one(url, settings=settings, family="qwen-vl", detail="low").image.size == (1600, 1200)
+
+
 def test_pixels_id_names_the_decoded_pixels():
     """Equal ids only for equal pixels: the engine uses the id as the image's cache key."""
     jpeg = samples.noise_jpeg(1600, 1200)

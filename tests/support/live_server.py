@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -77,11 +78,28 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM and up to 30 s to exit, then SIGKILL for whatever is left of the server's
+        session: also after a clean exit (or one a test caused), since an engine process
+        left behind would keep a core busy under the tests that follow."""
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(10)
+
+
+def process_report() -> str:
+    """The machine's servers, engines and workers as `ps` sees them (state, CPU share, core,
+    priority): for failure messages, where a stalled replica is often a starved one."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,pgid,ni,stat,pcpu,psr,etime,comm"],
+                         capture_output=True, text=True, timeout=10).stdout.splitlines()
+    keep = [line for line in out[1:] if re.search(r"python|VLLM|nginx|pytest", line)]
+    return "\n".join(out[:1] + keep)
