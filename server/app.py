@@ -69,7 +69,10 @@ def create_app(
         finally:
             await runtime.shutdown()
 
-    app = FastAPI(title="qwen-vl-serve", lifespan=lifespan, root_path=settings.root_path)
+    docs = settings.docs
+    app = FastAPI(title="qwen-vl-serve", lifespan=lifespan, root_path=settings.root_path,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.runtime = runtime
     app.include_router(chat.router)
     app.include_router(models.router)

@@ -149,6 +149,10 @@ class Settings(BaseSettings):
         15.0, gt=0, description="Seconds between SSE comments while a stream waits."
     )
     cors_allow_origins: CSVList = Field(default_factory=list, description="CORS origins (off when empty).")
+    docs: bool = Field(
+        True, description="Serve the API's interactive docs and schema (/docs, /redoc, /openapi.json; "
+        "behind the API key when keys are set). --no-docs: not at all."
+    )
     log_prompts: bool = Field(False, description="Include prompt text in request logs.")
     grounding: bool = Field(True, description="Parse grounding boxes into the response by default.")
 

@@ -100,6 +100,19 @@ def test_api_keys(tiny_tokenizer, tmp_path):
         assert httpx.get(srv.base_url + "/ready").status_code == 200
         assert httpx.get(srv.base_url + "/metrics").status_code == 401
         assert httpx.get(srv.base_url + "/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200
+        # The docs and the schema are behind the key too.
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(srv.base_url + path).status_code == 401
+        assert httpx.get(srv.base_url + "/openapi.json", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+def test_docs_can_be_turned_off(tiny_tokenizer):
+    app, _ = scripted_app(tiny_tokenizer, docs=False)
+    with AppServer(app) as srv:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            r = httpx.get(srv.base_url + path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert chat(srv.base_url).status_code == 200
 
 
 def test_api_keys_configurable_paths(tiny_tokenizer):
