@@ -57,12 +57,12 @@ class Settings(BaseSettings):
         "vLLM binds its model workers to, where it binds them (the CPU build; default: on there). "
         "Otherwise the kernel also runs them on the workers' cores, taking time from the model.",
     )
-    engine_core_on_workers: bool = Field(
-        False,
-        description="With --pin-front-end: run the engine core on the model workers' cores "
-        "instead, leaving this process its cores alone. More throughput where the front end "
-        "is the bottleneck at high concurrency (text, repeated pictures); slower at low "
-        "concurrency and for new pictures (CPU build; see docs/benchmarks.md).",
+    engine_core_cpus: Literal["any", "front-end", "workers"] = Field(
+        "any",
+        description="With --pin-front-end, where the engine core (vLLM's scheduler) runs: on any "
+        "core (the kernel places it), on this process's cores, or on the model workers' cores. "
+        "'any' was the fastest or level in every workload measured on 2 cores (CPU build; "
+        "see docs/benchmarks.md).",
     )
     kv_cache_space_gib: int = Field(
         1, ge=1, description="CPU only: paged KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."

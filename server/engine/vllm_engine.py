@@ -224,10 +224,11 @@ def _lower_priority(pids: set[int], nice: int) -> None:
         log.info("engine core processes %s run at nice +%d", sorted(pids), nice)
 
 
-def _split_cores(core_pids: set[int], engine_core_on_workers: bool = False) -> tuple[list[int], list[int]] | None:
+def _split_cores(core_pids: set[int], engine_core_cpus: str = "any") -> tuple[list[int], list[int]] | None:
     """Run this process on the CPUs that vLLM left free of model workers, and the engine core
-    processes `core_pids` there too, or on the workers' CPUs with `engine_core_on_workers`
-    (every thread of each; threads started later inherit the mask).
+    processes `core_pids` on `engine_core_cpus`: "any" of our CPUs, "front-end" (this
+    process's), or "workers" (the workers'); every thread of each, and threads started later
+    inherit the mask.
 
     The CPU build binds each worker's OpenMP threads to a set of cores and reserves the
     others for the front end, but leaves this process and the engine core free to run
@@ -239,12 +240,14 @@ def _split_cores(core_pids: set[int], engine_core_on_workers: bool = False) -> t
     `--no-pin-front-end`.
 
     The engine core and its workers take turns (one schedules a step while the other
-    waits, each yielding the CPU as it polls), so they can share cores; with
-    `engine_core_on_workers` this process has its cores to itself. That raised throughput
-    where the front end is the bottleneck (on 2 cores, 64 streams: 4 pictures reused
-    163-172 against 101-127 req/s, text only 196-239 against 174-184) but lowered it at 1
-    stream (text only 15.0-18.9 against 19.2-22.0) and doubled the time to first token of
-    unique pictures at 64 streams (not profiled): docs/benchmarks.md.
+    waits, each yielding the CPU as it polls), so the engine core does not need cores of its
+    own. Measured on 2 cores (docs/benchmarks.md), against "front-end": "workers" raised
+    throughput where the front end is the bottleneck (64 streams: 4 pictures reused 163-172
+    against 101-127 req/s, text only 196-239 against 174-184) but lowered it at 1 stream
+    (text only 15.0-18.9 against 19.2-22.0) and doubled the time to first token of unique
+    pictures at 64 streams; "any" (the default) gave most of that gain (4 pictures reused
+    151-170 against 128-138 req/s, text only 231-247 against 216-221) with no loss at 1
+    stream or for unique pictures.
 
     Returns (this process's CPUs, the engine core's CPUs), or None (and changes nothing)
     where no worker is bound to a strict subset of our CPUs or none would be left."""
@@ -266,7 +269,7 @@ def _split_cores(core_pids: set[int], engine_core_on_workers: bool = False) -> t
     front = sorted(allowed - bound)
     if not bound or not front:
         return None
-    core = sorted(bound) if engine_core_on_workers else front
+    core = {"any": sorted(allowed), "front-end": front, "workers": sorted(bound)}[engine_core_cpus]
     for pid, cpus in ((me.pid, front), *((p, core) for p in core_pids)):
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
@@ -327,7 +330,7 @@ class VLLMEngine(Engine):
             # run the model, were started by it before this point and keep our priority.
             _lower_priority(core_pids, nice)
         if settings.pin_front_end if settings.pin_front_end is not None else device == "cpu":
-            _split_cores(core_pids, settings.engine_core_on_workers)
+            _split_cores(core_pids, settings.engine_core_cpus)
         model_config = llm.model_config
         model_type = getattr(model_config.hf_config, "model_type", "")
         family = family_of(model_type)

@@ -21,7 +21,7 @@ os.sched_setaffinity(worker.pid, {allowed[0]})       # a model worker, bound lik
 core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # engine core
 before = threading.Thread(target=time.sleep, args=(5,), daemon=True)
 before.start()
-split = _split_cores({core.pid}, engine_core_on_workers=sys.argv[1] == 'workers')
+split = _split_cores({core.pid}, sys.argv[1])
 seen = {}
 after = threading.Thread(target=lambda: seen.update(after=sorted(os.sched_getaffinity(0))))
 after.start(); after.join()
@@ -36,13 +36,13 @@ worker.kill(); core.kill()
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to bind a worker to one")
-@pytest.mark.parametrize("engine_core", ["front", "workers"])
+@pytest.mark.parametrize("engine_core", ["any", "front-end", "workers"])
 def test_front_end_moves_off_the_workers_cores(engine_core):
     out = subprocess.run([sys.executable, "-c", SCRIPT, engine_core], capture_output=True, text=True,
                          timeout=60, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     rest, worker = r["allowed"][1:], r["allowed"][:1]
-    core = worker if engine_core == "workers" else rest
+    core = {"any": r["allowed"], "front-end": rest, "workers": worker}[engine_core]
     assert r["split"] == [rest, core]
     # every thread of this process, started before or after
     assert r["main"] == r["before"] == r["after"] == rest

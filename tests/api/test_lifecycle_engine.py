@@ -90,9 +90,9 @@ def thread_cpus(pid: int) -> list[set[int]]:
     return [set(os.sched_getaffinity(t.id)) for t in psutil.Process(pid).threads()]
 
 
-def assert_cpu_split(srv: ServerProcess, engine_core_on_workers: bool) -> None:
+def assert_cpu_split(srv: ServerProcess, engine_core_cpus: str) -> None:
     """Where vLLM binds the model worker to some cores, the front end runs on the others only,
-    and the engine core with it or on the workers' cores (server.engine.vllm_engine._split_cores)."""
+    and the engine core on `engine_core_cpus` (server.engine.vllm_engine._split_cores)."""
     allowed = set(os.sched_getaffinity(0))
     procs = psutil.Process(srv.proc.pid).children(recursive=True)
     worker_cpus = set().union(*(set(p.cpu_affinity()) for p in procs if "Worker" in p.name()))
@@ -100,13 +100,13 @@ def assert_cpu_split(srv: ServerProcess, engine_core_on_workers: bool) -> None:
         core = [p for p in psutil.Process(srv.proc.pid).children() if "EngineCor" in p.name()]
         assert core
         assert all(cpus == allowed - worker_cpus for cpus in thread_cpus(srv.proc.pid))
-        core_cpus = worker_cpus if engine_core_on_workers else allowed - worker_cpus
+        core_cpus = {"any": allowed, "front-end": allowed - worker_cpus, "workers": worker_cpus}[engine_core_cpus]
         assert all(cpus == core_cpus for cpus in thread_cpus(core[0].pid))
 
 
 def test_disconnects_stop_engine_work(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path)
-    assert_cpu_split(srv, engine_core_on_workers=False)
+    assert_cpu_split(srv, "any")
     try:
         hang_ups = []  # what closing drops the connection: a streamed response, or a socket
         for i in range(8):
@@ -199,8 +199,8 @@ def test_drain_timeout_ends_streams_with_error_event(tiny_model, tmp_path, http)
 
 
 def test_second_sigterm_exits_at_once(tiny_model, tmp_path, http):
-    srv = start(tiny_model, tmp_path, "--drain-timeout", "300", "--engine-core-on-workers")
-    assert_cpu_split(srv, engine_core_on_workers=True)
+    srv = start(tiny_model, tmp_path, "--drain-timeout", "300", "--engine-core-cpus", "workers")
+    assert_cpu_split(srv, "workers")
     results: list = []
     open_stream(http, srv.base_url, results, **LONG)
     wait_inflight(http, srv, 1)
