@@ -90,6 +90,11 @@ class Replica(ServerProcess):
             ],
             log_path=log_dir / f"{name}.log",
             env={} if worker_cpu is None else {"VLLM_CPU_OMP_THREADS_BIND": str(worker_cpu)},
+            # In the test's own scheduling group (autogroup), not one per replica: across
+            # groups, a process sharing a core with the other replica's model worker (which
+            # polls with sched_yield between steps) was seen getting no CPU at all for 60-100 s
+            # while runnable (a replica's engine stalled mid-stream, or its exit after a drain).
+            own_session=False,
         )
         self.name = name
         self.addr = f"{self.host}:{self.port}"

@@ -274,7 +274,7 @@ def test_sigterm_drains_one_replica_while_the_other_takes_new_work(cluster):
     stream_thread = threading.Thread(target=_stream_pinned, args=(cluster.nginx.url, session, stream))
     stream_thread.start()
     try:
-        assert stream.first_chunk.wait(60) and stream.error is None, stream.error
+        assert stream.first_chunk.wait(60) and stream.error is None, (stream.error, process_report())
         # Server-side truth, not the client's view: the replica is generating the stream. The
         # SIGTERM follows at once (the load is already running), so the stream is mid-way.
         deadline = time.monotonic() + 30
@@ -284,13 +284,13 @@ def test_sigterm_drains_one_replica_while_the_other_takes_new_work(cluster):
         stream_open_at_sigterm = stream_thread.is_alive() and stream.finish_reason is None
         sigterm_at = time.monotonic()
         draining.signal(signal.SIGTERM)
-        try:
-            exit_code = draining.wait(cluster.drain_timeout)
-        except subprocess.TimeoutExpired:
-            exit_code = None
-        processes = process_report()  # taken while a stalled drain is still stalled
-        if exit_code is None:
-            exit_code = draining.wait(30)
+        exit_code = processes = None
+        for limit in (cluster.drain_timeout, 30):
+            try:
+                exit_code = draining.wait(limit)
+                break
+            except subprocess.TimeoutExpired:
+                processes = processes or process_report()  # while a stalled drain still stalls
         exited_at = time.monotonic()
         time.sleep(2.0)  # more load after the drained replica is gone
     finally:
@@ -299,7 +299,7 @@ def test_sigterm_drains_one_replica_while_the_other_takes_new_work(cluster):
             w.join(150)
         stream_thread.join(150)
 
-    assert exit_code == 0
+    assert exit_code == 0, (exit_code, draining.log_tail(40), processes)
     # The stream, still being generated at the SIGTERM, was allowed to finish.
     assert busy_at_sigterm >= 1 and stream_open_at_sigterm, "the stream ended before the SIGTERM"
     # The replica's own log says what it was doing meanwhile (the test sees only the stream).

@@ -26,7 +26,10 @@ class ServerProcess:
     """`qwen-vl-serve` in a subprocess. `start()` waits until /ready answers 200."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 host: str = "127.0.0.1", nice: int = 5) -> None:
+                 host: str = "127.0.0.1", nice: int = 5, own_session: bool = True) -> None:
+        """`own_session`: the server leads a session of its own (a scheduling group of its
+        own under the kernel's autogroups, given `nice` as a whole), else only a process
+        group of its own within the test's session, its processes at `nice` each."""
         self.host = host
         self.port = free_port(host)
         self.args = args
@@ -36,6 +39,7 @@ class ServerProcess:
         # On a 2-core machine a busy server (and its engine) can starve the test's own
         # client threads; a lower priority keeps the test's timing meaningful.
         self.nice = nice
+        self.own_session = own_session
 
     @property
     def base_url(self) -> str:
@@ -45,11 +49,13 @@ class ServerProcess:
         log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "server.cli", "--host", self.host, "--port", str(self.port), *self.args]
         nice = self.nice
+        group = {"start_new_session": True} if self.own_session else {"process_group": 0}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True, preexec_fn=lambda: os.nice(nice))
-        # The session too, not only its processes: the test's own threads (a poller next to a
-        # few stream readers) were measured stalling for 11 s without it.
-        lower_session_priority(self.proc.pid, nice)
+                                     preexec_fn=lambda: os.nice(nice), **group)
+        if self.own_session:
+            # The session too, not only its processes: the test's own threads (a poller next
+            # to a few stream readers) were measured stalling for 11 s without it.
+            lower_session_priority(self.proc.pid, nice)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
