@@ -211,10 +211,12 @@ def _child_pids() -> set[int]:
 
 
 def _lower_priority(pids: set[int], nice: int) -> None:
-    """Add `nice` to the niceness of the engine core's processes. vLLM's engine core polls
-    its workers in a busy loop; where it shares cores with this process and the workers
-    (the CPU build), the lower priority lets HTTP work (probes, streaming, new requests)
-    and the model's own compute run first."""
+    """Add `nice` to the niceness of the engine core processes' main threads. vLLM's engine
+    core polls its workers in a busy loop on that thread; where it shares cores with this
+    process and the workers (the CPU build), the lower priority lets HTTP work (probes,
+    streaming, new requests) and the model's own compute run first. Linux keeps a nice
+    value per thread, so the engine core's I/O threads, started before this call, keep
+    their priority: they serialize inputs and outputs on the requests' path."""
     for pid in pids:
         try:
             os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
