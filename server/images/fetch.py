@@ -2,30 +2,33 @@
 
 For every hop: check the host against the domain lists, resolve it once (injectable
 resolver, off the event loop), require every address to pass the address policy, then
-connect to a checked address: the request URL carries the IP itself while the `Host`
-header and the TLS SNI / certificate check keep the original name. Redirects are followed
-by hand, each hop re-checked. The body is streamed under a byte cap; connect, read and
-total deadlines apply. https requests send `Connection: close`, so a TLS connection that
-was verified for one host name is never reused for another name on the same address.
-
-An injected `httpx.AsyncClient` must not go through a proxy (`trust_env=False`, no
-`proxy=`): a proxy would connect to the name, not to the checked address. Build it with
-`build_http_client` unless there is a reason not to.
+connect to a checked address: the request goes to the IP itself while the `Host` header
+and the TLS SNI / certificate check keep the original name. Redirects are followed by
+hand, each hop re-checked. The body is streamed under a byte cap; connect, read and total
+deadlines apply. The HTTP exchange itself is the transport's (transport.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-
-import httpx
 
 from .. import __version__
 from ..errors import ImageFetchError, ImageTooLargeError
 from .policy import AddressPolicy, DomainPolicy
 from .resolve import ResolutionError, Resolver
+from .transport import (
+    AiohttpTransport,
+    ConnectFailed,
+    IncomingResponse,
+    OutgoingRequest,
+    Transport,
+    TransportError,
+    TransportTimeout,
+)
 from .urls import HttpURL, IPAddress, join_redirect
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ class HttpFetcher:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        transport: Transport,
         *,
         addresses: AddressPolicy,
         domains: DomainPolicy,
@@ -73,16 +76,14 @@ class HttpFetcher:
         limits: FetchLimits,
         concurrency: int,
     ) -> None:
-        self._client = client
+        """`transport` must connect to the address it is given, never through a proxy
+        (`build_transport` makes the production one)."""
+        self._transport = transport
         self._addresses = addresses
         self._domains = domains
         self._resolver = resolver
         self._limits = limits
         self._semaphore = asyncio.Semaphore(concurrency)
-        read = min(limits.read_timeout, limits.total_timeout)
-        self._timeout = httpx.Timeout(
-            connect=min(limits.connect_timeout, limits.total_timeout), read=read, write=read, pool=limits.total_timeout
-        )
 
     async def fetch(self, url: HttpURL) -> bytes:
         """The body of `url` after redirects. Raises ImageURLForbiddenError (policy),
@@ -100,21 +101,16 @@ class HttpFetcher:
     async def _fetch(self, url: HttpURL) -> bytes:
         for _ in range(self._limits.max_redirects + 1):
             addresses = await self._check(url)
-            response = await self._send(url, addresses)
-            try:
-                if response.status_code in REDIRECT_STATUSES:
+            async with self._send(url, addresses) as response:
+                if response.status in REDIRECT_STATUSES:
                     location = response.headers.get("location")
                     if not location:
                         raise ImageFetchError("The image server sent a redirect without a Location.")
                     url = join_redirect(url, location)
                     continue
-                if not 200 <= response.status_code < 300:
-                    raise ImageFetchError(
-                        f"The image server answered HTTP {response.status_code}; check the image URL."
-                    )
+                if not 200 <= response.status < 300:
+                    raise ImageFetchError(f"The image server answered HTTP {response.status}; check the image URL.")
                 return await self._read_body(response)
-            finally:
-                await response.aclose()
         raise ImageFetchError(
             f"The image URL redirected more than {self._limits.max_redirects} times; link the image directly."
         )
@@ -131,7 +127,8 @@ class HttpFetcher:
         self._addresses.check(url.host, addresses)
         return addresses
 
-    def _request(self, url: HttpURL, ip: IPAddress) -> httpx.Request:
+    @staticmethod
+    def _request(url: HttpURL, ip: IPAddress) -> OutgoingRequest:
         headers = {
             "Host": url.host_header,
             "User-Agent": USER_AGENT,
@@ -139,30 +136,26 @@ class HttpFetcher:
             # Compressed transfer would let a small body inflate past the byte cap.
             "Accept-Encoding": "identity",
         }
-        extensions = {}
-        if url.scheme == "https":
-            headers["Connection"] = "close"
-            if url.ip is None:
-                extensions["sni_hostname"] = url.host
-        target = httpx.URL(scheme=url.scheme, host=str(ip), port=url.port, raw_path=url.target.encode("ascii"))
-        return self._client.build_request(
-            "GET", target, headers=headers, timeout=self._timeout, extensions=extensions
-        )
+        server_hostname = url.host if url.scheme == "https" and url.ip is None else None
+        return OutgoingRequest(url.scheme, ip, url.port, url.target, headers, server_hostname)
 
-    async def _send(self, url: HttpURL, addresses: list[IPAddress]) -> httpx.Response:
+    @asynccontextmanager
+    async def _send(self, url: HttpURL, addresses: list[IPAddress]) -> AsyncIterator[IncomingResponse]:
         for ip in addresses[:MAX_CONNECT_ATTEMPTS]:
             try:
-                return await self._client.send(self._request(url, ip), stream=True, follow_redirects=False)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                log.debug("image fetch: connecting to %s failed: %r", url.host, exc)
-            except httpx.TimeoutException:
+                async with self._transport.send(self._request(url, ip)) as response:
+                    yield response
+                    return
+            except ConnectFailed as exc:
+                log.debug("image fetch: connecting to %s failed: %s", url.host, exc)
+            except TransportTimeout:
                 raise ImageFetchError("The image server did not answer in time.") from None
-            except httpx.HTTPError as exc:
-                log.debug("image fetch from %s failed: %r", url.host, exc)
-                raise ImageFetchError("The image server closed the connection or sent an invalid answer.") from exc
+            except TransportError as exc:
+                log.debug("image fetch from %s failed: %s", url.host, exc)
+                raise ImageFetchError("The image server closed the connection or sent an invalid answer.") from None
         raise ImageFetchError(f"Could not connect to the image host '{url.host}'.")
 
-    async def _read_body(self, response: httpx.Response) -> bytes:
+    async def _read_body(self, response: IncomingResponse) -> bytes:
         cap = self._limits.max_bytes
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
@@ -173,27 +166,24 @@ class HttpFetcher:
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in response.aiter_bytes():  # identity only: checked above
+            async for chunk in response.chunks():  # identity only: checked above
                 size += len(chunk)
                 if size > cap:
                     raise too_large(cap)
                 chunks.append(chunk)
-        except httpx.TimeoutException:
+        except TransportTimeout:
             raise ImageFetchError("The image server stopped sending data.") from None
-        except httpx.HTTPError as exc:
-            log.debug("image body read failed: %r", exc)
-            raise ImageFetchError("The image download was cut off or malformed.") from exc
+        except TransportError as exc:
+            log.debug("image body read failed: %s", exc)
+            raise ImageFetchError("The image download was cut off or malformed.") from None
         return b"".join(chunks)
 
 
-def build_http_client(concurrency: int) -> httpx.AsyncClient:
-    """The client the loader uses when none is injected: no proxy from the environment, no
-    automatic redirects, no cookies (requests go to IP URLs, so a jar would share one host's
-    cookies with every name on that address), pool sized to the fetch concurrency."""
-    return httpx.AsyncClient(
-        trust_env=False,
-        follow_redirects=False,
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        headers={"User-Agent": USER_AGENT},
+def build_transport(limits: FetchLimits, concurrency: int) -> AiohttpTransport:
+    """The transport the loader uses when none is injected, pool sized to the fetch
+    concurrency and the per-read deadlines capped by the total one."""
+    return AiohttpTransport(
+        max_connections=concurrency,
+        connect_timeout=min(limits.connect_timeout, limits.total_timeout),
+        read_timeout=min(limits.read_timeout, limits.total_timeout),
     )

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
 from PIL import Image
 
 from ..errors import ImageError
@@ -27,11 +26,12 @@ from ..settings import Settings
 from .cache import DEFAULT_CACHE_BYTES, ContentCache, URLCache
 from .decode import DecodeLimits, decode_image, prepare
 from .family import effective_max_pixels, family_spec
-from .fetch import FetchLimits, HttpFetcher, build_http_client
+from .fetch import FetchLimits, HttpFetcher, build_transport
 from .limits import check_image_count
 from .local import LocalMediaReader, decode_data_url
 from .policy import AddressPolicy, DomainPolicy
 from .resolve import Resolver, system_resolver
+from .transport import Transport
 from .urls import DataURL, FileURL, HttpURL, ImageURL, parse_image_url
 
 T = TypeVar("T")
@@ -66,30 +66,31 @@ class ImageLoader:
         metrics: Metrics,
         *,
         family: str,
-        http_client: httpx.AsyncClient | None = None,
+        transport: Transport | None = None,
         resolver: Resolver | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        """`family`: qwen-vl, qwen2-vl, qwen2.5-vl or qwen3-vl. `http_client`: shared client
-        (must not use a proxy; redirects are handled here), else one is created and owned.
+        """`family`: qwen-vl, qwen2-vl, qwen2.5-vl or qwen3-vl. `transport`: the HTTP client
+        for image URLs (must connect to the address it is given, never through a proxy; the
+        loader closes it), else an aiohttp one is created.
         `resolver`: host name resolution (default: the system resolver in a thread).
         Raises ValueError for an unknown family or a malformed --image-allow-networks."""
         self.settings = settings
         self.family = family_spec(family)
         self._metrics = metrics
-        self._owns_client = http_client is None
-        self._client = http_client or build_http_client(settings.image_fetch_concurrency)
+        limits = FetchLimits(
+            max_bytes=settings.image_max_bytes,
+            total_timeout=settings.image_fetch_timeout,
+            connect_timeout=settings.image_connect_timeout,
+            max_redirects=settings.image_max_redirects,
+        )
+        self._transport = transport or build_transport(limits, settings.image_fetch_concurrency)
         self._fetcher = HttpFetcher(
-            self._client,
+            self._transport,
             addresses=AddressPolicy(settings.image_allow_networks),
             domains=DomainPolicy(settings.image_allowed_domains, settings.image_denied_domains),
             resolver=resolver or system_resolver,
-            limits=FetchLimits(
-                max_bytes=settings.image_max_bytes,
-                total_timeout=settings.image_fetch_timeout,
-                connect_timeout=settings.image_connect_timeout,
-                max_redirects=settings.image_max_redirects,
-            ),
+            limits=limits,
             concurrency=settings.image_fetch_concurrency,
         )
         self._local = LocalMediaReader(settings.allowed_local_media_path, settings.image_max_bytes)
@@ -160,10 +161,9 @@ class ImageLoader:
         return [task.result() for task in tasks]
 
     async def aclose(self) -> None:
-        """Release the worker pool and, if the loader created it, the HTTP client."""
+        """Release the worker pool and the HTTP transport."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._owns_client:
-            await self._client.aclose()
+        await self._transport.aclose()
 
     # --- steps ----------------------------------------------------------------------------
 

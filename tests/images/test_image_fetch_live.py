@@ -9,16 +9,16 @@ import datetime
 import ssl
 import time
 
-import httpx
 import pytest
 
 from server.errors import ImageFetchError, ImageTooLargeError, ImageURLForbiddenError
 from server.images import static_resolver
 from server.images.fetch import USER_AGENT
+from server.images.transport import AiohttpTransport
 
 import image_samples as samples
 from image_helpers import load_one, make_settings, use_loader
-from support.http_server import redirect, start_server, static
+from support.http_server import raw, redirect, silent, start_server, static
 
 
 def test_allowed_server_serves_an_image(image_server):
@@ -188,31 +188,79 @@ def test_https_uses_sni_and_verifies_the_certificate_for_the_name(tmp_path):
     server_ctx.load_cert_chain(cert_file, key_file)
     sni_seen: list[str | None] = []
     server_ctx.sni_callback = lambda sock, name, ctx: sni_seen.append(name)
-    state, httpd = start_server("127.0.0.2", wrap_socket=lambda s: server_ctx.wrap_socket(s, server_side=True))
+    state, httpd = start_server("127.0.0.2", wrap_socket=lambda s: server_ctx.wrap_socket(s, server_side=True),
+                                keep_alive=True)
     state.routes["/red.png"] = static(samples.png(), "image/png")
     client_ctx = ssl.create_default_context(cafile=str(ca_file))
     resolver = static_resolver({"images.test": ["127.0.0.2"], "wrong.test": ["127.0.0.2"]})
 
-    async def fetch(url):
-        async with httpx.AsyncClient(verify=client_ctx, trust_env=False) as client:
-            return await use_loader(lambda loader: loader.load(url), http_client=client, resolver=resolver)
+    async def run(loader):
+        outcomes = []
+        for name in ("images.test", "images.test", "wrong.test", "127.0.0.2"):
+            try:
+                loaded = await loader.load(f"https://{name}:{state.port}/red.png")
+                outcomes.append(loaded.original_size)
+            except ImageFetchError as exc:
+                outcomes.append(exc.code)
+        return outcomes
 
     try:
-        loaded = asyncio.run(fetch(f"https://images.test:{state.port}/red.png"))
-        assert loaded.original_size == (64, 48)
-        assert sni_seen == ["images.test"]
-        assert state.requests[-1][1]["Host"] == f"images.test:{state.port}"
-        # Same address, a name the certificate does not cover: verification must fail.
-        with pytest.raises(ImageFetchError):
-            asyncio.run(fetch(f"https://wrong.test:{state.port}/red.png"))
-        # The bare IP is not in the certificate either.
-        with pytest.raises(ImageFetchError):
-            asyncio.run(fetch(f"https://127.0.0.2:{state.port}/red.png"))
-        assert len(state.requests) == 1
+        # One loader, so one connection pool, for all four: the keep-alive connection
+        # verified for images.test must not carry the request for wrong.test.
+        transport = AiohttpTransport(max_connections=4, connect_timeout=1.0, read_timeout=3.0,
+                                     ssl_context=client_ctx)
+        outcomes = asyncio.run(use_loader(run, transport=transport, resolver=resolver,
+                                          settings=make_settings(image_url_cache_ttl=0)))
+        # The name the certificate does not cover and the bare IP (no IP SAN) both fail.
+        assert outcomes == [(64, 48), (64, 48), "image_fetch_failed", "image_fetch_failed"]
+        assert sni_seen == ["images.test", "wrong.test", None]
+        assert [headers["Host"] for _, headers in state.requests] == [f"images.test:{state.port}"] * 2
+        assert state.peers[0] == state.peers[1]  # the second fetch reused the verified connection
     finally:
         httpd.shutdown()
         httpd.server_close()
 
+
+def test_connections_are_kept_alive_between_fetches():
+    state, httpd = start_server("127.0.0.2", keep_alive=True)
+    state.routes["/red.png"] = static(samples.png(), "image/png")
+    state.routes["/blue.png"] = static(samples.png(32, 32, (0, 0, 255)), "image/png")
+
+    async def run(loader):
+        await loader.load(state.url("/red.png"))
+        return await loader.load(state.url("/blue.png"))
+
+    try:
+        assert asyncio.run(use_loader(run)).original_size == (32, 32)
+        assert [path for path, _ in state.requests] == ["/red.png", "/blue.png"]
+        assert len(set(state.peers)) == 1, state.peers
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_broken_answers_are_fetch_errors(image_server):
+    image_server.routes["/junk"] = raw(b"SPLAT 200 what\r\n\r\nnot http at all")
+    image_server.routes["/cut-off"] = raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"\x89PNG" * 10)
+    image_server.routes["/empty"] = raw(b"")
+    image_server.routes["/huge-header"] = raw(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 100_000 + b"\r\n\r\n")
+    expected = {"/junk": "invalid answer", "/cut-off": "cut off", "/empty": "closed the connection",
+                "/huge-header": "invalid answer"}
+    for path, message in expected.items():
+        with pytest.raises(ImageFetchError) as info:
+            load_one(image_server.url(path))
+        assert message in info.value.message, (path, info.value.message)
+        assert "aiohttp" not in info.value.message and "127.0.0.2" not in info.value.message
+
+
+def test_a_silent_server_hits_the_read_timeout(image_server):
+    image_server.routes["/silent"] = silent(3.0)
+    transport = AiohttpTransport(max_connections=2, connect_timeout=1.0, read_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError) as info:
+        load_one(image_server.url("/silent"), transport=transport, settings=make_settings(image_fetch_timeout=10.0))
+    assert "did not answer in time" in info.value.message
+    assert time.monotonic() - started < 2.5
 
 
 def test_the_loader_keeps_no_cookies(image_server):

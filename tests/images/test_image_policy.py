@@ -1,18 +1,21 @@
 """The address and domain policies as unit tests (no network), and the fetcher's use of
-them with an injected resolver and a mock transport (nothing leaves the process)."""
+them with an injected resolver and a fake transport (nothing leaves the process)."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
-import httpx
 import pytest
+from multidict import CIMultiDict
 
-from server.errors import ImageFetchError, ImageURLForbiddenError
+from server.errors import ImageFetchError, ImageTooLargeError, ImageURLForbiddenError
 from server.images import static_resolver
 from server.images.fetch import USER_AGENT, FetchLimits, HttpFetcher
 from server.images.policy import AddressPolicy, DomainPolicy, embedded_ipv4, is_public
+from server.images.transport import ConnectFailed, OutgoingRequest, TransportError, TransportTimeout
 from server.images.urls import parse_image_url
 
 import image_samples as samples
@@ -90,41 +93,91 @@ def test_domain_lists():
         deny_only.check("www.evil.test")
 
 
-# --- the fetcher with a fake resolver and a mock transport -----------------------------
+# --- the fetcher with a fake resolver and a fake transport ------------------------------
 
 LIMITS = FetchLimits(max_bytes=100_000, total_timeout=2.0, connect_timeout=1.0, max_redirects=2)
 
 
-def fetch(url: str, table: dict[str, list[str]], handler=None, allow=("192.0.2.0/24",), allowed_domains=()):
-    seen: list[httpx.Request] = []
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    fail_body: Exception | None = None  # raised after the first chunk
 
-    def record(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        if handler is None:
-            return httpx.Response(200, content=samples.png())
-        return handler(request)
+
+class FakeResponse:
+    def __init__(self, reply: Reply) -> None:
+        self.status = reply.status
+        self.headers = CIMultiDict(reply.headers)
+        self._reply = reply
+
+    async def chunks(self):
+        yield self._reply.body[:10]
+        if self._reply.fail_body is not None:
+            raise self._reply.fail_body
+        yield self._reply.body[10:]
+
+
+class FakeTransport:
+    """Records each request; `handler(request)` returns a Reply or raises a transport error."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.seen: list[OutgoingRequest] = []
+        self.closed = False
+
+    @asynccontextmanager
+    async def send(self, request: OutgoingRequest):
+        self.seen.append(request)
+        yield FakeResponse(self.handler(request))
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def fetch(url: str, table: dict[str, list[str]], handler=None, allow=("192.0.2.0/24",), allowed_domains=()):
+    transport = FakeTransport(handler or (lambda request: Reply(body=samples.png())))
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(record)) as client:
-            fetcher = HttpFetcher(client, addresses=AddressPolicy(allow), domains=DomainPolicy(allowed_domains),
-                                  resolver=static_resolver(table), limits=LIMITS, concurrency=4)
-            return await fetcher.fetch(parse_image_url(url))
+        fetcher = HttpFetcher(transport, addresses=AddressPolicy(allow), domains=DomainPolicy(allowed_domains),
+                              resolver=static_resolver(table), limits=LIMITS, concurrency=4)
+        return await fetcher.fetch(parse_image_url(url))
 
-    return asyncio.run(go()), seen
+    return asyncio.run(go()), transport.seen
 
 
 def test_request_goes_to_the_checked_address_with_the_name_in_host_and_sni():
-    # 192.0.2.0/24 (TEST-NET-1) is allowed as an exception; the mock transport never connects.
+    # 192.0.2.0/24 (TEST-NET-1) is allowed as an exception; the fake transport never connects.
     body, seen = fetch("https://images.example:8443/a/b.png?q=1", {"images.example": ["192.0.2.10"]})
     assert body == samples.png()
     (request,) = seen
-    assert request.url.host == "192.0.2.10"
-    assert request.url.port == 8443
-    assert request.url.raw_path == b"/a/b.png?q=1"
-    assert request.headers["host"] == "images.example:8443"
-    assert request.extensions["sni_hostname"] == "images.example"
-    assert request.headers["user-agent"] == USER_AGENT
-    assert request.headers["accept-encoding"] == "identity"
+    assert request.scheme == "https"
+    assert request.ip == ipaddress.ip_address("192.0.2.10")
+    assert request.port == 8443
+    assert request.target == "/a/b.png?q=1"
+    assert request.headers["Host"] == "images.example:8443"
+    assert request.server_hostname == "images.example"
+    assert request.headers["User-Agent"] == USER_AGENT
+    assert request.headers["Accept-Encoding"] == "identity"
+
+
+def test_tls_name_is_only_set_for_https_to_a_host_name():
+    _, seen = fetch("http://images.example/x.png", {"images.example": ["192.0.2.10"]})
+    assert seen[0].server_hostname is None and seen[0].headers["Host"] == "images.example"
+    _, seen = fetch("https://192.0.2.10/x.png", {})
+    assert seen[0].server_hostname is None and seen[0].headers["Host"] == "192.0.2.10"
+
+
+def test_next_address_is_tried_when_connecting_fails():
+    def handler(request):
+        if request.ip == ipaddress.ip_address("192.0.2.10"):
+            raise ConnectFailed("refused")
+        return Reply(body=b"image")
+
+    body, seen = fetch("http://images.example/x.png", {"images.example": ["192.0.2.10", "192.0.2.11"]}, handler)
+    assert body == b"image"
+    assert [str(r.ip) for r in seen] == ["192.0.2.10", "192.0.2.11"]
 
 
 def test_name_resolving_to_a_private_address_is_never_requested():
@@ -142,19 +195,32 @@ def test_unresolvable_host():
 
 
 def test_redirect_hops_are_rechecked():
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/start":
-            return httpx.Response(302, headers={"Location": "http://internal.example/secret"})
-        return httpx.Response(200, content=b"secret")
+    def handler(request):
+        if request.target == "/start":
+            return Reply(302, headers={"Location": "http://internal.example/secret"})
+        return Reply(body=b"secret")
 
     with pytest.raises(ImageURLForbiddenError):
         fetch("http://images.example/start", {"images.example": ["192.0.2.10"],
                                               "internal.example": ["10.1.2.3"]}, handler)
 
 
+def test_redirect_is_followed_to_the_new_host_address():
+    def handler(request):
+        if request.target == "/start":
+            return Reply(301, headers={"location": "https://cdn.example/img/x.png"})
+        return Reply(body=b"image")
+
+    body, seen = fetch("http://images.example/start", {"images.example": ["192.0.2.10"],
+                                                       "cdn.example": ["192.0.2.20"]}, handler)
+    assert body == b"image"
+    assert (str(seen[1].ip), seen[1].port, seen[1].target) == ("192.0.2.20", 443, "/img/x.png")
+    assert seen[1].headers["Host"] == "cdn.example" and seen[1].server_hostname == "cdn.example"
+
+
 def test_redirect_to_an_unlisted_domain_is_refused():
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(302, headers={"Location": "http://elsewhere.example/x.png"})
+    def handler(request):
+        return Reply(302, headers={"Location": "http://elsewhere.example/x.png"})
 
     with pytest.raises(ImageURLForbiddenError):
         fetch("http://images.example/x.png", {"images.example": ["192.0.2.10"], "elsewhere.example": ["192.0.2.11"]},
@@ -163,22 +229,42 @@ def test_redirect_to_an_unlisted_domain_is_refused():
 
 def test_http_errors_and_missing_location():
     with pytest.raises(ImageFetchError) as info:
-        fetch("http://images.example/x.png", {"images.example": ["192.0.2.10"]}, lambda r: httpx.Response(404))
+        fetch("http://images.example/x.png", {"images.example": ["192.0.2.10"]}, lambda r: Reply(404))
     assert "HTTP 404" in info.value.message
-    with pytest.raises(ImageFetchError):
-        fetch("http://images.example/x.png", {"images.example": ["192.0.2.10"]}, lambda r: httpx.Response(302))
+    with pytest.raises(ImageFetchError) as info:
+        fetch("http://images.example/x.png", {"images.example": ["192.0.2.10"]}, lambda r: Reply(302))
+    assert "without a Location" in info.value.message
+
+
+def test_declared_and_streamed_sizes_over_the_cap():
+    table = {"images.example": ["192.0.2.10"]}
+    declared = Reply(body=b"x", headers={"Content-Length": str(LIMITS.max_bytes + 1)})
+    with pytest.raises(ImageTooLargeError):
+        fetch("http://images.example/x.png", table, lambda r: declared)
+    with pytest.raises(ImageTooLargeError):  # no length given, the body runs over
+        fetch("http://images.example/x.png", table, lambda r: Reply(body=b"x" * (LIMITS.max_bytes + 1)))
+    body, _ = fetch("http://images.example/x.png", table, lambda r: Reply(body=b"x" * LIMITS.max_bytes))
+    assert len(body) == LIMITS.max_bytes
 
 
 def test_transport_failures_become_fetch_errors():
     def broken(exc):
-        def handler(request: httpx.Request) -> httpx.Response:
+        def handler(request):
             raise exc
 
         return handler
 
     table = {"images.example": ["192.0.2.10"]}
-    for exc in (httpx.ConnectError("refused"), httpx.ReadError("reset"), httpx.RemoteProtocolError("junk"),
-                httpx.ReadTimeout("slow"), httpx.ConnectTimeout("slow")):
+    cases = [(ConnectFailed("refused 10.9.8.7"), "Could not connect"),
+             (TransportTimeout("slow 10.9.8.7"), "did not answer in time"),
+             (TransportError("junk 10.9.8.7"), "closed the connection or sent an invalid answer")]
+    for exc, message in cases:
         with pytest.raises(ImageFetchError) as info:
             fetch("http://images.example/x.png", table, broken(exc))
-        assert str(exc) not in info.value.message
+        assert message in info.value.message and "10.9.8.7" not in info.value.message
+    body_cases = [(TransportTimeout("slow 10.9.8.7"), "stopped sending data"),
+                  (TransportError("reset 10.9.8.7"), "cut off or malformed")]
+    for exc, message in body_cases:
+        with pytest.raises(ImageFetchError) as info:
+            fetch("http://images.example/x.png", table, lambda r, exc=exc: Reply(body=b"y" * 100, fail_body=exc))
+        assert message in info.value.message and "10.9.8.7" not in info.value.message

@@ -54,24 +54,53 @@ def drip(total: int = 200, interval: float = 0.1) -> Route:
     return handle
 
 
+def raw(data: bytes, close: bool = True) -> Route:
+    """Write `data` as the whole answer (status line and all), then close the connection."""
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        h.wfile.write(data)
+        h.wfile.flush()
+        h.close_connection = close
+
+    return handle
+
+
+def silent(seconds: float) -> Route:
+    """Accept the request and answer nothing for `seconds`."""
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        time.sleep(seconds)
+        h.close_connection = True
+
+    return handle
+
+
 @dataclass
 class LocalServer:
     host: str
     port: int
     routes: dict[str, Route] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    #: The client's (address, port) of each request, in the order of `requests`.
+    peers: list[tuple[str, int]] = field(default_factory=list)
     scheme: str = "http"
 
     def url(self, path: str, host: str | None = None) -> str:
         return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
 
-def start_server(host: str, wrap_socket: Callable | None = None) -> tuple[LocalServer, ThreadingHTTPServer]:
+def start_server(host: str, wrap_socket: Callable | None = None,
+                 keep_alive: bool = False) -> tuple[LocalServer, ThreadingHTTPServer]:
+    """Serve `state.routes` on `host`, a free port. `keep_alive`: answer as HTTP/1.1 and keep
+    connections open between requests (routes must then send a Content-Length)."""
     state = LocalServer(host, 0)
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             state.requests.append((self.path, dict(self.headers)))
+            state.peers.append(self.client_address[:2])
             route = state.routes.get(self.path)
             if route is None:
                 static(b"not found", "text/plain", 404)(self)
