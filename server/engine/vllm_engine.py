@@ -317,7 +317,9 @@ class VLLMEngine(Engine):
         # AsyncLLM hands engine outputs to the request streams in chunks, yielding to the
         # event loop between chunks. vLLM's 128 keeps the loop busy for a whole batch;
         # 8 lets probes and new requests in between (measured, workload (b) at 64 streams
-        # on 2 CPU cores: /health p99 166-191 ms -> 32-41 ms, throughput not lower).
+        # on 2 CPU cores: /health p99 166-191 ms -> 32-41 ms, throughput not lower). The
+        # price: under text-only overload a lagging stream still sends one write per
+        # token, so the backlog sits before first tokens (docs/benchmarks.md).
         os.environ.setdefault("VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", "8")
         from vllm.v1.engine.async_llm import AsyncLLM
 
