@@ -2,13 +2,17 @@
 time on a new connection (as Kubernetes probes do), and record how long the answer took.
 
 It runs in its own process so that the load generator's busy event loop does not add to
-the latencies it measures.
+the latencies it measures, and in its own session, so that under the kernel's autogroup
+scheduling it is not a member of the load generator's group, waiting for a CPU behind
+its 64 streams (as a kubelet would not be). Measured at (a)/64 on 2 cores, two probes in one
+run: /health p99 29.0 ms from the load generator's session, 20.7 ms from its own.
 """
 
 from __future__ import annotations
 
 import http.client
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -29,6 +33,7 @@ class ProbeResult:
 
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
+    own_session: bool = False  # whether the probe ran in a session (scheduling group) of its own
 
 
 def probe_once(host: str, port: int, path: str, timeout: float) -> float | None:
@@ -50,6 +55,11 @@ def _loop(url: str, interval: float, timeout: float, max_seconds: float, stop, o
     parts = urlsplit(url)
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
     result = ProbeResult()
+    try:
+        os.setsid()
+        result.own_session = True
+    except OSError:  # already a session leader, or not allowed: probes all the same
+        pass
     out.send("started")
     end = time.perf_counter() + max_seconds
     while not stop.is_set() and time.perf_counter() < end:

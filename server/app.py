@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api import chat, health, models
+from server.api.body import validation_to_api_error
 from server.engine.base import Engine
 from server.errors import APIError, InvalidRequestError
 from server.metrics import Metrics
@@ -70,7 +71,9 @@ def create_app(
             await runtime.shutdown()
 
     docs = settings.docs
-    app = FastAPI(title="qwen-vl-serve", lifespan=lifespan, root_path=settings.root_path,
+    # redirect_slashes off: "/v1/chat/completions/" is a JSON 404, not a 307 to an address
+    # built from the client's own Host header.
+    app = FastAPI(title="qwen-vl-serve", lifespan=lifespan, root_path=settings.root_path, redirect_slashes=False,
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
     app.state.runtime = runtime
@@ -102,16 +105,15 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return respond(validation_to_api_error(exc))
+        return respond(validation_to_api_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # FastAPI answers 400 for a body its JSON parser gave up on past the syntax: a number
-        # of thousands of digits, nesting thousands of levels deep.
+        # (FastAPI's own 400 for a body it could not parse: our chat endpoint parses its
+        # body itself, with messages that say what was wrong.)
         kinds = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout"}
         err = APIError(
-            {400: "The request body could not be parsed: it holds a value JSON parsing refuses "
-                  "(a number of thousands of digits, or nesting thousands of levels deep).",
+            {400: "The request body could not be parsed as JSON.",
              404: "No such endpoint.", 405: "Method not allowed on this endpoint.",
              408: BODY_STALLED}.get(
                 exc.status_code, "The request could not be served."
@@ -122,42 +124,3 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         )
         err.type = "invalid_request_error"
         return respond(err)
-
-
-def validation_to_api_error(exc: RequestValidationError) -> InvalidRequestError:
-    """A 400 naming the first offending field, in words; never the rejected value itself."""
-    errors = exc.errors()
-    if not errors:
-        return InvalidRequestError("The request body is invalid.")
-    # For unions pydantic reports one error per alternative; the deepest is the specific one.
-    first = max(errors, key=lambda e: len(e.get("loc", ())))
-    if any(e.get("type") == "json_invalid" for e in errors):
-        first = next(e for e in errors if e.get("type") == "json_invalid")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return InvalidRequestError("The request body is not valid JSON.", code="invalid_json")
-    # Unions add type names and tags to the location; drop them, keep the field path.
-    cleaned: list[str] = []
-    for part in loc:
-        if "[" in part or part in ("str", "int", "float", "bool") or (cleaned and cleaned[-1] == part):
-            continue
-        cleaned.append(part)
-    loc = cleaned
-    param = _format_loc(loc)
-    message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if first.get("type") == "missing" and not param:
-        text = "The request has no body; send a JSON object with 'messages'."
-    elif first.get("type") == "missing":
-        text = f"Missing required field '{param}'."
-    elif first.get("type") == "union_tag_invalid" or first.get("type") == "union_tag_not_found":
-        text = f"Unsupported content part type at '{param}': use 'text' or 'image_url'."
-    else:
-        text = f"Invalid value for '{param}': {message}." if param else f"Invalid request: {message}."
-    return InvalidRequestError(text, param=param or None)
-
-
-def _format_loc(loc: list[str]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
-    return out

@@ -125,15 +125,7 @@ def serve(settings: Settings, model: str) -> int:
         on_fatal=on_fatal,
     )
     runtime = app.state.runtime
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_keep_alive=75,  # longer than typical LB idle timeouts (nginx keepalive 60 s)
-        access_log=False,  # one structured line per request comes from our middleware
-        timeout_graceful_shutdown=5,
-    )
+    config = uvicorn_config(app, settings)
     server = _DrainingServer(config, runtime, settings.drain_timeout)
     server_ref["server"] = server
     # Bind before the app starts: a taken port ends the process (uvicorn logs why and
@@ -141,6 +133,25 @@ def serve(settings: Settings, model: str) -> int:
     sock = config.bind_socket()
     server.run(sockets=[sock])
     return exit_code["code"]
+
+
+def uvicorn_config(app, settings: Settings, **overrides: Any):
+    """uvicorn's configuration for `app` under `settings` (`overrides`: uvicorn.Config's own
+    arguments, for tests)."""
+    import uvicorn
+
+    from server.http_protocol import guarded_protocol
+
+    options: dict[str, Any] = dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout),
+        timeout_keep_alive=75,  # longer than typical LB idle timeouts (nginx keepalive 60 s)
+        access_log=False,  # one structured line per request comes from our middleware
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Config(app, **{**options, **overrides})
 
 
 def _exit_now(code: int) -> None:

@@ -242,7 +242,9 @@ def install_middleware(app: FastAPI, settings: Settings, runtime) -> None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            # Any request header: the OpenAI SDKs add their own (x-stainless-*, openai-*),
+            # and browsers preflight each; a fixed list would refuse them as SDKs change.
+            allow_headers=["*"],
             expose_headers=["X-Request-Id", "Retry-After"],
         )

@@ -19,7 +19,20 @@ COUNT_MAX = 2**31 - 1
 
 class _Lenient(BaseModel):
     # NaN and infinities are no sampling values (JSON from Python clients can carry them).
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: JSON types as OpenAI's API checks them ("stream": "yes" or "max_tokens": true
+    # are errors, not coerced); an integer is still a number where a float is expected.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's API treats an explicit null in an optional field as "not given", and SDKs
+        # send one wherever the caller passed None (`n=None`, `stream=None`, ...).
+        if isinstance(data, dict) and None in data.values():
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
 
 # --- request ------------------------------------------------------------------------------
@@ -46,11 +59,20 @@ class ImagePart(_Lenient):
         return {"url": value} if isinstance(value, str) else value
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class RefusalPart(_Lenient):
+    """An earlier assistant turn's refusal, sent back as history (read as its text)."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[TextPart | ImagePart | RefusalPart, Field(discriminator="type")]
 
 
 class Message(_Lenient):
-    role: Literal["system", "user", "assistant", "developer"]
+    # "tool" and "function" carry results of earlier tool calls in the history; this server
+    # makes no tool calls itself, but such a history is rendered as the model's template does.
+    role: Literal["system", "user", "assistant", "developer", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -69,8 +91,8 @@ class ChatCompletionRequest(_Lenient):
     n: int = Field(1, ge=1, le=COUNT_MAX)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool = False
@@ -128,25 +150,27 @@ class ChatCompletionRequest(_Lenient):
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _surrogate_path(value: Any, path: str = "") -> str | None:
-    """Where in a parsed JSON value a string holds a lone surrogate ("" for the top), else None."""
-    if isinstance(value, str):
-        # isascii() first: data URLs are megabytes of ASCII, checked without a scan for the range
-        return path if not value.isascii() and _SURROGATE.search(value) else None
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = ((f"[{i}]", v) for i, v in enumerate(value))
-    else:
-        return None
-    for key, item in items:
-        if isinstance(value, dict):
-            if _surrogate_path(key) is not None:
-                return path or "a field name"
-            key = f".{key}" if path else str(key)
-        found = _surrogate_path(item, path + key)
-        if found is not None:
-            return found
+def _surrogate_path(value: Any) -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("" for the top), else None.
+
+    Walks with its own stack, not recursion: JSON nested a thousand levels deep parses, and
+    must not end in a RecursionError here."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            # isascii() first: data URLs are megabytes of ASCII, checked without a scan for the range
+            if not item.isascii() and _SURROGATE.search(item):
+                return path
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                if not key.isascii() and _SURROGATE.search(key):
+                    return path or "a field name"
+                children.append((f"{path}.{key}" if path else str(key), child))
+            stack.extend(reversed(children))  # first field first, as in the request
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", child) for i, child in reversed(list(enumerate(item))))
     return None
 
 

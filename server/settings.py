@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         None, ge=0, description="Size of vLLM's cache of preprocessed images, in GiB (vLLM's default: 4; "
         "with lru it is held twice, by the server and the engine core; 0: off).",
     )
+    generation_config: str = Field(
+        "auto",
+        description="Sampling defaults for fields a request leaves out (temperature, top_p, top_k, "
+        "min_p, repetition/presence/frequency penalties, max tokens): 'auto' takes them from the "
+        "checkpoint's generation_config.json, as vLLM's server does; 'vllm' uses neutral ones "
+        "(temperature 1, no top-p/top-k); or a directory holding a generation_config.json.",
+    )
     seed: int = Field(0, description="Engine seed.")
     trust_remote_code: bool = Field(
         False, description="Execute Python files shipped with a checkpoint. Never needed for Qwen-VL."
@@ -144,6 +151,14 @@ class Settings(BaseSettings):
     body_read_timeout: float = Field(
         30.0, gt=0, description="Longest wait, in seconds, for the next part of a request body "
         "(a client that stops sending one gets a 408 and loses the connection)."
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request head (request line and headers), in bytes; "
+        "a larger one gets a 431 and loses the connection."
+    )
+    header_timeout: float = Field(
+        30.0, gt=0, description="Longest time, in seconds, a request's headers may take to arrive "
+        "(and a new connection to start sending them); then a 408 and the connection closes."
     )
     sse_keepalive_interval: float = Field(
         15.0, gt=0, description="Seconds between SSE comments while a stream waits."

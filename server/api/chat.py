@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.body import check_media_type, parse_json_body, validate_body
 from server.api.deps import RuntimeDep
 from server.errors import RequestTimeoutError
 from server.schemas import ChatCompletionRequest
@@ -17,10 +18,24 @@ router = APIRouter()
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep):
-    service = rt.chat_service()
+# The body is parsed by hand (server.api.body), so its schema is given to the API docs here;
+# the schema's own definitions sit under it, referred to by JSON pointer.
+_BODY_SCHEMA_AT = "#/paths/~1v1~1chat~1completions/post/requestBody/content/application~1json/schema"
+_BODY_SCHEMA = ChatCompletionRequest.model_json_schema(ref_template=_BODY_SCHEMA_AT + "/$defs/{model}")
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _BODY_SCHEMA}}}},
+)
+async def chat_completions(request: Request, rt: RuntimeDep):
     arrived = time.perf_counter()
+    check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
+    data = parse_json_body(await request.body())
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        rt.chat_service().check_message_count(len(data["messages"]))  # before validating them all
+    body = validate_body(ChatCompletionRequest, data)
+    service = rt.chat_service()
     deadline = rt.settings.request_timeout  # counted from arrival, time in the queue included
     release = await rt.admit(request, deadline)
     try:

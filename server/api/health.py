@@ -12,6 +12,7 @@ router = APIRouter()
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)  # for load balancers that probe with HEAD
 async def health(rt: RuntimeDep) -> Response:
     """Liveness: the process is up and the engine (once loaded) is alive."""
     if rt.dead:
@@ -20,6 +21,7 @@ async def health(rt: RuntimeDep) -> Response:
 
 
 @router.get("/ready")
+@router.head("/ready", include_in_schema=False)
 async def ready(rt: RuntimeDep) -> Response:
     """Readiness: loaded, not draining, not dead."""
     state = rt.state()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.errors import InvalidRequestError
-from server.schemas import ImagePart, Message, TextPart
+from server.schemas import ImagePart, Message, RefusalPart, TextPart
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,16 @@ class Conversation:
     images: list[ImageRef]
 
 
+#: Roles as the chat templates know them ("developer" is OpenAI's newer name for "system",
+#: "function" its older one for "tool").
+_TEMPLATE_ROLE = {"developer": "system", "function": "tool"}
+
+
 def collect(messages: list[Message]) -> Conversation:
-    """Validate roles and content parts and gather images in the order the model sees them."""
+    """Validate roles and content parts and gather images in the order the model sees them.
+
+    A conversation may end with any role: as with OpenAI's API and vLLM's server, the model
+    then writes a new assistant turn after it."""
     texts: list[str] = []
     images: list[ImageRef] = []
     nonce = secrets.token_hex(4)
@@ -47,7 +55,7 @@ def collect(messages: list[Message]) -> Conversation:
         return f"\ue000{nonce}:{len(texts) - 1}\ue001"
 
     for i, msg in enumerate(messages):
-        role = "system" if msg.role == "developer" else msg.role
+        role = _TEMPLATE_ROLE.get(msg.role, msg.role)
         content = msg.content
         if msg.role != "assistant" and (content is None or content == []):
             # (an assistant turn may be empty: OpenAI's are when they only called tools)
@@ -62,22 +70,21 @@ def collect(messages: list[Message]) -> Conversation:
         for j, part in enumerate(content):
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": sentinel(part.text)})
-            elif isinstance(part, ImagePart):
-                if role != "user":
-                    raise InvalidRequestError(
-                        f"Images are only accepted in user messages; messages[{i}] has role "
-                        f"'{msg.role}'.",
-                        param=f"messages[{i}].content[{j}]",
-                    )
+                continue
+            only_in = "assistant" if isinstance(part, RefusalPart) else "user"
+            if role != only_in:
+                raise InvalidRequestError(
+                    f"{'A refusal part is' if only_in == 'assistant' else 'Images are'} only accepted in "
+                    f"{only_in} messages; messages[{i}] has role '{msg.role}'.",
+                    param=f"messages[{i}].content[{j}]",
+                )
+            if isinstance(part, RefusalPart):
+                parts.append({"type": "text", "text": sentinel(part.refusal)})
+            else:
                 images.append(ImageRef(part.image_url.url, f"messages[{i}].content[{j}].image_url",
-                                      part.image_url.detail))
+                                       part.image_url.detail))
                 parts.append({"type": "image"})
         out.append({"role": role, "content": parts})
-    if out and out[-1]["role"] == "assistant":
-        raise InvalidRequestError(
-            "The last message must be from the user or the system, not the assistant.",
-            param="messages",
-        )
     return Conversation(messages=out, texts=texts, images=images)
 
 

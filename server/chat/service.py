@@ -89,12 +89,7 @@ class ChatService:
         started = time.perf_counter() if started is None else started
         model = self._check_model(req.model)
         s = self.settings
-        if len(req.messages) > s.max_messages:
-            raise InvalidRequestError(
-                f"Too many messages: {len(req.messages)} sent, at most {s.max_messages} allowed.",
-                param="messages",
-                code="too_many_messages",
-            )
+        self.check_message_count(len(req.messages))
         if req.n > s.max_n:
             raise InvalidRequestError(f"n is {req.n}; at most {s.max_n} is allowed.", param="n")
         if req.top_logprobs and not req.logprobs:
@@ -141,6 +136,16 @@ class ChatService:
             clean=clean,
         )
 
+    def check_message_count(self, count: int) -> None:
+        """A 400 if a request holds more messages than the server takes."""
+        limit = self.settings.max_messages
+        if count > limit:
+            raise InvalidRequestError(
+                f"Too many messages: {count} sent, at most {limit} allowed.",
+                param="messages",
+                code="too_many_messages",
+            )
+
     def _check_text_size(self, texts: list[str]) -> None:
         """Refuse, before tokenizing, text that cannot fit the context. Tokenizing runs on the
         event loop; 30 MB of text took 86 s there, with every other request waiting."""
@@ -164,24 +169,34 @@ class ChatService:
         )
 
     def _sampling(self, req: ChatCompletionRequest) -> SamplingOptions:
+        """The request's sampling settings; a field it leaves out takes the model's default
+        (its generation config, as vLLM's server applies it), else the neutral one."""
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         stop = req.stop or []
         if req.min_tokens and max_tokens is not None and req.min_tokens > max_tokens:
             limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             raise InvalidRequestError(f"min_tokens must not exceed {limit}.", param="min_tokens")
+        defaults = self.engine.info.sampling_defaults
+
+        def pick(name: str, neutral: Any) -> Any:
+            value = getattr(req, name)
+            return value if value is not None else defaults.get(name, neutral)
+
+        top_k = pick("top_k", 0)
         return SamplingOptions(
             max_tokens=max_tokens,
+            default_max_tokens=defaults.get("max_tokens"),
             max_tokens_field="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k if req.top_k not in (None, -1) else 0,
-            min_p=req.min_p or 0.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=0 if top_k == -1 else top_k,  # -1 and 0 both mean "no top-k"
+            min_p=pick("min_p", 0.0),
             n=req.n,
             stop=list(stop),
             seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=pick("presence_penalty", 0.0),
+            frequency_penalty=pick("frequency_penalty", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
             min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,

@@ -28,6 +28,10 @@ class ModelInfo:
     model_type: str = ""
     image_processor: dict[str, Any] = field(default_factory=dict)  # min_pixels, max_pixels, ...
     stop_token_ids: tuple[int, ...] = ()  # end a chat turn besides the tokenizer's EOS
+    #: The checkpoint's sampling defaults for fields a request leaves out, by SamplingOptions
+    #: name (temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
+    #: frequency_penalty, max_tokens); empty: neutral defaults.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -35,6 +39,9 @@ class SamplingOptions:
     """Sampling settings, already validated. `max_tokens=None` means "up to the context"."""
 
     max_tokens: int | None = None
+    #: With `max_tokens=None`: generate at most this many (the model's default length),
+    #: fewer where the context ends first.
+    default_max_tokens: int | None = None
     #: The request field `max_tokens` came from, for error messages (OpenAI has two).
     max_tokens_field: str = "max_tokens"
     temperature: float = 1.0

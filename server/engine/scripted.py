@@ -56,7 +56,7 @@ class ScriptedEngine(Engine):
     async def _stream(self, request: GenerationRequest, reply: str, n_prompt: int) -> AsyncIterator[GenerationChunk]:
         s = request.sampling
         pieces = [reply[i : i + self.chunk_chars] for i in range(0, len(reply), self.chunk_chars)] or [""]
-        budget = s.max_tokens if s.max_tokens is not None else len(pieces)
+        budget = s.max_tokens if s.max_tokens is not None else (s.default_max_tokens or len(pieces))
         emitted = pieces[:budget]
         finish = "length" if len(pieces) > budget else "stop"
         self._running.add(request.request_id)

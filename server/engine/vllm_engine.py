@@ -80,6 +80,7 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
         mm_processor_cache_type=settings.mm_processor_cache_type,
         mm_processor_cache_gb=settings.mm_processor_cache_gb,
         seed=settings.seed,
+        generation_config=settings.generation_config,
         trust_remote_code=settings.trust_remote_code,
         download_dir=settings.download_dir,
         disable_log_stats=True,
@@ -138,6 +139,24 @@ def _image_processor_config(model_dir: str) -> dict[str, Any]:
                 "merge_size": data.get("merge_size"),
             }
     return {}
+
+
+_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                      "presence_penalty", "frequency_penalty", "max_tokens")
+
+
+def _sampling_defaults(model_config) -> dict[str, Any]:
+    """The checkpoint's sampling defaults (generation_config.json, under our settings'
+    `generation_config`), as vLLM's own server applies them to requests that leave them out."""
+    try:
+        diff = model_config.get_diff_sampling_param()
+    except Exception as exc:  # noqa: BLE001 - an unreadable generation config: neutral defaults
+        log.warning("could not read the model's generation config: %s", exc)
+        return {}
+    defaults = {k: diff[k] for k in _SAMPLING_DEFAULTS if diff.get(k) is not None}
+    if defaults:
+        log.info("sampling defaults from the model's generation config: %s", defaults)
+    return defaults
 
 
 class _StatsCapture:
@@ -345,6 +364,7 @@ class VLLMEngine(Engine):
             model_type=model_type,
             image_processor=_image_processor_config(model),
             stop_token_ids=_chat_stop_ids(family),
+            sampling_defaults=_sampling_defaults(model_config),
         )
         log.info("engine ready: %s (%s) on %s, max_model_len=%d", model, info.family, device, info.max_model_len)
         return cls(llm, info, stats)
@@ -381,7 +401,10 @@ class VLLMEngine(Engine):
                 f"is {limit} tokens. Shorten the messages or send fewer or smaller images.",
                 param="messages",
             )
-        max_tokens = s.max_tokens if s.max_tokens is not None else limit - n_prompt
+        if s.max_tokens is not None:
+            max_tokens = s.max_tokens
+        else:
+            max_tokens = min(limit - n_prompt, s.default_max_tokens or limit)
         if n_prompt + max_tokens > limit:
             raise ContextLengthError(
                 f"{s.max_tokens_field} is {max_tokens}, but the prompt already takes {n_prompt} of this "

@@ -52,6 +52,7 @@ _TOKEN = re.compile(
     r"""|(?P<punct>[{}\[\]:,])"""
     r"""|(?P<word>[A-Za-z_]\w*)"""
 )
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "/": "/"}
 
 _OPEN = object()  # marks a value that did not finish (truncated array or string)
@@ -254,7 +255,12 @@ def _unquote(body: str) -> str:
         else:
             out.append(char)
             i += 1
-    return "".join(out)
+    text = "".join(out)
+    if not text.isascii() and _SURROGATE.search(text):
+        # JSON writes a character beyond U+FFFF as a pair of escapes ("\\ud83d\\ude00"): join
+        # the pairs; a lone half is no character (and no UTF-8 encoder takes it): U+FFFD.
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _object_items(obj: _Object) -> list[RawItem]:

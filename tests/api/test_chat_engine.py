@@ -301,6 +301,32 @@ def test_max_tokens_gives_length(client, server):
     assert r2.usage.completion_tokens == 2
 
 
+def test_max_tokens_left_out_takes_the_models_default_length(client, server):
+    """The tiny Qwen-VL checkpoint's generation_config.json says max_new_tokens 512 (as
+    Qwen-VL-Chat's does); the tiny Qwen2-VL's sets none, so the context is the limit."""
+    r = client.chat.completions.create(model=model_name(server), temperature=0,
+                                       messages=[{"role": "user", "content": "Count."}],
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    if server.arch == "qwen-vl":
+        assert r.usage.completion_tokens == 512
+    else:
+        assert r.usage.total_tokens == MAX_MODEL_LEN
+
+
+def test_histories_with_tool_results_and_a_final_assistant_turn(client, server):
+    r = client.chat.completions.create(model=model_name(server), max_tokens=3, temperature=0, n=None,
+                                       presence_penalty=None, messages=[
+        {"role": "user", "content": "What is 6*7?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "assistant", "content": "It is"},
+    ])
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 10
+
+
 def test_logprobs(client, server):
     r = ask(client, server, "hi", max_tokens=3, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     content = r.choices[0].logprobs.content
@@ -314,7 +340,8 @@ def test_logprobs(client, server):
 def test_logprob_bytes_are_the_tokens_own(client, server):
     """A token can be a piece of a UTF-8 character: its text is empty or a replacement
     character, its bytes are still the token's; together they spell the answer."""
-    kwargs = dict(max_tokens=40, temperature=1.0, seed=3, logprobs=True, top_logprobs=2,
+    # (top_p 1: the whole vocabulary, not the checkpoint's default nucleus)
+    kwargs = dict(max_tokens=40, temperature=1.0, top_p=1.0, seed=3, logprobs=True, top_logprobs=2,
                   extra_body={"ignore_eos": True, "skip_special_tokens": False})
     r = ask(client, server, "hi", **kwargs)
     items = r.choices[0].logprobs.content
@@ -433,6 +460,13 @@ def test_values_the_engine_cannot_take_are_refused_before_it(client, server):
     assert raw(seed=2**63 - 1).status_code == 200
     metrics = httpx.get(server.base_url + "/metrics").text
     assert re.search(r"^qwenvl_engine_unfinished_requests 0(\.0)?$", metrics, re.M), metrics
+
+
+def test_request_heads_are_bounded_in_size(server):
+    """The server process runs uvicorn with our protocol (server/http_protocol.py)."""
+    r = httpx.get(server.base_url + "/health", headers={"X-Big": "a" * 100_000})
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    assert httpx.get(server.base_url + "/health", headers={"X-Fine": "a" * 8_000}).status_code == 200
 
 
 def test_error_schema(client, server):

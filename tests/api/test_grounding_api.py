@@ -137,3 +137,23 @@ def test_boxes_refer_to_the_last_image(tiny_tokenizer):
         assert boxes[0]["image_index"] == 1
         assert boxes[0]["box"] == [20, 20, 100, 75]
         assert json.dumps(boxes)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_escaped_emoji_in_a_json_label_is_served_whole(tiny_tokenizer, stream):
+    """JSON writes a character beyond U+FFFF as two escapes; their halves alone cannot be
+    encoded, and once broke the response (a 500, or a stream cut off without [DONE])."""
+    reply = '[{"bbox_2d": [10, 20, 30, 40], "label": "smiley \\ud83d\\ude00"}]'
+    engine = engine_for(tiny_tokenizer, "qwen2.5-vl", reply)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, family="qwen2.5-vl")
+    with AppServer(app) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions",
+                       json={"messages": image_message(), "stream": stream}, timeout=30)
+        assert r.status_code == 200, r.text
+        if stream:
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            boxes = [g for e in events[:-1] for c in json.loads(e)["choices"] for g in c["delta"].get("grounding") or []]
+        else:
+            boxes = r.json()["choices"][0]["message"]["grounding"]
+        assert [b["phrase"] for b in boxes] == ["smiley \U0001f600"]

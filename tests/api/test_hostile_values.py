@@ -11,14 +11,12 @@ import httpx
 import openai
 import pytest
 
-from support.app_server import AppServer, scripted_app
+from support.app_server import scripted_server
 
 
 @pytest.fixture(scope="module")
 def srv(tiny_tokenizer):
-    app, engine = scripted_app(tiny_tokenizer)
-    with AppServer(app) as server:
-        server.engine = engine
+    with scripted_server(tiny_tokenizer) as server:
         yield server
 
 
@@ -183,9 +181,75 @@ def test_with_include_usage_every_chunk_has_the_usage_field(srv):
 ], ids=["huge-number", "deep-nesting"])
 def test_json_the_parser_gives_up_on_is_named_as_such(srv, raw):
     r = httpx.post(srv.base_url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
-    err = assert_400(r, "could not be parsed", code="invalid_json")
+    err = assert_400(r, code="invalid_json")
+    assert ("too many digits" if "0000" in raw else "too deeply") in err["message"]
     assert err["type"] == "invalid_request_error"
     still_serves(srv)
+
+
+@pytest.mark.parametrize("depth", [900, 970, 990, 3000])
+def test_deep_nesting_in_an_ignored_field_is_a_400_or_served(srv, depth):
+    """Nesting the JSON parser takes but a recursive walk would not (it once ended in a 500)."""
+    raw = json.dumps(body())[:-1] + ', "zzz": ' + "[" * depth + "]" * depth + "}"
+    r = httpx.post(srv.base_url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert "too deeply" in r.json()["error"]["message"]
+    still_serves(srv)
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "UTF-8"),
+    ('{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1"), "UTF-8"),
+    (b'{"messages": [{"role": "user", "content": "hi"}', "not valid JSON"),
+    (b"[]", "must be a JSON object, not an array"),
+    (b"null", "must be a JSON object, not null"),
+    (b'"hi"', "must be a JSON object, not a string"),
+])
+def test_bodies_that_are_no_json_object_say_what_they_are(srv, raw, words):
+    r = httpx.post(srv.base_url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert_400(r, words)
+    still_serves(srv)
+
+
+@pytest.mark.parametrize("headers, words", [
+    ({}, "Content-Type: none"),
+    ({"content-type": "text/plain"}, "'text/plain'"),
+    ({"content-type": "application/x-www-form-urlencoded"}, "application/json"),
+    ({"content-type": "application/json", "content-encoding": "gzip"}, "Content-Encoding 'gzip'"),
+])
+def test_bodies_that_are_not_plain_json_get_a_415(srv, headers, words):
+    r = httpx.post(srv.base_url + "/v1/chat/completions", content=json.dumps(body()).encode(), headers=headers)
+    assert r.status_code == 415, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["code"] == "unsupported_media_type"
+    for ok in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        r = httpx.post(srv.base_url + "/v1/chat/completions", content=json.dumps(body()).encode(),
+                       headers={"content-type": ok})
+        assert r.status_code == 200, (ok, r.text)
+
+
+def test_the_message_count_is_checked_before_the_messages(srv, monkeypatch):
+    """300,000 tiny messages (10 MB, under the body cap) are refused on their count, before
+    validating or walking each of them held the event loop for seconds."""
+    import server.schemas
+
+    walks = []
+    real = server.schemas._surrogate_path
+    monkeypatch.setattr(server.schemas, "_surrogate_path", lambda value: walks.append(1) or real(value))
+    messages = [{"role": "user", "content": "a"}] * 300_000
+    r = post(srv, {"messages": messages})
+    err = assert_400(r, "Too many messages", code="too_many_messages")
+    assert err["param"] == "messages"
+    assert not walks
+    still_serves(srv)
+    assert walks  # the walk itself was patched in: a request under the limit went through it
+
+
+def test_content_of_the_wrong_shape_says_what_it_may_be(srv):
+    err = assert_400(post(srv, body(messages=[{"role": "user", "content": {"type": "text", "text": "x"}}])),
+                     "a string or a list of content parts")
+    assert err["param"] == "messages[0].content"
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
@@ -194,3 +258,36 @@ def test_non_finite_numbers_are_named_as_such(srv, value):
     r = httpx.post(srv.base_url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     err = assert_400(r, "finite")
     assert err["param"] == "temperature"
+
+
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(srv):
+    r = httpx.post(srv.base_url + "/v1/chat/completions/", json=body(), headers={"host": "evil.example"})
+    assert r.status_code == 404 and "location" not in r.headers
+    assert r.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready"])
+def test_probes_answer_head(srv, path):
+    r = httpx.head(srv.base_url + path)
+    assert r.status_code == 200 and r.content == b""
+    assert httpx.get(srv.base_url + path).json()["status"] in ("ok", "ready")
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("stream", "yes", "stream"),
+    ("stream", 1, "stream"),
+    ("max_tokens", True, "max_tokens"),
+    ("max_tokens", "16", "max_tokens"),
+    ("max_tokens", 16.5, "max_tokens"),
+    ("n", "2", "n"),
+    ("temperature", "0.5", "temperature"),
+    ("logprobs", "true", "logprobs"),
+])
+def test_values_of_the_wrong_json_type_are_refused_not_coerced(srv, field, value, param):
+    err = assert_400(post(srv, body(**{field: value})))
+    assert err["param"] == param
+
+
+def test_an_integer_is_a_number_where_a_float_is_expected(srv):
+    r = post(srv, body(temperature=1, top_p=1, presence_penalty=0))
+    assert r.status_code == 200, r.text

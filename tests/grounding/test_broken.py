@@ -196,7 +196,7 @@ FRAGMENTS = [
     "<|quad_start|>", "<|quad_end|>", "<points ", 'x1="', 'y1="', "</points>", ">",
     "(", ")", ",", "-", ".", "1", "99", "1e999", "1000", "\n", " ", '"', "'", "\\",
     "{", "}", "[", "]", ":", "```", "```json\n", '"bbox_2d"', '"point_2d"', '"label"',
-    '"bbox"', "null", "NaN", "击掌", "a",
+    '"bbox"', "null", "NaN", "击掌", "a", "\\ud83d", "\\ude00", "\\u00e9",
 ]  # fmt: skip
 
 grammarish = st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join)
@@ -218,6 +218,16 @@ def test_any_text_parses_without_error_into_valid_boxes(text, family, image_size
         for x, y in box.points:
             assert x1 <= x <= x2 and y1 <= y <= y2
         box.to_dict()
+        if box.phrase is not None:
+            box.phrase.encode("utf-8")  # no lone surrogate, which no response encoder takes
+
+
+def test_json_escaped_characters_beyond_the_bmp_are_joined_and_lone_halves_replaced():
+    text = '[{"bbox_2d": [10, 20, 30, 40], "label": "smiley \\ud83d\\ude00"}, ' \
+           '{"bbox_2d": [1, 2, 3, 4], "label": "half \\ud83d and \\ude00 \\u00e9"}]'
+    first, second = parse(text, "qwen2.5-vl")
+    assert first.phrase == "smiley \U0001f600"
+    assert second.phrase == "half \ufffd and \ufffd \u00e9"
 
 
 # --- hostile input: linear time ---------------------------------------------------------------

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Awaitable
 
 import httpx
 import uvicorn
 
 from server.app import create_app
+from server.cli import uvicorn_config
 from server.engine.base import ModelInfo
 from server.engine.scripted import ScriptedEngine
 from server.settings import Settings
@@ -23,7 +25,9 @@ class AppServer:
         self.app = app
         self.host = host
         self.port = free_port(host)
-        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
+        # the server's own uvicorn configuration (its HTTP protocol and limits), on a free port
+        config = uvicorn_config(app, app.state.runtime.settings, host=host, port=self.port,
+                                log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -76,3 +80,12 @@ def scripted_app(tokenizer, settings: Settings | None = None, engine: ScriptedEn
     engine = engine or ScriptedEngine(ModelInfo(family=family, max_model_len=4096, tokenizer=tokenizer))
     app = create_app(settings, engine=engine, model_names=[settings.served_model_name or "scripted"])
     return app, engine
+
+
+@contextmanager
+def scripted_server(tokenizer, **kwargs):
+    """`scripted_app(tokenizer, **kwargs)` served (an `AppServer`, with `.engine`)."""
+    app, engine = scripted_app(tokenizer, **kwargs)
+    with AppServer(app) as server:
+        server.engine = engine
+        yield server

@@ -1,0 +1,175 @@
+"""Limits on the request head (server/http_protocol.py): its size, and the time it may take to
+arrive. Raw sockets against the server's own uvicorn configuration, scripted engine."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from support.app_server import scripted_server
+
+HEADER_TIMEOUT = 1.0
+MAX_HEADER_BYTES = 16 * 1024
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_tokenizer):
+    with scripted_server(tiny_tokenizer, header_timeout=HEADER_TIMEOUT, max_header_bytes=MAX_HEADER_BYTES) as server:
+        yield server
+
+
+def connect(srv) -> socket.socket:
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes the connection."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def error_of(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"connection: close" in head.lower()
+    return status, json.loads(body)["error"]
+
+
+def healthy(srv) -> bool:
+    return httpx.get(srv.base_url + "/health", timeout=5).status_code == 200
+
+
+def chat_request(extra_headers: str = "", body: bytes | None = None) -> bytes:
+    body = body if body is not None else json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"{extra_headers}Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("size", [MAX_HEADER_BYTES + 1, 10 * 1024 * 1024])
+def test_a_head_over_the_limit_gets_a_431_and_the_connection_closes(srv, size):
+    sock = connect(srv)
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        try:
+            while sent < size:  # the server closes while this is still sending
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status, err = error_of(read_all(sock))
+    except ConnectionResetError:
+        pytest.fail("the connection was reset without an answer")
+    finally:
+        sock.close()
+    assert status == 431 and err["code"] == "headers_too_large"
+    assert str(MAX_HEADER_BYTES) in err["message"]
+    assert healthy(srv)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_head_over_the_limit_that_arrives_whole_gets_a_431(srv, method):
+    """Sent in one write, the head is complete within one read: it is measured as parsed."""
+    big = {"X-Big": "a" * (MAX_HEADER_BYTES + 100)}
+    before = len(srv.engine.history)
+    if method == "GET":
+        r = httpx.get(srv.base_url + "/health", headers=big)
+    else:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", headers=big,
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 431, r.text
+    assert r.json()["error"]["code"] == "headers_too_large"
+    assert len(srv.engine.history) == before  # the app never saw it
+    assert healthy(srv)
+
+
+def test_many_small_headers_count_together(srv):
+    headers = {f"X-H{i}": "v" * 100 for i in range(MAX_HEADER_BYTES // 100 + 10)}
+    r = httpx.get(srv.base_url + "/health", headers=headers)
+    assert r.status_code == 431
+    headers = {f"X-H{i}": "v" * 100 for i in range(MAX_HEADER_BYTES // 200)}
+    assert httpx.get(srv.base_url + "/health", headers=headers).status_code == 200
+
+
+def test_a_head_under_the_limit_and_a_large_body_are_served(srv):
+    sock = connect(srv)
+    big_body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                           "ignored": "x" * 300_000}).encode()
+    try:
+        # headers of 12 KiB, then a body far over the head limit in the same writes
+        sock.sendall(chat_request(f"X-Padding: {'p' * 12 * 1024}\r\n", big_body))
+        head = sock.recv(65536)
+    finally:
+        sock.close()
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+
+
+def test_headers_that_trickle_in_past_the_timeout_get_a_408(srv):
+    sock = connect(srv)
+    started = time.monotonic()
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        closed_at = None
+        for _ in range(20):  # a header line every 0.2 s, never the end of the head
+            time.sleep(0.2)
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        status, err = error_of(read_all(sock))
+        closed_at = time.monotonic() - started
+    finally:
+        sock.close()
+    assert status == 408 and err["code"] == "header_timeout"
+    assert HEADER_TIMEOUT <= closed_at < HEADER_TIMEOUT + 3
+    assert healthy(srv)
+
+
+def test_a_connection_that_sends_nothing_is_closed(srv):
+    sock = connect(srv)
+    started = time.monotonic()
+    try:
+        assert read_all(sock) == b""
+    finally:
+        sock.close()
+    assert HEADER_TIMEOUT <= time.monotonic() - started < HEADER_TIMEOUT + 3
+
+
+def test_an_idle_keep_alive_connection_keeps_uvicorns_longer_timeout(srv):
+    sock = connect(srv)
+    try:
+        sock.sendall(chat_request())
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        time.sleep(HEADER_TIMEOUT * 2)  # idle between requests: not a slow head
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = sock.recv(65536)
+    finally:
+        sock.close()
+    assert second.startswith(b"HTTP/1.1 200"), second[:200]
+
+
+def test_a_slow_body_is_the_body_timeouts_business_not_the_heads(srv):
+    """Headers complete in time, then a body that takes longer than the head timeout to
+    arrive (under the body read timeout between its parts) is served."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    sock = connect(srv)
+    try:
+        request = chat_request(body=body)
+        head_end = request.index(b"\r\n\r\n") + 4
+        sock.sendall(request[:head_end])
+        for i in range(head_end, len(request), 8):
+            time.sleep(HEADER_TIMEOUT * 2 / (len(body) / 8))
+            sock.sendall(request[i:i + 8])
+        answer = sock.recv(65536)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]

@@ -1,0 +1,176 @@
+"""What OpenAI clients send besides the basics: explicit nulls, histories with tool results,
+refusals or a final assistant turn, and requests that leave sampling to the model's
+defaults. Real HTTP stack, the official `openai` SDK and the real tokenizer, scripted engine
+(the real engine's side is in test_chat_engine.py)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from server.engine.base import ModelInfo
+from server.engine.scripted import ScriptedEngine
+from support.app_server import scripted_server
+
+MODEL_DEFAULTS = {"temperature": 0.25, "top_p": 0.5, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_tokenizer):
+    with scripted_server(tiny_tokenizer) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def srv_with_defaults(tiny_tokenizer):
+    """The model's generation config sets sampling defaults (as Qwen2-VL-Instruct's does)."""
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer,
+                                      sampling_defaults=dict(MODEL_DEFAULTS)),
+                            default_reply="one two three four five six")
+    with scripted_server(tiny_tokenizer, engine=engine) as server:
+        yield server
+
+
+@pytest.fixture
+def client(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+
+
+def post(srv, body: dict) -> httpx.Response:
+    return httpx.post(srv.base_url + "/v1/chat/completions", content=json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=30)
+
+
+def last_prompt(srv) -> str:
+    """The prompt the engine got last, as text (special tokens included)."""
+    request = srv.engine.history[-1]
+    return srv.engine.info.tokenizer.decode(request.prompt_token_ids)
+
+
+# --- explicit nulls ------------------------------------------------------------------------
+
+
+def test_the_sdk_passing_none_for_optional_fields_is_served(client, srv):
+    r = client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+        n=None, presence_penalty=None, frequency_penalty=None, logprobs=None, stream=None,
+        temperature=None, top_p=None, seed=None, stop=None, user=None,
+    )
+    assert r.choices[0].message.content
+    s = srv.engine.history[-1].sampling
+    assert (s.n, s.presence_penalty, s.frequency_penalty, s.temperature, s.logprobs) == (1, 0.0, 0.0, 1.0, None)
+
+
+@pytest.mark.parametrize("field", ["n", "presence_penalty", "frequency_penalty", "logprobs", "stream",
+                                   "min_tokens", "ignore_eos", "skip_special_tokens", "top_logprobs",
+                                   "stream_options", "max_completion_tokens"])
+def test_null_means_not_given(srv, field):
+    r = post(srv, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: None})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
+
+
+def test_null_in_stream_options_means_not_given(srv):
+    r = post(srv, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True,
+                   "stream_options": {"include_usage": None}})
+    assert r.status_code == 200, r.text
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(e).get("usage") is None for e in events[:-1])  # include_usage off
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": None}, "messages"),
+    ({"messages": [{"role": None, "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": None}]}]}, "messages[0].content"),
+])
+def test_null_in_a_required_field_is_still_refused(srv, body, param):
+    r = post(srv, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"].startswith(param), err
+
+
+# --- histories -----------------------------------------------------------------------------
+
+
+def test_a_conversation_may_end_with_an_assistant_turn(client, srv):
+    r = client.chat.completions.create(model="scripted", max_tokens=2, messages=[
+        {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Sure"}])
+    assert r.choices[0].message.content
+    assert last_prompt(srv).endswith(
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nSure<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tool_results_in_the_history_are_rendered(client, srv):
+    messages = [
+        {"role": "user", "content": "What is 6*7?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": '{"x": "6*7"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "function", "name": "calc", "content": "still 42"},
+    ]
+    r = client.chat.completions.create(model="scripted", max_tokens=2, messages=messages, tool_choice="none")
+    assert r.choices[0].finish_reason in ("stop", "length")
+    prompt = last_prompt(srv)
+    assert "<|im_start|>tool\n42<|im_end|>" in prompt
+    assert "<|im_start|>tool\nstill 42<|im_end|>" in prompt  # the older name for the role
+
+
+def test_a_tool_message_cannot_carry_images(srv):
+    r = post(srv, {"messages": [
+        {"role": "user", "content": "x"},
+        {"role": "tool", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "messages[1].content[0]"
+
+
+def test_an_assistant_refusal_part_is_read_as_its_text(client, srv):
+    r = client.chat.completions.create(model="scripted", max_tokens=2, messages=[
+        {"role": "user", "content": "Do something bad."},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I will not."}]},
+        {"role": "user", "content": "Then something good."}])
+    assert r.choices[0].message.content
+    assert "<|im_start|>assistant\nI will not.<|im_end|>" in last_prompt(srv)
+
+
+def test_a_refusal_part_outside_assistant_messages_is_refused(srv):
+    r = post(srv, {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "messages[0].content[0]" and "assistant" in err["message"]
+
+
+# --- the model's sampling defaults -----------------------------------------------------------
+
+
+def test_fields_left_out_take_the_models_defaults(srv_with_defaults):
+    client = openai.OpenAI(base_url=srv_with_defaults.base_url + "/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
+    s = srv_with_defaults.engine.history[-1].sampling
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.25, 0.5, 20, 1.05)
+    assert (s.max_tokens, s.default_max_tokens) == (None, 3)
+    # the scripted reply is nine pieces; the model's default length cuts it at three
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+
+
+def test_fields_a_request_sets_win_over_the_models_defaults(srv_with_defaults):
+    client = openai.OpenAI(base_url=srv_with_defaults.base_url + "/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "hi"}], temperature=0, top_p=1.0,
+        max_tokens=10, extra_body={"top_k": -1, "repetition_penalty": 1.0})
+    s = srv_with_defaults.engine.history[-1].sampling
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_tokens) == (0.0, 1.0, 0, 1.0, 10)
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_without_model_defaults_the_neutral_ones_apply(client, srv):
+    client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
+    s = srv.engine.history[-1].sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (1.0, 1.0, 0, 0.0, 1.0)
+    assert s.max_tokens is None and s.default_max_tokens is None
