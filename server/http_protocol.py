@@ -39,6 +39,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
     - A head must be complete within `header_timeout` seconds of its first byte, and a new
       connection must send one within that time; otherwise 408 (if anything arrived) and
       the connection is closed. Idle keep-alive connections keep uvicorn's own timeout.
+    - Bytes that are not HTTP get a JSON 400 like every other refusal (uvicorn's is text).
     """
     too_large_body = _error_body(
         f"The request's headers exceed this server's limit of {max_header_bytes} bytes.", "headers_too_large")
@@ -107,6 +108,13 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
             finally:
                 self.app = app
 
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's answer to bytes its parser refuses (a bad request line, header or
+            # framing): the same words, as the JSON error every other refusal is.
+            self._refuse(_framed(400, "Bad Request", _error_body(
+                "The request is not valid HTTP/1.1 (a malformed request line, header or body framing).",
+                "invalid_http")))
+
         def _arm_head_timer(self) -> None:
             self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
 
@@ -131,6 +139,8 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
             as nginx's lingering close: send the answer, shut down our side, drop what
             still arrives, and close when the client does or after a grace period."""
             self._disarm_head_timer()
+            if self._refused:
+                return
             self._refused = True
             self.transport.write(response)
             if self.transport.can_write_eof():

@@ -173,3 +173,19 @@ def test_a_slow_body_is_the_body_timeouts_business_not_the_heads(srv):
     finally:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
+    b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+])
+def test_bytes_that_are_not_http_get_a_json_400(srv, raw):
+    sock = connect(srv)
+    try:
+        sock.sendall(raw)
+        status, err = error_of(read_all(sock))
+    finally:
+        sock.close()
+    assert status == 400 and err["code"] == "invalid_http"
+    assert healthy(srv)
