@@ -77,12 +77,27 @@ def create_app(
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
     app.state.runtime = runtime
+    _add_request_schemas(app)
     app.include_router(chat.router)
     app.include_router(models.router)
     app.include_router(health.router)
     _install_error_handlers(app, metrics)
     install_middleware(app, settings, runtime)
     return app
+
+
+def _add_request_schemas(app: FastAPI) -> None:
+    """List the chat request's schemas under the API docs' components, where the endpoint's
+    body refers to them (and where client generators look for them)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(chat.request_schemas())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:

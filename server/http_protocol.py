@@ -53,11 +53,16 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
         await send({"type": "http.response.body", "body": too_large_body})
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        _head_bytes = 0
-        _in_head = False
+        _in_head = False  # a request head is being received
+        _in_message = False  # a request is being received (head or body)
+        _head_bytes = 0  # bytes read while the head was incomplete, after the read it began in
+        _head_size = 0  # the head's request target and headers, as parsed
+        _stalled_bytes = 0  # bytes read in a body that moved it no further (trailers, extensions)
+        _began = False  # a message began during the current read
+        _moved = False  # the current read carried body data or ended a message
+        _ended = False  # a message ended during the current read
         _head_timer: asyncio.TimerHandle | None = None
         _refused = False
-        _head_size = 0
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -70,28 +75,42 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # what a refused client still sends is read and dropped (see _refuse)
+            self._began = self._moved = self._ended = False
+            # (this cancels uvicorn's keep-alive timer: any bytes count as activity)
             super().data_received(data)
+            if self._refused or self.transport.is_closing():
+                return
+            answered = self.cycle is not None and self.cycle.response_complete
             if self._in_head:
-                # Still inside a head after this read. (A read that also held the end of the
-                # message before it is counted whole: at most one read too many.)
-                self._head_bytes += len(data)
-                if self._head_bytes > max_header_bytes and not self.transport.is_closing():
+                if not (self._began and self._ended):  # (a read that also ended the message
+                    self._head_bytes += len(data)      # before it is left out: pipelining)
+                if self._head_bytes > max_header_bytes:
                     self._refuse(too_large)
+            elif self._in_message and not answered:
+                # A body the app is reading: its own timeout applies. Reads that move it no
+                # further are trailers or chunk extensions, which the parser buffers whole.
+                self._stalled_bytes = 0 if self._moved else self._stalled_bytes + len(data)
+                if self._stalled_bytes > max_header_bytes:
+                    self._refuse(too_large)
+            elif (self._in_message or not (self._began or self._moved)) and self._head_timer is None:
+                # The unread rest of a body after the answer, or stray bytes between requests
+                # (these reads cancelled uvicorn's keep-alive timer): the connection ends
+                # unless a request begins within the head timeout.
+                self._arm_head_timer()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._in_head = True
-            self._head_bytes = 0  # bytes read while the head was incomplete
-            self._head_size = 0  # the head's request target and headers, as parsed
-            if self._head_timer is None:
-                self._arm_head_timer()
+            self._in_head = self._in_message = self._began = True
+            self._head_bytes = self._head_size = self._stalled_bytes = 0
+            self._disarm_head_timer()  # (an idle timer, or the one since the connection opened)
+            self._arm_head_timer()
 
         def on_url(self, url: bytes) -> None:
             self._head_size += len(url)
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+            self._head_size += len(name) + len(value) + 4  # ": " and CRLF (trailers count too)
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
@@ -108,6 +127,20 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
             finally:
                 self.app = app
 
+        def on_body(self, body: bytes) -> None:
+            self._moved = True
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._in_message = False
+            self._moved = self._ended = True
+            if self._head_timer is not None and self.cycle is not None and self.cycle.response_complete:
+                # The rest of an answered request's body has arrived: the connection is idle
+                # now, for as long as uvicorn's keep-alive allows (its own timer was cancelled).
+                self._disarm_head_timer()
+                self._arm_head_timer(self.timeout_keep_alive)
+            super().on_message_complete()
+
         def send_400_response(self, msg: str) -> None:
             # uvicorn's answer to bytes its parser refuses (a bad request line, header or
             # framing): the same words, as the JSON error every other refusal is.
@@ -115,8 +148,8 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
                 "The request is not valid HTTP/1.1 (a malformed request line, header or body framing).",
                 "invalid_http")))
 
-        def _arm_head_timer(self) -> None:
-            self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+        def _arm_head_timer(self, delay: float = header_timeout) -> None:
+            self._head_timer = self.loop.call_later(delay, self._head_timed_out)
 
         def _disarm_head_timer(self) -> None:
             if self._head_timer is not None:
@@ -129,7 +162,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
                 return
             if self._in_head:
                 self._refuse(too_slow)
-            elif self.cycle is None:  # connected and never sent a byte
+            else:  # connected and never sent a request, or idle after stray bytes
                 self.transport.close()
 
         def _refuse(self, response: bytes) -> None:
@@ -137,11 +170,16 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
             kernel reset it, and a reset can discard the answer before the client reads it
             (a client still sending a huge header would see only "connection reset"). So,
             as nginx's lingering close: send the answer, shut down our side, drop what
-            still arrives, and close when the client does or after a grace period."""
+            still arrives, and close when the client does or after a grace period. While an
+            earlier request's response is still being written (pipelining), the answer
+            cannot go in the middle of it: the connection just closes."""
             self._disarm_head_timer()
             if self._refused:
                 return
             self._refused = True
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.transport.close()
+                return
             self.transport.write(response)
             if self.transport.can_write_eof():
                 self.transport.write_eof()

@@ -6,7 +6,9 @@ is checked for type and range so that a bad value becomes a 400 naming the field
 
 from __future__ import annotations
 
+import functools
 import re
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,14 +27,28 @@ class _Lenient(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
+    def _as_openai_reads_it(cls, data: Any) -> Any:
         # OpenAI's API treats an explicit null in an optional field as "not given", and SDKs
-        # send one wherever the caller passed None (`n=None`, `stream=None`, ...).
-        if isinstance(data, dict) and None in data.values():
-            fields = cls.model_fields
-            return {k: v for k, v in data.items()
-                    if v is not None or k not in fields or fields[k].is_required()}
+        # send one wherever the caller passed None (`n=None`, `stream=None`, ...). A number
+        # with nothing after the point (`100.0`) is an integer to JSON Schema, and to it.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        if None in data.values():
+            data = {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        integral = [k for k, v in data.items() if type(v) is float and v.is_integer() and k in _int_fields(cls)]
+        if integral:
+            data = {**data, **{k: int(data[k]) for k in integral}}
         return data
+
+
+@functools.cache
+def _int_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of `model` whose type is an integer (optional or not)."""
+    def is_int(annotation: Any) -> bool:
+        return annotation is int or any(a is int for a in typing.get_args(annotation))
+
+    return frozenset(name for name, f in model.model_fields.items() if is_int(f.annotation))
 
 
 # --- request ------------------------------------------------------------------------------
@@ -153,25 +169,40 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _surrogate_path(value: Any) -> str | None:
     """Where in a parsed JSON value a string holds a lone surrogate ("" for the top), else None.
 
-    Walks with its own stack, not recursion: JSON nested a thousand levels deep parses, and
-    must not end in a RecursionError here."""
-    stack: list[tuple[str, Any]] = [("", value)]
+    Walks with its own stack, not recursion (JSON nested a thousand levels deep parses, and
+    must not end in a RecursionError here), and spells a path only for the string it finds:
+    each stack entry links to its parent's, so memory grows with the nodes, not with their
+    depth."""
+    stack: list[tuple[Any, Any]] = [(value, None)]  # (value, (parent link, key) or None)
     while stack:
-        path, item = stack.pop()
+        item, link = stack.pop()
         if isinstance(item, str):
             # isascii() first: data URLs are megabytes of ASCII, checked without a scan for the range
             if not item.isascii() and _SURROGATE.search(item):
-                return path
+                return _spelled(link)
         elif isinstance(item, dict):
-            children = []
-            for key, child in item.items():
+            for key in item:
                 if not key.isascii() and _SURROGATE.search(key):
-                    return path or "a field name"
-                children.append((f"{path}.{key}" if path else str(key), child))
-            stack.extend(reversed(children))  # first field first, as in the request
+                    return _spelled(link) or "a field name"
+            stack.extend((child, (link, key)) for key, child in reversed(item.items()))
         elif isinstance(item, list):
-            stack.extend((f"{path}[{i}]", child) for i, child in reversed(list(enumerate(item))))
+            stack.extend((child, (link, i)) for i, child in reversed(list(enumerate(item))))
     return None
+
+
+def _spelled(link: Any) -> str:
+    keys: list[Any] = []
+    while link is not None:
+        link, key = link
+        keys.append(key)
+    path = ""
+    for key in reversed(keys):
+        if isinstance(key, int):
+            path += f"[{key}]"
+        else:
+            key = key if len(key) <= 40 else key[:40] + "..."  # a client's key, echoed short
+            path += f".{key}" if path else key
+    return path
 
 
 # --- response ---------------------------------------------------------------------------

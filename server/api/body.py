@@ -48,7 +48,7 @@ def parse_json_body(raw: bytes) -> Any:
     if not raw:
         raise InvalidRequestError("The request has no body; send a JSON object with 'messages'.")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # (a byte-order mark, as some Windows writers put first)
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(
             f"The request body is not valid UTF-8 (byte {exc.start}); send JSON encoded as UTF-8.",

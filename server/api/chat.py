@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from server.api.body import check_media_type, parse_json_body, validate_body
 from server.api.deps import RuntimeDep
 from server.errors import RequestTimeoutError
+from server.runtime import ClientGone
 from server.schemas import ChatCompletionRequest
 
 router = APIRouter()
@@ -18,20 +21,26 @@ router = APIRouter()
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-# The body is parsed by hand (server.api.body), so its schema is given to the API docs here;
-# the schema's own definitions sit under it, referred to by JSON pointer.
-_BODY_SCHEMA_AT = "#/paths/~1v1~1chat~1completions/post/requestBody/content/application~1json/schema"
-_BODY_SCHEMA = ChatCompletionRequest.model_json_schema(ref_template=_BODY_SCHEMA_AT + "/$defs/{model}")
+def request_schemas() -> dict[str, Any]:
+    """The request body's JSON schemas for the API docs' components, by name: the body is
+    parsed by hand (server.api.body), so FastAPI does not list them itself."""
+    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"ChatCompletionRequest": schema, **schema.pop("$defs", {})}
 
 
 @router.post(
     "/v1/chat/completions",
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _BODY_SCHEMA}}}},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}},
 )
 async def chat_completions(request: Request, rt: RuntimeDep):
     arrived = time.perf_counter()
     check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
-    data = parse_json_body(await request.body())
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone before the whole body arrived: nobody to answer
+        raise ClientGone() from None
+    data = parse_json_body(raw)
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
         rt.chat_service().check_message_count(len(data["messages"]))  # before validating them all
     body = validate_body(ChatCompletionRequest, data)

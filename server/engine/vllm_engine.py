@@ -141,6 +141,9 @@ def _image_processor_config(model_dir: str) -> dict[str, Any]:
     return {}
 
 
+#: vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
+_GREEDY_BELOW = 1e-5
+
 _SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                       "presence_penalty", "frequency_penalty", "max_tokens")
 
@@ -411,9 +414,10 @@ class VLLMEngine(Engine):
                 f"model's {limit} context tokens; at most {limit - n_prompt} can be generated.",
                 param=s.max_tokens_field,
             )
-        # vLLM refuses n>1 under greedy decoding; the n answers would be identical anyway,
-        # so generate once and fan the deltas out to n choices.
-        copies = s.n if s.temperature == 0 and s.n > 1 else 1
+        # vLLM refuses n>1 under greedy decoding (temperature below its 1e-5, which includes
+        # checkpoints' near-zero defaults); the n answers would be identical anyway, so
+        # generate once and fan the deltas out to n choices.
+        copies = s.n if s.temperature < _GREEDY_BELOW and s.n > 1 else 1
         try:
             params = self._sampling_params(s, max_tokens, n=1 if copies > 1 else s.n,
                                            stop_token_ids=self.info.stop_token_ids)

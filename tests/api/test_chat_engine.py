@@ -266,6 +266,14 @@ def test_n_choices_streaming(client, server):
     assert finished == {0, 1}
 
 
+def test_n_choices_at_a_near_zero_temperature(client, server):
+    """vLLM samples greedily below 1e-5 and refuses n>1 there (Qwen2.5-VL's generation
+    config defaults to 1e-6): one generation, fanned out to n identical choices."""
+    r = ask(client, server, "Count", n=2, max_tokens=4, temperature=1e-6, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content == r.choices[1].message.content
+
+
 def test_stop_sequence(client, server):
     free = ask(client, server, "Write a long sentence.", max_tokens=20)
     text = free.choices[0].message.content

@@ -6,6 +6,7 @@ real tokenizer, scripted engine (the real engine's side is in test_chat_engine.p
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -291,3 +292,49 @@ def test_values_of_the_wrong_json_type_are_refused_not_coerced(srv, field, value
 def test_an_integer_is_a_number_where_a_float_is_expected(srv):
     r = post(srv, body(temperature=1, top_p=1, presence_penalty=0))
     assert r.status_code == 200, r.text
+
+
+def test_whole_number_floats_are_integers_and_a_bom_is_allowed(srv):
+    r = post(srv, body(max_tokens=2.0, n=1.0, seed=7.0))
+    assert r.status_code == 200, r.text
+    raw = b"\xef\xbb\xbf" + json.dumps(body()).encode()  # UTF-8 byte-order mark first
+    r = httpx.post(srv.base_url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_the_request_schema_is_listed_where_the_endpoint_refers_to_it(srv):
+    spec = httpx.get(srv.base_url + "/openapi.json").json()
+    body_schema = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    name = body_schema["$ref"].removeprefix("#/components/schemas/")
+    schemas = spec["components"]["schemas"]
+    assert "messages" in schemas[name]["properties"]
+    refs = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.add(node["$ref"])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(spec)
+    assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs), refs
+
+
+def test_a_client_gone_during_the_upload_is_no_server_error(srv, caplog):
+    import logging
+    import socket
+
+    with caplog.at_level(logging.INFO):
+        sock = socket.create_connection((srv.host, srv.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"{" * 1000)
+        time.sleep(0.3)
+        sock.close()
+        time.sleep(0.5)
+        still_serves(srv)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert srv.runtime.metrics.errors.labels("internal_error")._value.get() == 0

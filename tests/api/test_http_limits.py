@@ -189,3 +189,50 @@ def test_bytes_that_are_not_http_get_a_json_400(srv, raw):
         sock.close()
     assert status == 400 and err["code"] == "invalid_http"
     assert healthy(srv)
+
+
+def test_stray_bytes_after_an_answer_do_not_keep_a_connection_open(srv):
+    """Any bytes cancel uvicorn's keep-alive timer; a line end that begins no request must
+    not leave the connection without one."""
+    sock = connect(srv)
+    started = time.monotonic()
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"\r\n")
+        assert read_all(sock) == b""  # closed by the server
+    finally:
+        sock.close()
+    assert time.monotonic() - started < HEADER_TIMEOUT + 3
+
+
+def test_a_body_trickling_after_its_answer_does_not_keep_a_connection_open(srv):
+    sock = connect(srv)
+    started = time.monotonic()
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(100):
+                sock.sendall(b"x" * 10)
+                time.sleep(0.1)
+    finally:
+        sock.close()
+    assert time.monotonic() - started < HEADER_TIMEOUT + 5
+
+
+def test_endless_chunked_trailers_are_cut_off(srv):
+    sock = connect(srv)
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: ")
+        sent = 0
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while sent < 50 * MAX_HEADER_BYTES:
+                sock.sendall(b"a" * 4096)
+                sent += 4096
+                time.sleep(0.001)
+            sock.sendall(b"a")
+    finally:
+        sock.close()
+    assert healthy(srv)
