@@ -58,6 +58,9 @@ class Admission:
             finally:
                 self._queued -= 1
                 self._metrics.queued.set(self._queued)
+                if self._active == 0 and self._queued == 0:
+                    # (the last waiter gave up: a drain waiting for idle must not wait on)
+                    self._idle.set()
         else:
             await self._sem.acquire()
         self._active += 1

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.api import chat, health, models
 from server.api.body import validation_to_api_error
@@ -26,7 +27,9 @@ def default_images_factory(settings: Settings, metrics: Metrics) -> Callable[[En
     def build(engine: Engine):
         from server.images import ImageLoader
 
-        return ImageLoader(settings, metrics, family=engine.info.family)
+        max_pixels = engine.info.image_processor.get("max_pixels")
+        return ImageLoader(settings, metrics, family=engine.info.family,
+                           model_max_pixels=max_pixels if isinstance(max_pixels, int) else None)
 
     return build
 
@@ -137,5 +140,18 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             code=kinds.get(exc.status_code, "http_error"),
             headers=dict(exc.headers or {}),
         )
+        if exc.status_code == 405:
+            err.headers["Allow"] = _allowed_methods(app, request.scope) or err.headers.get("Allow", "")
         err.type = "invalid_request_error"
         return respond(err)
+
+
+def _allowed_methods(app: FastAPI, scope: Any) -> str:
+    """Every method some route serves at this path. (Starlette's 405 names the methods of
+    the first route for the path only: `GET` and `HEAD` of /health are two routes.)"""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))

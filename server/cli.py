@@ -72,7 +72,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         return Settings(**args)
     except ValidationError as exc:
         problems = "; ".join(
-            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" if e["loc"]
+            else e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
         )
         parser.error(problems)
         raise  # unreachable
@@ -151,6 +153,9 @@ def uvicorn_config(app, settings: Settings, **overrides: Any):
         timeout_keep_alive=75,  # longer than typical LB idle timeouts (nginx keepalive 60 s)
         access_log=False,  # one structured line per request comes from our middleware
         timeout_graceful_shutdown=5,
+        # "auto" takes an app whose start-up raises for one without lifespan support, and
+        # serves on without a model; a start-up failure must end the process
+        lifespan="on",
     )
     return uvicorn.Config(app, **{**options, **overrides})
 
@@ -197,6 +202,12 @@ class _DrainingServer:
                 await super().startup(sockets)
 
             async def _drain(self) -> None:
+                if runtime.engine is None:
+                    # Still loading the model, in a thread nothing can interrupt (and that the
+                    # interpreter would wait for at exit): nothing is in flight, so stop the
+                    # engine's processes started so far and exit now.
+                    log.warning("stopped while the model was loading: exiting")
+                    _exit_now(0)
                 log.info("draining: up to %.0f s for %d in-flight requests", drain_timeout, runtime.admission.active)
                 await runtime.drain(drain_timeout)
                 self.should_exit = True

@@ -31,7 +31,7 @@ class APIError(Exception):
             self.code = code
         if status is not None:
             self.status = status
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
 
     def to_dict(self) -> dict:
         return {

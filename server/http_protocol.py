@@ -41,16 +41,10 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
       the connection is closed. Idle keep-alive connections keep uvicorn's own timeout.
     - Bytes that are not HTTP get a JSON 400 like every other refusal (uvicorn's is text).
     """
-    too_large_body = _error_body(
-        f"The request's headers exceed this server's limit of {max_header_bytes} bytes.", "headers_too_large")
-    too_large = _framed(431, "Request Header Fields Too Large", too_large_body)
+    too_large = _framed(431, "Request Header Fields Too Large", _error_body(
+        f"The request's headers exceed this server's limit of {max_header_bytes} bytes.", "headers_too_large"))
     too_slow = _framed(408, "Request Timeout", _error_body(
         f"The request's headers did not arrive within {header_timeout:g} seconds.", "header_timeout"))
-
-    async def _refuse_head(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 431, "headers": [
-            (b"content-type", b"application/json"), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": too_large_body})
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _in_head = False  # a request head is being received
@@ -99,6 +93,8 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
                 self._arm_head_timer()
 
         def on_message_begin(self) -> None:
+            if self._refused:
+                return
             super().on_message_begin()
             self._in_head = self._in_message = self._began = True
             self._head_bytes = self._head_size = self._stalled_bytes = 0
@@ -106,32 +102,38 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
             self._arm_head_timer()
 
         def on_url(self, url: bytes) -> None:
+            if self._refused:
+                return
             self._head_size += len(url)
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
+            if self._refused:
+                return
             self._head_size += len(name) + len(value) + 4  # ": " and CRLF (trailers count too)
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
+            if self._refused:
+                return
             self._in_head = False
             self._disarm_head_timer()
             if self._head_size <= max_header_bytes:
                 super().on_headers_complete()
                 return
-            # A head that arrived whole in one read: answered by uvicorn's own request cycle,
-            # with an app that refuses it instead of ours.
-            app, self.app = self.app, _refuse_head
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
+            # A head that arrived whole in one read, measured as parsed. (The parser goes on
+            # with the rest of this read; every callback below ignores it once refused.)
+            self._refuse(too_large)
 
         def on_body(self, body: bytes) -> None:
+            if self._refused:
+                return
             self._moved = True
             super().on_body(body)
 
         def on_message_complete(self) -> None:
+            if self._refused:
+                return
             self._in_message = False
             self._moved = self._ended = True
             if self._head_timer is not None and self.cycle is not None and self.cycle.response_complete:

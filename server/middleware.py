@@ -49,6 +49,11 @@ class GatewayMiddleware:
         self.runtime = runtime
         self.keys = [k.encode() for k in settings.all_api_keys()]
 
+    async def _refuse(self, send: Send, err: APIError, extra_headers: dict[str, str]) -> None:
+        """Answer with `err` from here, counted as the app's own errors are."""
+        self.runtime.metrics.errors.labels(err.code or err.type).inc()
+        await _send_error(send, err, extra_headers)
+
     def _needs_key(self, path: str) -> bool:
         if not self.keys:
             return False
@@ -83,7 +88,7 @@ class GatewayMiddleware:
         scope["state"]["request_id"] = rid
         scope["state"]["log"] = log_fields
         status_holder = {"status": 0}
-        path = scope.get("path", "")
+        path = _route_path(scope)
 
         send_timeout = self.settings.send_timeout
 
@@ -100,26 +105,29 @@ class GatewayMiddleware:
                     await send(message)
             except TimeoutError:
                 raise _SendStalled() from None
+            if not message.get("more_body", False):
+                status_holder["complete"] = True  # (only once it went out: a stalled client did not get it)
 
         receive = _body_deadline(receive, self.settings.body_read_timeout)
         try:
             if self._needs_key(path) and not self._authorized(headers):
-                await _send_error(send_wrapper, AuthenticationError(
+                await self._refuse(send_wrapper, AuthenticationError(
                     "Missing or invalid API key: send 'Authorization: Bearer <key>'."),
                     {"www-authenticate": "Bearer"})
                 return
             limit = self.settings.max_request_bytes
-            declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
+            declared = _declared_length(headers.get("content-length"))
+            if declared is not None and declared > limit:
+                await self._refuse(send_wrapper, _too_large(limit), {"connection": "close"})
                 return
             try:
                 if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-                    # A chunked body has no declared size: read it here under the cap (the JSON
-                    # parser would read it whole anyway), then replay it to the app.
+                    # A chunked body, or a length spelled so that it is not read here, has no
+                    # size to trust: read it under the cap (the JSON parser would read it whole
+                    # anyway), then replay it to the app.
                     replay = await _read_capped(receive, limit)
                     if replay is None:
-                        await _send_error(send_wrapper, _too_large(limit), {"connection": "close"})
+                        await self._refuse(send_wrapper, _too_large(limit), {"connection": "close"})
                         return
                     receive = replay
                 await self.app(scope, receive, send_wrapper)
@@ -132,7 +140,7 @@ class GatewayMiddleware:
             except _BodyStalled:
                 if status_holder["status"]:
                     raise
-                await _send_error(send_wrapper, BodyTimeoutError(BODY_STALLED), {"connection": "close"})
+                await self._refuse(send_wrapper, BodyTimeoutError(BODY_STALLED), {"connection": "close"})
             except Exception:
                 # Caught here, inside the access log and the outcome counters, rather than
                 # by Starlette's outermost handler: the 500 is logged and counted as one
@@ -140,21 +148,39 @@ class GatewayMiddleware:
                 if status_holder["status"]:
                     raise  # the response has begun; there is no error to send any more
                 log.exception("unhandled error")
-                err = InternalError("The server failed to process the request.")
-                self.runtime.metrics.errors.labels(err.code or err.type).inc()
-                await _send_error(send_wrapper, err, {})
+                await self._refuse(send_wrapper, InternalError("The server failed to process the request."), {})
         finally:
             if path == "/v1/chat/completions":
+                status = status_holder["status"] or 499
                 entry = {
                     "request_id": rid,
                     "method": scope.get("method"),
                     "path": path,
-                    "status": status_holder["status"] or 499,
+                    "status": status,
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                     **log_fields,
                 }
+                if status_holder["status"] and not status_holder.get("complete"):
+                    # Begun but never finished: a stream the client left (or stopped reading).
+                    entry.setdefault("error", "client_disconnected")
+                    entry.setdefault("error_status", 499)
                 access_log.info(json.dumps(entry))
-                _count_outcome(self.runtime, entry["status"])
+                if status_holder["status"] == 200 and log_fields.get("error"):
+                    # a stream that ended with an error event (its HTTP status was 200)
+                    self.runtime.metrics.errors.labels(log_fields["error"]).inc()
+                # (a stream that ended with an error event counts as that error, not a success)
+                _count_outcome(self.runtime, entry.get("error_status") or status)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app routes on: without the `--root-path` prefix, which a proxy that does
+    not strip it leaves in the request's path (the auth rules, the access log and the
+    counters name paths without it)."""
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):] or "/"
+    return path
 
 
 class _SendStalled(Exception):
@@ -208,6 +234,20 @@ def _too_large(limit: int) -> PayloadTooLargeError:
         f"The request body exceeds the server's limit of {limit} bytes; send smaller or fewer "
         "images, or image URLs instead of data URLs."
     )
+
+
+def _declared_length(value: str | None) -> int | None:
+    """A Content-Length header's value as a number, or None when there is none or it is not
+    plain digits. The HTTP parser accepts spaces around the digits and any number of leading
+    zeros, and passes them on: "64000000000 " must still count as 64 GB, and 5,000 zeros
+    must not reach int()'s limit on digits."""
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else 2**64
 
 
 async def _read_capped(receive: Receive, limit: int) -> Receive | None:

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 
 from server.admission import Admission
-from server.chat.service import ChatService, Prepared
+from server.chat.service import ChatService, Prepared, stream_ended_with
 from server.chat.sse import sse_done, sse_event, with_keepalive
 from server.engine.base import Engine, EngineDeadError
 from server.errors import APIError, InternalError, RequestTimeoutError, ServiceUnavailableError
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 _SHUT_DOWN = "The server shut down before the response was complete."
 # How often a drain that is still waiting logs what it waits for.
 _DRAIN_REPORT_S = 10.0
-_ENGINE_STOPPED = "The inference engine stopped; retry on another replica."
+ENGINE_STOPPED = "The inference engine stopped; retry on another replica."
+RETRY_SOON = {"Retry-After": "1"}
 
 EngineFactory = Callable[[], Engine]
 ImagesFactory = Callable[[Engine], Any]
@@ -102,7 +103,7 @@ class Runtime:
                 # End open requests ourselves rather than wait for vLLM to fail them: its
                 # teardown can outlast the server's own exit, and a stream cut mid-way
                 # tells the client nothing.
-                self.abort(_ENGINE_STOPPED)
+                self.abort(ENGINE_STOPPED)
                 try:
                     await asyncio.wait_for(self.admission.wait_idle(), 5)
                 except asyncio.TimeoutError:
@@ -175,7 +176,9 @@ class Runtime:
                 "draining": "The server is shutting down and accepts no new requests; retry on another replica.",
                 "dead": "The inference engine is not running.",
             }[state]
-            raise ServiceUnavailableError(message, headers={"Retry-After": "1"})
+            if state == "draining":
+                self.metrics.admission_refused.labels("draining").inc()
+            raise ServiceUnavailableError(message, headers=RETRY_SOON)
         return self._service
 
     # --- request helpers ------------------------------------------------------------------
@@ -224,12 +227,12 @@ class Runtime:
             if watcher in done:
                 raise ClientGone()
             if stopper in done:
-                raise ServiceUnavailableError(self.abort_message)
+                raise ServiceUnavailableError(self.abort_message, headers=RETRY_SOON)
             raise RequestTimeoutError(
                 f"The request took longer than the server's {self.settings.request_timeout:g} s deadline."
             )
         except EngineDeadError as exc:
-            raise ServiceUnavailableError(_ENGINE_STOPPED) from exc
+            raise ServiceUnavailableError(ENGINE_STOPPED, headers=RETRY_SOON) from exc
         finally:
             for aux in (watcher, stopper):
                 aux.cancel()
@@ -245,31 +248,35 @@ class Runtime:
         pumped = with_keepalive(events, self.settings.sse_keepalive_interval, deadline, self.abort_all,
                                 lambda: ServiceUnavailableError(self.abort_message))
         try:
-            async for item in pumped:
-                yield item
-        except TimeoutError:
-            err = RequestTimeoutError(
-                f"The request took longer than the server's {self.settings.request_timeout:g} s deadline."
-            )
+            try:
+                async for item in pumped:
+                    yield item
+                return
+            except TimeoutError:
+                err: APIError = RequestTimeoutError(
+                    f"The request took longer than the server's {self.settings.request_timeout:g} s deadline."
+                )
+            except EngineDeadError:
+                err = ServiceUnavailableError(ENGINE_STOPPED)
+            except APIError as exc:
+                err = exc
+            except Exception:
+                log.exception("stream failed")
+                err = InternalError("The server failed while generating the response.")
+            stream_ended_with(prepared.stats, err)
             yield sse_event(err.to_dict())
-            yield sse_done()
-        except EngineDeadError:
-            err = ServiceUnavailableError(_ENGINE_STOPPED)
-            yield sse_event(err.to_dict())
-            yield sse_done()
-        except APIError as err:
-            yield sse_event(err.to_dict())
-            yield sse_done()
-        except Exception:
-            log.exception("stream failed")
-            yield sse_event(InternalError("The server failed while generating the response.").to_dict())
             yield sse_done()
         finally:
-            # Closing the pump cancels its pending read and closes `events`, which aborts
-            # the engine request when the client went away mid-stream.
-            await _aclose(pumped)
-            await _aclose(events)
-            release()
+            try:
+                # Closing the pump cancels its pending read and closes `events`, which aborts
+                # the engine request when the client went away mid-stream.
+                await _aclose(pumped)
+                await _aclose(events)
+                # and the engine's own stream, in case `events` was closed while suspended at
+                # a yield (an abandoned response): its abort would otherwise wait for the collector
+                await _aclose(prepared.stream)
+            finally:
+                release()  # even when a cancellation interrupts the closing
 
     def refresh_engine_gauges(self) -> None:
         if self.engine is None:

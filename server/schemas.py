@@ -103,7 +103,7 @@ class ChatCompletionRequest(_Lenient):
     max_tokens: int | None = Field(None, ge=1, le=COUNT_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=COUNT_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=COUNT_MAX)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
@@ -143,8 +143,10 @@ class ChatCompletionRequest(_Lenient):
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
         # JSON may escape lone UTF-16 surrogates ("\ud800"); no tokenizer, serializer or
-        # response encoder takes them, so they are refused here, with where they are.
-        where = _surrogate_path(data)
+        # response encoder takes them, so they are refused here, with where they are. Only
+        # the fields read are walked: an ignored field may be millions of values.
+        known = {k: v for k, v in data.items() if k in cls.model_fields} if isinstance(data, dict) else data
+        where = _surrogate_path(known)
         if where is not None:
             raise ValueError(f"{where or 'the body'} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
                              "escape), which is not valid Unicode text")
@@ -169,34 +171,46 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _surrogate_path(value: Any) -> str | None:
     """Where in a parsed JSON value a string holds a lone surrogate ("" for the top), else None.
 
-    Walks with its own stack, not recursion (JSON nested a thousand levels deep parses, and
-    must not end in a RecursionError here), and spells a path only for the string it finds:
-    each stack entry links to its parent's, so memory grows with the nodes, not with their
-    depth."""
-    stack: list[tuple[Any, Any]] = [(value, None)]  # (value, (parent link, key) or None)
-    while stack:
-        item, link = stack.pop()
-        if isinstance(item, str):
-            # isascii() first: data URLs are megabytes of ASCII, checked without a scan for the range
-            if not item.isascii() and _SURROGATE.search(item):
-                return _spelled(link)
-        elif isinstance(item, dict):
-            for key in item:
-                if not key.isascii() and _SURROGATE.search(key):
-                    return _spelled(link) or "a field name"
-            stack.extend((child, (link, key)) for key, child in reversed(item.items()))
-        elif isinstance(item, list):
-            stack.extend((child, (link, i)) for i, child in reversed(list(enumerate(item))))
+    Walks with its own stack of iterators, not recursion (JSON nested a thousand levels deep
+    parses, and must not end in a RecursionError here), so the memory it takes grows with
+    the depth, not with the number of values."""
+    if isinstance(value, str):
+        return "" if _lone_surrogate(value) else None
+    if not isinstance(value, (dict, list)):
+        return None
+    keys: list[Any] = []  # the path to the container whose entries the top iterator yields
+    walks = [_entries(value)]
+    while walks:
+        entry = next(walks[-1], None)
+        if entry is None:
+            walks.pop()
+            if keys:
+                keys.pop()
+            continue
+        key, child = entry
+        if isinstance(key, str) and _lone_surrogate(key):
+            return _spelled(keys) or "a field name"
+        if isinstance(child, str):
+            if _lone_surrogate(child):
+                return _spelled([*keys, key])
+        elif isinstance(child, (dict, list)):
+            keys.append(key)
+            walks.append(_entries(child))
     return None
 
 
-def _spelled(link: Any) -> str:
-    keys: list[Any] = []
-    while link is not None:
-        link, key = link
-        keys.append(key)
+def _lone_surrogate(text: str) -> bool:
+    # isascii() first: data URLs are megabytes of ASCII, checked without a scan for the range
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _entries(container: dict[str, Any] | list[Any]) -> typing.Iterator[tuple[Any, Any]]:
+    return iter(container.items()) if isinstance(container, dict) else enumerate(container)
+
+
+def _spelled(keys: list[Any]) -> str:
     path = ""
-    for key in reversed(keys):
+    for key in keys:
         if isinstance(key, int):
             path += f"[{key}]"
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CSVList = Annotated[list[str], NoDecode]
@@ -18,6 +18,7 @@ CSVList = Annotated[list[str], NoDecode]
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QWENVL_", extra="ignore")
+    _file_keys: list[str] = PrivateAttr(default_factory=list)  # from api_key_file, read once
 
     # --- model and engine -------------------------------------------------------------
     model: str | None = Field(
@@ -123,8 +124,9 @@ class Settings(BaseSettings):
     )
     image_max_frames: int = Field(1000, ge=1, description="Most frames an animated image may have.")
     image_max_pixels: int | None = Field(
-        None, ge=1, description="Ceiling on pixels per image sent to the model; replaces the model "
-        "family's default (Qwen2-VL family max_pixels). Per-request max_pixels can only lower it."
+        None, ge=1, description="Ceiling on pixels per image sent to the model; replaces the "
+        "checkpoint's own max_pixels (Qwen2-VL family), raising the engine processor's bound "
+        "when above it. Per-request max_pixels and detail can only lower it."
     )
     image_decode_workers: int = Field(2, ge=1, description="Threads decoding and resizing images.")
     image_cache_size: int = Field(256, ge=0, description="Decoded images kept in the cache (0: off).")
@@ -142,6 +144,9 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight work may finish after SIGTERM.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
+    max_content_parts: int = Field(
+        1024, ge=1, description="Most content parts (text, image and refusal parts together) "
+        "over all of one request's messages.")
     max_n: int = Field(8, ge=1, description="Largest n.")
     request_timeout: float = Field(600.0, gt=0, description="Per-request deadline in seconds.")
     send_timeout: float = Field(
@@ -189,12 +194,27 @@ class Settings(BaseSettings):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         return value
 
+    @model_validator(mode="after")
+    def _read_api_key_file(self) -> Settings:
+        # Read here, when the settings are made (the command line exits with status 2): a
+        # file that cannot be read failed later, inside the app, where uvicorn took it for an
+        # app without lifespan and served 500s with no model; an empty one (a secret mounted
+        # without its value) left the API open without a word.
+        path = self.api_key_file
+        if path is None:
+            return self
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise ValueError(f"cannot read the API key file {path}: {reason}") from None
+        keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not keys:
+            raise ValueError(f"the API key file {path} holds no keys (only blank lines or # comments); "
+                             "refusing to serve without the authentication it asks for")
+        self._file_keys = keys
+        return self
+
     def all_api_keys(self) -> list[str]:
         """Keys from --api-key and from --api-key-file (blank lines and # comments ignored)."""
-        keys = list(self.api_keys)
-        if self.api_key_file is not None:
-            for line in self.api_key_file.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.append(line)
-        return keys
+        return [*self.api_keys, *self._file_keys]

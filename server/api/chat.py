@@ -12,8 +12,9 @@ from starlette.requests import ClientDisconnect
 
 from server.api.body import check_media_type, parse_json_body, validate_body
 from server.api.deps import RuntimeDep
-from server.errors import RequestTimeoutError
-from server.runtime import ClientGone
+from server.engine import EngineDeadError
+from server.errors import RequestTimeoutError, ServiceUnavailableError
+from server.runtime import ENGINE_STOPPED, RETRY_SOON, ClientGone
 from server.schemas import ChatCompletionRequest
 
 router = APIRouter()
@@ -42,17 +43,19 @@ async def chat_completions(request: Request, rt: RuntimeDep):
         raise ClientGone() from None
     data = parse_json_body(raw)
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
-        rt.chat_service().check_message_count(len(data["messages"]))  # before validating them all
+        messages = data["messages"]  # counted before validating them all
+        rt.chat_service().check_message_count(len(messages), _content_parts(messages))
     body = validate_body(ChatCompletionRequest, data)
     service = rt.chat_service()
     deadline = rt.settings.request_timeout  # counted from arrival, time in the queue included
-    release = await rt.admit(request, deadline)
+    release = await rt.admit(request, max(deadline - (time.perf_counter() - arrived), 0.001))
     try:
         prepared = await asyncio.wait_for(
             service.prepare(body, request.state.request_id, started=arrived),
             timeout=max(deadline - (time.perf_counter() - arrived), 0.001),
         )
-        request.state.log.update(images=len(prepared.image_sizes))
+        request.state.log.update(images=len(prepared.image_sizes), **prepared.stats)
+        prepared.stats = request.state.log  # tokens, and how a stream ended, land in the log
         if body.stream:
             events = rt.stream_with_deadline(service.stream(prepared), prepared, release)
             release = None  # the stream owns the slot now
@@ -64,8 +67,9 @@ async def chat_completions(request: Request, rt: RuntimeDep):
                 headers=STREAM_HEADERS,
             )
         result = await rt.until_disconnect(request, service.complete(prepared), prepared)
-        request.state.log.update(prepared.stats)
         return JSONResponse(result.model_dump(exclude_none=False))
+    except EngineDeadError as exc:  # died after the readiness check above, before the watcher saw it
+        raise ServiceUnavailableError(ENGINE_STOPPED, headers=RETRY_SOON) from exc
     except asyncio.TimeoutError as exc:
         raise RequestTimeoutError(
             f"The request took longer than the server's {rt.settings.request_timeout:g} s deadline."
@@ -73,3 +77,9 @@ async def chat_completions(request: Request, rt: RuntimeDep):
     finally:
         if release is not None:
             release()
+
+
+def _content_parts(messages: list[Any]) -> int:
+    """How many content parts the (not yet validated) messages hold in their content lists."""
+    return sum(len(m["content"]) for m in messages
+               if isinstance(m, dict) and isinstance(m.get("content"), list))

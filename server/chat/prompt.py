@@ -1,11 +1,18 @@
 """Turn OpenAI chat messages into prompt token ids with the model's own chat template.
 
-User-supplied text never becomes special tokens: the template is rendered with a sentinel
+User-supplied text never becomes control tokens: the template is rendered with a sentinel
 in place of each piece of client text, the template's own text is tokenized with special
 tokens recognised (`<|im_start|>`, image placeholders, ...), and client text is tokenized
 with special-token parsing off. A client writing `<|image_pad|>` or `<img>` therefore
 gets those characters as plain text, and cannot desynchronise images and placeholders
-(the attack behind vLLM CVE-2026-44222).
+(the attack behind vLLM CVE-2026-44222), nor end a turn or open a system one.
+
+The one exception is the grounding tags (`<ref>`, `<box>`, `<|box_start|>`, ...; see
+`server.chat.specials.GROUNDING_TAGS`) that the tokenizer has as single tokens: the models
+were trained to read them in both turns (Qwen-VL-Chat's own prompt builder allows them in
+user and assistant text), as a referring expression (`<ref>the dog</ref>`), a region
+(`<box>(10,20),(30,40)</box>`) or an earlier answer sent back in the history. They open
+and close spans of text only, so they cannot move an image or a turn boundary.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from server.chat.specials import GROUNDING_TAGS
 from server.errors import InvalidRequestError
 from server.schemas import ImagePart, Message, RefusalPart, TextPart
 
@@ -88,6 +96,12 @@ def collect(messages: list[Message]) -> Conversation:
     return Conversation(messages=out, texts=texts, images=images)
 
 
+# Bounds of the renderer's memo of tokenized template pieces (see _encode_template).
+_CACHED_PIECE_CHARS = 512
+_CACHED_PIECES = 1024
+_UNSET = object()
+
+
 class PromptRenderer:
     """Renders conversations with a tokenizer's chat template into token ids."""
 
@@ -95,6 +109,8 @@ class PromptRenderer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self._sentinel = re.compile("\ue000[0-9a-f]+:(\\d+)\ue001")
+        self._template_ids: dict[str, tuple[int, ...]] = {}
+        self._tags: Any = _UNSET
 
     def render_text(self, conv: Conversation) -> str:
         """The prompt as text, client text substituted back (for logs and tests)."""
@@ -138,7 +154,46 @@ class PromptRenderer:
             ) from exc
 
     def _encode_template(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        # The template's own pieces (role headers, image placeholders, the turn's end) are
+        # the same few strings in every request; tokenizing is deterministic, so short ones
+        # are kept. Client text never reaches this method (it is cut out at the sentinels).
+        ids = self._template_ids.get(text)
+        if ids is None:
+            ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+            if len(text) <= _CACHED_PIECE_CHARS:
+                if len(self._template_ids) >= _CACHED_PIECES:
+                    self._template_ids.clear()
+                self._template_ids[text] = ids
+        return list(ids)
 
     def _encode_plain(self, text: str) -> list[int]:
+        """Client text: special-token parsing off, except the grounding tags (module doc)."""
+        tags = self._grounding_tags()
+        if not tags or "<" not in text:
+            return self._encode_split(text)
+        ids: list[int] = []
+        pos = 0
+        for m in tags[1].finditer(text):
+            ids.extend(self._encode_split(text[pos : m.start()]))
+            ids.append(tags[0][m.group()])
+            pos = m.end()
+        ids.extend(self._encode_split(text[pos:]))
+        return ids
+
+    def _encode_split(self, text: str) -> list[int]:
+        if not text:
+            return []
         return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def _grounding_tags(self) -> tuple[dict[str, int], re.Pattern[str]] | None:
+        """The grounding tags this tokenizer has as single special tokens, and a pattern
+        for them; None when it has none. Worked out on first use."""
+        if self._tags is _UNSET:
+            found: dict[str, int] = {}
+            for tag in GROUNDING_TAGS:
+                special = list(self.tokenizer.encode(tag, add_special_tokens=False))
+                if len(special) == 1 and special != self._encode_split(tag):
+                    found[tag] = special[0]
+            longest_first = sorted(found, key=len, reverse=True)
+            self._tags = (found, re.compile("|".join(map(re.escape, longest_first)))) if found else None
+        return self._tags

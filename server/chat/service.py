@@ -20,8 +20,10 @@ from server.engine.base import Engine, GenerationChunk, GenerationRequest, Sampl
 from server.errors import (
     APIError,
     ContextLengthError,
+    InternalError,
     InvalidRequestError,
     ModelNotFoundError,
+    ServiceUnavailableError,
     shown,
 )
 from server.metrics import Metrics
@@ -62,6 +64,9 @@ class Prepared:
     model_image_sizes: list[tuple[int, int]]
     grounding: bool
     started: float
+    #: Fields for the request's access-log line (tokens; how a stream ended), written as the
+    #: response is made. The handler passes the log's own dict, so a stream's fields arrive
+    #: after the handler has returned.
     stats: dict[str, Any] = field(default_factory=dict)
     # Removes special tokens from the text (whole, or across deltas with `pieces()`).
     clean: SpecialTokenFilter | None = None  # None: the engine skips special tokens itself
@@ -89,7 +94,8 @@ class ChatService:
         started = time.perf_counter() if started is None else started
         model = self._check_model(req.model)
         s = self.settings
-        self.check_message_count(len(req.messages))
+        self.check_message_count(
+            len(req.messages), sum(len(m.content) for m in req.messages if isinstance(m.content, list)))
         if req.n > s.max_n:
             raise InvalidRequestError(f"n is {req.n}; at most {s.max_n} is allowed.", param="n")
         if req.top_logprobs and not req.logprobs:
@@ -136,14 +142,23 @@ class ChatService:
             clean=clean,
         )
 
-    def check_message_count(self, count: int) -> None:
-        """A 400 if a request holds more messages than the server takes."""
+    def check_message_count(self, count: int, parts: int = 0) -> None:
+        """A 400 if a request holds more messages, or more content parts over all of its
+        messages, than the server takes. Cheap, so it runs before the messages are validated:
+        each message and part costs Python work on the event loop from there on."""
         limit = self.settings.max_messages
         if count > limit:
             raise InvalidRequestError(
                 f"Too many messages: {count} sent, at most {limit} allowed.",
                 param="messages",
                 code="too_many_messages",
+            )
+        limit = self.settings.max_content_parts
+        if parts > limit:
+            raise InvalidRequestError(
+                f"Too many content parts: the messages hold {parts}, at most {limit} allowed.",
+                param="messages",
+                code="too_many_content_parts",
             )
 
     def _check_text_size(self, texts: list[str]) -> None:
@@ -183,12 +198,15 @@ class ChatService:
             return value if value is not None else defaults.get(name, neutral)
 
         top_k = pick("top_k", 0)
+        top_p = pick("top_p", 1.0)
+        if top_p == 0:  # OpenAI's API takes 0 as "the most likely token only"; vLLM refuses 0
+            top_p, top_k = 1.0, 1
         return SamplingOptions(
             max_tokens=max_tokens,
             default_max_tokens=defaults.get("max_tokens"),
             max_tokens_field="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
             temperature=pick("temperature", 1.0),
-            top_p=pick("top_p", 1.0),
+            top_p=top_p,
             top_k=0 if top_k == -1 else top_k,  # -1 and 0 both mean "no top-k"
             min_p=pick("min_p", 0.0),
             n=req.n,
@@ -217,7 +235,7 @@ class ChatService:
         async for chunk in p.stream:
             prompt_tokens = chunk.prompt_tokens or prompt_tokens
             for c in chunk.choices:
-                tracker.tokens(len(c.token_ids))
+                tracker.tokens(len(c.token_ids), c.index)
                 texts[c.index].append(c.text)
                 tokens[c.index] += len(c.token_ids)
                 if c.logprobs:
@@ -274,7 +292,7 @@ class ChatService:
                     held = []
                 prompt_tokens = out.prompt_tokens or prompt_tokens
                 for c in out.choices:
-                    tracker.tokens(len(c.token_ids))
+                    tracker.tokens(len(c.token_ids), c.index)
                     tokens[c.index] += len(c.token_ids)
                     text = c.text
                     if (cleaner := pieces[c.index]) is not None:
@@ -292,6 +310,8 @@ class ChatService:
                     yield "".join(held)
                     held, waiting_roles = [], 0
         except APIError as exc:
+            p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
+            stream_ended_with(p.stats, exc)
             held += [sse_event(exc.to_dict()), sse_done()]
             yield "".join(held)
             return
@@ -362,31 +382,54 @@ def _chunk_json(p: Prepared, choices: list[ChunkChoice], usage: Usage | None) ->
     return body
 
 
+def stream_ended_with(log_fields: dict[str, Any], err: APIError) -> None:
+    """Note in a request's access-log fields that its stream (HTTP 200) ended with `err`'s
+    error event: the log and the outcome counters then count it as that error."""
+    log_fields.update(error=err.code or err.type, error_status=err.status)
+
+
 def _finish_reason(reason: str) -> str:
-    # vLLM says "abort" for requests it cancelled; OpenAI clients know stop/length only.
+    """The OpenAI finish_reason for an engine's, or the error for a choice that did not end.
+
+    An answer the engine gave up on must not reach the client as a complete one: "error"
+    (vLLM's retryable request-level failure, which its own server answers with a 500) is a
+    500, and "abort" (the engine cancelled the request itself: it is shutting down or paused
+    generation; our own aborts have no one left to read them) a 503. The official OpenAI SDKs
+    retry both. Other reasons (vLLM's "repetition") end the answer as a stop would."""
+    if reason == "error":
+        log.error("the engine failed a request during generation")
+        raise InternalError("The engine failed while generating this answer; send the request again.",
+                            code="generation_failed")
+    if reason == "abort":
+        raise ServiceUnavailableError("The server stopped generating this answer before it was complete; "
+                                      "send the request again.", code="generation_aborted",
+                                      headers={"Retry-After": "1"})
     return reason if reason in ("stop", "length") else "stop"
 
 
 class _Timing:
-    """Time to first token, time per output token and end-to-end latency of one request."""
+    """Time to first token, time per output token and end-to-end latency of one request.
+    With n choices, generated side by side, the time per output token is per choice's token
+    (the longest choice's count), not per token of all choices together."""
 
     def __init__(self, metrics: Metrics, started: float) -> None:
         self.metrics = metrics
         self.started = started
         self.first: float | None = None
-        self.count = 0
+        self.counts: dict[int, int] = {}
 
-    def tokens(self, n: int) -> None:
+    def tokens(self, n: int, index: int) -> None:
         if n and self.first is None:
             self.first = time.perf_counter()
             self.metrics.ttft.observe(self.first - self.started)
-        self.count += n
+        self.counts[index] = self.counts.get(index, 0) + n
 
     def done(self, usage: Usage) -> None:
         now = time.perf_counter()
         self.metrics.e2e.observe(now - self.started)
-        if self.first is not None and self.count > 1:
-            self.metrics.tpot.observe((now - self.first) / (self.count - 1))
+        steps = max(self.counts.values(), default=0)
+        if self.first is not None and steps > 1:
+            self.metrics.tpot.observe((now - self.first) / (steps - 1))
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         self.metrics.completion_tokens.inc(usage.completion_tokens)
         self.metrics.prompt_tokens_per_request.observe(usage.prompt_tokens)

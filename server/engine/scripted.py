@@ -35,13 +35,18 @@ class ScriptedEngine(Engine):
         self.chunk_chars = chunk_chars
         self.delay = delay
         self.history: list[GenerationRequest] = []
-        self._replies: deque[str] = deque()
+        self._replies: deque[str | tuple[str, str]] = deque()
         self._running: set[str] = set()
         self.aborted: list[str] = []
         self.dead = False
 
     def enqueue(self, *replies: str) -> None:
         self._replies.extend(replies)
+
+    def enqueue_cut(self, reply: str, finish_reason: str) -> None:
+        """A reply the engine gives up on: its pieces, then `finish_reason` ("abort" or
+        "error", as vLLM ends a request it cancelled or failed) on the last one."""
+        self._replies.append((reply, finish_reason))
 
     async def start(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self.dead:
@@ -51,14 +56,18 @@ class ScriptedEngine(Engine):
             raise ContextLengthError("The prompt is longer than the context.", param="messages")
         self.history.append(request)
         reply = self._replies.popleft() if self._replies else self.default_reply
-        return self._stream(request, reply, n_prompt)
+        cut = None
+        if isinstance(reply, tuple):
+            reply, cut = reply
+        return self._stream(request, reply, n_prompt, cut)
 
-    async def _stream(self, request: GenerationRequest, reply: str, n_prompt: int) -> AsyncIterator[GenerationChunk]:
+    async def _stream(self, request: GenerationRequest, reply: str, n_prompt: int,
+                      cut: str | None = None) -> AsyncIterator[GenerationChunk]:
         s = request.sampling
         pieces = [reply[i : i + self.chunk_chars] for i in range(0, len(reply), self.chunk_chars)] or [""]
         budget = s.max_tokens if s.max_tokens is not None else (s.default_max_tokens or len(pieces))
         emitted = pieces[:budget]
-        finish = "length" if len(pieces) > budget else "stop"
+        finish = cut or ("length" if len(pieces) > budget else "stop")
         self._running.add(request.request_id)
         try:
             for i, piece in enumerate(emitted):

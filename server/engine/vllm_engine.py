@@ -9,6 +9,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from server.chat.specials import keep_grounding_tags_when_skipping
 from server.engine.base import (
     ChoiceDelta,
     Engine,
@@ -93,19 +95,39 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
         kwargs["max_num_batched_tokens"] = settings.max_num_batched_tokens
     if settings.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = settings.enable_prefix_caching
+    if (raised := _raised_max_pixels(settings, model)) is not None:
+        kwargs["mm_processor_kwargs"] = {"max_pixels": raised}
     return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+#: Model types whose processors resize with `smart_resize` under a `max_pixels` bound.
+_SMART_RESIZE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+def _model_type(model: str) -> str | None:
+    config = Path(model) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _raised_max_pixels(settings: Settings, model: str) -> int | None:
+    """`--image-max-pixels` where it is above the checkpoint's own `max_pixels`, else None.
+    The engine's processor shrinks every picture to its checkpoint's bound again, so a
+    higher ceiling of ours takes effect only with the processor's bound raised to it."""
+    wanted = settings.image_max_pixels
+    if wanted is None or _model_type(model) not in _SMART_RESIZE_TYPES:
+        return None
+    own = _image_processor_config(model).get("max_pixels")
+    return wanted if isinstance(own, int) and wanted > own else None
 
 
 def _mm_limits(model: str, images: int) -> dict[str, int]:
     """Images per prompt; video off where the model has it (we accept no video input, and
     vLLM would otherwise reserve memory for profiling one)."""
     limits = {"image": images}
-    config = Path(model) / "config.json"
-    try:
-        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    except (OSError, ValueError):
-        model_type = None
-    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+    if _model_type(model) in _SMART_RESIZE_TYPES:
         limits["video"] = 0
     return limits
 
@@ -360,12 +382,19 @@ class VLLMEngine(Engine):
         model_config = llm.model_config
         model_type = getattr(model_config.hf_config, "model_type", "")
         family = family_of(model_type)
+        tokenizer = llm.get_tokenizer()
+        image_processor = _image_processor_config(model)
+        if (raised := _raised_max_pixels(settings, model)) is not None:
+            image_processor["max_pixels"] = raised  # as engine_args_from_settings told vLLM
+        # vLLM matches stop strings against the text it decodes: decoded with special tokens
+        # skipped and the grounding tags kept, that is the text the client gets.
+        keep_grounding_tags_when_skipping(tokenizer)
         info = ModelInfo(
             family=family,
             max_model_len=model_config.max_model_len,
-            tokenizer=llm.get_tokenizer(),
+            tokenizer=tokenizer,
             model_type=model_type,
-            image_processor=_image_processor_config(model),
+            image_processor=image_processor,
             stop_token_ids=_chat_stop_ids(family),
             sampling_defaults=_sampling_defaults(model_config),
         )
@@ -414,13 +443,22 @@ class VLLMEngine(Engine):
                 f"model's {limit} context tokens; at most {limit - n_prompt} can be generated.",
                 param=s.max_tokens_field,
             )
+        if s.min_tokens > max_tokens:  # only reachable without max_tokens: the service checks that case
+            raise InvalidRequestError(
+                f"min_tokens is {s.min_tokens}, but at most {max_tokens} tokens can be generated for "
+                f"this request (the model's default length, or the context the prompt leaves); "
+                f"lower min_tokens or set max_tokens.",
+                param="min_tokens",
+            )
         # vLLM refuses n>1 under greedy decoding (temperature below its 1e-5, which includes
         # checkpoints' near-zero defaults); the n answers would be identical anyway, so
         # generate once and fan the deltas out to n choices.
         copies = s.n if s.temperature < _GREEDY_BELOW and s.n > 1 else 1
         try:
+            # (ignore_eos: the turn-ending tokens do not stop it either, as vLLM leaves out a
+            # checkpoint's extra EOS ids then)
             params = self._sampling_params(s, max_tokens, n=1 if copies > 1 else s.n,
-                                           stop_token_ids=self.info.stop_token_ids)
+                                           stop_token_ids=() if s.ignore_eos else self.info.stop_token_ids)
         except (VLLMValidationError, ValueError) as exc:
             raise InvalidRequestError(f"Invalid sampling parameters: {str(exc)[:300]}") from exc
         return self._stream(engine_input, params, request.request_id, copies)
@@ -442,7 +480,7 @@ class VLLMEngine(Engine):
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty,
-            min_tokens=min(s.min_tokens, max_tokens),
+            min_tokens=s.min_tokens,
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs,
             skip_special_tokens=s.skip_special_tokens,
@@ -487,8 +525,8 @@ class VLLMEngine(Engine):
                 logprobs.append(
                     TokenLogprob(
                         token=(chosen.decoded_token if chosen else "") or "",
-                        logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
-                        top=[(lp.decoded_token or "", max(lp.logprob, -9999.0), token_bytes(i)) for i, lp in top],
+                        logprob=_json_logprob(chosen.logprob) if chosen else -9999.0,
+                        top=[(lp.decoded_token or "", _json_logprob(lp.logprob), token_bytes(i)) for i, lp in top],
                         bytes=token_bytes(token_id),
                     )
                 )
@@ -533,3 +571,9 @@ class VLLMEngine(Engine):
         llm.shutdown = _no_op
         del llm
         gc.collect()
+
+
+def _json_logprob(value: float) -> float:
+    """A log-probability JSON can carry: -inf (a token the sampler ruled out) or NaN (a model
+    gone numerically wrong) as -9999.0, as OpenAI's API writes the former."""
+    return value if math.isfinite(value) and value > -9999.0 else -9999.0

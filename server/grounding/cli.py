@@ -139,7 +139,7 @@ def _print(boxes: list[GroundingBox]) -> None:
 
 def _draw(parser: argparse.ArgumentParser, args: argparse.Namespace, text: str) -> int:
     # Pillow and the drawing code are imported here so that `parse` stays light.
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from server.grounding.draw import draw_boxes
 
@@ -147,8 +147,12 @@ def _draw(parser: argparse.ArgumentParser, args: argparse.Namespace, text: str) 
         parser.error("draw takes one image; --image-index must be 0 or left out")
     try:
         with Image.open(args.image) as image:
-            image.load()
-            picture = image
+            # upright, as the server showed it to the model (boxes are in that frame)
+            try:
+                picture = ImageOps.exif_transpose(image)
+            except Exception:  # malformed EXIF: unrotated, as the server takes it
+                picture = image.copy()
+            picture.load()
     except OSError as exc:
         return _fail(f"cannot read image {args.image}: {exc}")
     boxes = _boxes(parser, args, text, [picture.size])

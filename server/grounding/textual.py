@@ -49,7 +49,8 @@ def scan_xml_points(text: str) -> list[RawItem]:
             if coord is not None and number is not None:
                 coords.setdefault(coord.group(2), {})[coord.group(1)] = number
         phrase = clean_phrase(element.group("body")) or clean_phrase(alt)
-        for suffix in sorted(coords, key=lambda s: int(s) if s else 0):
+        # (by length, then text: the numeric order, without int() on thousands of digits)
+        for suffix in sorted(coords, key=lambda s: (len(s.lstrip("0")), s.lstrip("0"))):
             point = coords[suffix]
             if "x" in point and "y" in point and finite_numbers((point["x"], point["y"])):
                 items.append(RawItem(element.start(), "point", (point["x"], point["y"]), phrase))

@@ -78,8 +78,8 @@ class GroundingBox:
     points: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict. Whole numbers in ``model_box`` come out as ints, so a model's
-        ``536`` stays ``536`` rather than ``536.0``. ``points`` is present for quads and points.
+        """A JSON-ready dict. Whole numbers in ``model_box`` (up to 2**53) come out as ints,
+        so a model's ``536`` stays ``536`` rather than ``536.0``. ``points`` is present for quads and points.
         """
         out: dict[str, Any] = {
             "phrase": self.phrase,
@@ -94,4 +94,6 @@ class GroundingBox:
 
 
 def _json_number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
+    # Only where the int is exact in every JSON reader (2**53): 1e308 stays 1e308, not a
+    # 309-digit integer.
+    return int(value) if float(value).is_integer() and abs(value) <= 2**53 else value

@@ -5,7 +5,7 @@ model-family shape rules, caching and metrics. The chat service uses `ImageLoade
 from .family import FAMILIES, FamilySpec
 from .limits import check_image_count
 from .loader import ImageLoader, LoadedImage
-from .resolve import Resolver, static_resolver, system_resolver
+from .resolve import Resolver, SystemResolver, static_resolver
 
 __all__ = [
     "FAMILIES",
@@ -15,5 +15,5 @@ __all__ = [
     "Resolver",
     "check_image_count",
     "static_resolver",
-    "system_resolver",
+    "SystemResolver",
 ]

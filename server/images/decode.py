@@ -1,7 +1,8 @@
 """Turning untrusted image bytes into the RGB picture the model sees. Blocking and
 CPU-bound: the loader runs `decode_image` in its worker pool.
 
-Order matters for safety: the format is sniffed against an allow-list, then the pixel count
+Order matters for safety: the container's layout is walked with a bounded budget
+(layout.py), the format is sniffed against an allow-list, then the pixel count
 and the frame count are checked from the header, and only then are pixels decoded (so a
 decompression bomb is refused before it allocates). Pillow's DecompressionBombWarning is
 made an error by `prepare()`. Every failure is raised as our own ImageError with a fixed
@@ -20,6 +21,7 @@ from PIL import Image
 
 from ..errors import ImageDecodeError, ImageError, ImageTooLargeError
 from .family import FamilySpec, check_shape, target_size
+from .layout import check_layout
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +33,29 @@ RESAMPLE = Image.Resampling.BICUBIC
 #: Background for transparent pixels (what Qwen's own preprocessing composites onto).
 BACKGROUND = (255, 255, 255)
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+#: Pillow decodes run-length-encoded BMPs in Python, about a pixel per loop turn (a 30 KB
+#: file of 7071x7071 pixels held a decode thread for seconds); larger ones are refused.
+MAX_RLE_BMP_PIXELS = 1 << 20
+_BMP_RLE = {1, 2}  # BI_RLE8, BI_RLE4
 _EXIF_ORIENTATION = 0x0112
 
 
-def prepare() -> None:
-    """Call once at startup, before decoding.
+def prepare(max_input_pixels: int = 0) -> None:
+    """Call once at startup, before decoding, with the largest `DecodeLimits.max_input_pixels`
+    in use.
 
     Loads Pillow's format plugins now: Pillow imports them lazily on the first open of a
     format outside its core five, holding the GIL for a few hundred milliseconds, which
-    from a worker thread would stall the event loop. And makes Pillow's
+    from a worker thread would stall the event loop. Makes Pillow's
     DecompressionBombWarning an error for the whole process: `warnings.catch_warnings` is
-    not thread-safe, and the decode threads run concurrently."""
+    not thread-safe, and the decode threads run concurrently. And raises Pillow's own bomb
+    threshold (89.5 M pixels by default) to `max_input_pixels` when that is larger: our
+    header check enforces the setting, and Pillow's would refuse below it (never lowered:
+    Pillow's stays a backstop)."""
     Image.init()
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    if Image.MAX_IMAGE_PIXELS is not None and max_input_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_input_pixels
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,12 @@ def decode_image(
         raise ImageDecodeError(f"The data is not a supported image; send {SUPPORTED_TEXT}.") from exc
     except MemoryError as exc:
         raise ImageTooLargeError("The image is too large to decode on this server.") from exc
+    except ValueError as exc:
+        if "MAX_TEXT" in str(exc):  # Pillow's caps on PNG text and colour-profile chunks
+            raise ImageTooLargeError("The image's metadata (PNG text or colour-profile chunks) is too large; "
+                                     "strip it and send the image again.") from exc
+        log.debug("image decode failed: %r", exc)
+        raise ImageDecodeError("The image could not be decoded; the file is truncated or corrupt.") from exc
     except Exception as exc:  # any decoder failure: OSError, SyntaxError, ValueError, EOFError...
         log.debug("image decode failed: %r", exc)
         raise ImageDecodeError("The image could not be decoded; the file is truncated or corrupt.") from exc
@@ -80,6 +98,7 @@ def decode_image(
 def _decode(
     data: bytes, limits: DecodeLimits, family: FamilySpec, max_pixels: int | None
 ) -> tuple[Image.Image, tuple[int, int]]:
+    check_layout(data)
     with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
         width, height = im.size
         if width < 1 or height < 1:
@@ -88,6 +107,10 @@ def _decode(
             raise ImageTooLargeError(
                 f"The image is {width}x{height} pixels; at most {limits.max_input_pixels:,} pixels are accepted."
             )
+        if im.format == "BMP" and im.info.get("compression") in _BMP_RLE and width * height > MAX_RLE_BMP_PIXELS:
+            raise ImageTooLargeError(
+                f"The run-length-encoded BMP is {width}x{height} pixels; at most {MAX_RLE_BMP_PIXELS:,} "
+                "are accepted in that encoding (send it as PNG or an uncompressed BMP).")
         frames = getattr(im, "n_frames", 1)
         if frames > limits.max_frames:
             raise ImageTooLargeError(
@@ -95,6 +118,11 @@ def _decode(
             )
         if frames > 1:
             im.seek(0)
+        if im.format == "PNG":
+            # Before the EXIF lookup, which loads a PNG's pixels itself: a decoder error
+            # there would be taken for bad EXIF (and Pillow drops the tiles before raising,
+            # so the load() below "succeeded" with a partly black picture).
+            im.load()
         orientation = _orientation(im)
         swapped = orientation in _SWAPS_SIDES
         if swapped:
@@ -137,11 +165,15 @@ _TRANSPOSE = {
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """A new RGB image: palette and alpha composited on white, CMYK/YCbCr/L/1 converted,
-    16- and 32-bit greyscale scaled down to 8 bits (Pillow's own conversion clips)."""
+    """A new RGB image: palette and alpha composited on white (a transparent colour key of a
+    palette, greyscale or RGB image too), CMYK/YCbCr/L/1 converted, 16- and 32-bit greyscale
+    scaled down to 8 bits (Pillow's own conversion clips)."""
     mode = im.mode
-    if mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if mode in ("P", "L", "RGB") and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = im.mode
+    elif mode == "P":
+        im = im.convert("RGB")
         mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from .. import __version__
-from ..errors import ImageFetchError, ImageTooLargeError
+from ..errors import ImageFetchError, ImageTooLargeError, ServiceUnavailableError
 from .policy import AddressPolicy, DomainPolicy
 from .resolve import ResolutionError, Resolver
 from .transport import (
@@ -86,17 +86,32 @@ class HttpFetcher:
         self._semaphore = asyncio.Semaphore(concurrency)
 
     async def fetch(self, url: HttpURL) -> bytes:
-        """The body of `url` after redirects. Raises ImageURLForbiddenError (policy),
-        ImageTooLargeError (byte cap) or ImageFetchError (everything else)."""
-        async with self._semaphore:
-            try:
-                async with asyncio.timeout(self._limits.total_timeout):
+        """The body of `url` after redirects, within `total_timeout` seconds counted from
+        the call: the wait for one of the `concurrency` fetch slots counts too, so slow
+        hosts holding every slot delay other images by at most that long. Raises
+        ImageURLForbiddenError (policy), ImageTooLargeError (byte cap), ImageFetchError
+        (everything else), or ServiceUnavailableError (503, code image_fetch_busy) when no
+        slot came free in time."""
+        loop = asyncio.get_running_loop()
+        called, fetching_since = loop.time(), None
+        try:
+            async with asyncio.timeout(self._limits.total_timeout):
+                async with self._semaphore:
+                    fetching_since = loop.time()
                     return await self._fetch(url)
-            except TimeoutError:
-                raise ImageFetchError(
-                    f"Fetching the image took longer than {self._limits.total_timeout:g} s. Use a faster "
-                    "host or send the image as a data: URL."
+        except TimeoutError:
+            if fetching_since is None:
+                raise ServiceUnavailableError(
+                    f"The server's image fetches were all busy for {self._limits.total_timeout:g} s; "
+                    "retry, or send the image as a data: URL.",
+                    code="image_fetch_busy", headers={"Retry-After": "1"},
                 ) from None
+            waited = fetching_since - called
+            queued = f" ({waited:.1f} s of it waiting for a free fetch slot)" if waited >= 0.1 else ""
+            raise ImageFetchError(
+                f"Fetching the image took longer than {self._limits.total_timeout:g} s{queued}. Use a faster "
+                "host or send the image as a data: URL."
+            ) from None
 
     async def _fetch(self, url: HttpURL) -> bytes:
         for _ in range(self._limits.max_redirects + 1):

@@ -10,6 +10,7 @@ code) and is counted in `image_rejections{code}`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import hashlib
 import time
@@ -30,7 +31,7 @@ from .fetch import FetchLimits, HttpFetcher, build_transport
 from .limits import check_image_count
 from .local import LocalMediaReader, decode_data_url
 from .policy import AddressPolicy, DomainPolicy
-from .resolve import Resolver, system_resolver
+from .resolve import Resolver, SystemResolver
 from .transport import Transport
 from .urls import DataURL, FileURL, HttpURL, ImageURL, parse_image_url
 
@@ -57,6 +58,14 @@ class LoadedImage:
     pixels_id: str = ""
 
 
+@dataclass(eq=False)
+class _Download:
+    """One image download in flight, and how many loads are waiting for it."""
+
+    task: asyncio.Future[bytes]
+    waiters: int = 0
+
+
 class ImageLoader:
     """Loads image URLs for one model family. Create one per app; close with `aclose`."""
 
@@ -66,6 +75,7 @@ class ImageLoader:
         metrics: Metrics,
         *,
         family: str,
+        model_max_pixels: int | None = None,
         transport: Transport | None = None,
         resolver: Resolver | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -73,10 +83,16 @@ class ImageLoader:
         """`family`: qwen-vl, qwen2-vl, qwen2.5-vl or qwen3-vl. `transport`: the HTTP client
         for image URLs (must connect to the address it is given, never through a proxy; the
         loader closes it), else an aiohttp one is created.
+        `model_max_pixels`: the engine's image processor's pixel bound (the checkpoint's
+        `max_pixels`, or what --image-max-pixels raised it to), the ceiling when the
+        settings set none.
         `resolver`: host name resolution (default: the system resolver in a thread).
         Raises ValueError for an unknown family or a malformed --image-allow-networks."""
         self.settings = settings
         self.family = family_spec(family)
+        # The server's ceiling: --image-max-pixels, else the engine processor's own bound
+        # (a picture above it would be shrunk again there), else the family's default.
+        self._ceiling = settings.image_max_pixels or (model_max_pixels if self.family.factor else None)
         self._metrics = metrics
         limits = FetchLimits(
             max_bytes=settings.image_max_bytes,
@@ -85,20 +101,24 @@ class ImageLoader:
             max_redirects=settings.image_max_redirects,
         )
         self._transport = transport or build_transport(limits, settings.image_fetch_concurrency)
+        # (as many lookups in flight as fetches, at most 16 threads: each holds one while it waits)
+        self._system_resolver = SystemResolver(min(settings.image_fetch_concurrency, 16))
         self._fetcher = HttpFetcher(
             self._transport,
             addresses=AddressPolicy(settings.image_allow_networks),
             domains=DomainPolicy(settings.image_allowed_domains, settings.image_denied_domains),
-            resolver=resolver or system_resolver,
+            resolver=resolver or self._system_resolver,
             limits=limits,
             concurrency=settings.image_fetch_concurrency,
         )
         self._local = LocalMediaReader(settings.allowed_local_media_path, settings.image_max_bytes)
         self._decode_limits = DecodeLimits(settings.image_max_input_pixels, settings.image_max_frames)
-        prepare()
+        prepare(settings.image_max_input_pixels)
         self._pool = ThreadPoolExecutor(settings.image_decode_workers, thread_name_prefix="image-decode")
         self._content: ContentCache[LoadedImage] = ContentCache(settings.image_cache_size, cache_bytes)
         self._urls = URLCache(settings.image_url_cache_ttl, settings.image_cache_size * URL_ENTRIES_PER_IMAGE)
+        self._downloads: dict[str, _Download] = {}
+        self._decodes: dict[tuple[str, int | None], asyncio.Future[LoadedImage]] = {}
 
     def check_count(self, count: int, *, param: str | None = "messages") -> None:
         """Raise TooManyImagesError when `count` exceeds `settings.limit_mm_per_prompt`."""
@@ -118,7 +138,8 @@ class ImageLoader:
         as the error's `param` (e.g. "messages[1].content[2].image_url"). Raises only
         ImageError subclasses: ImageURLForbiddenError, ImageFetchError, ImageTooLargeError,
         ImageDecodeError, or ImageError (code invalid_image) for malformed URLs and shapes
-        the model cannot take."""
+        the model cannot take; and ServiceUnavailableError when every fetch slot stayed
+        busy (`HttpFetcher.fetch`)."""
         try:
             return await self._load(url, max_pixels, detail)
         except ImageError as exc:
@@ -144,10 +165,18 @@ class ImageLoader:
             raise ValueError("details must have one entry per URL")
         if not urls:
             return []
+        # The same picture twice in one request (same URL, same detail) is loaded once.
+        slot_of: dict[tuple[str, str | None], int] = {}
+        first: list[int] = []
+        for i, url in enumerate(urls):
+            key = (url, details[i] if details else None)
+            if key not in slot_of:
+                slot_of[key] = len(first)
+                first.append(i)
         tasks = [
-            asyncio.create_task(self.load(url, max_pixels=max_pixels, detail=details[i] if details else None,
+            asyncio.create_task(self.load(urls[i], max_pixels=max_pixels, detail=details[i] if details else None,
                                           param=params[i] if params else None))
-            for i, url in enumerate(urls)
+            for i in first
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -158,11 +187,12 @@ class ImageLoader:
             await asyncio.gather(*tasks, return_exceptions=True)
         if failed:
             raise failed[0].exception()  # type: ignore[misc]
-        return [task.result() for task in tasks]
+        return [tasks[slot_of[(url, details[i] if details else None)]].result() for i, url in enumerate(urls)]
 
     async def aclose(self) -> None:
         """Release the worker pool and the HTTP transport."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._system_resolver.close()
         await self._transport.aclose()
 
     # --- steps ----------------------------------------------------------------------------
@@ -170,7 +200,7 @@ class ImageLoader:
     async def _load(self, url: str, max_pixels: int | None, detail: str | None) -> LoadedImage:
         if max_pixels is not None and max_pixels < 1:
             raise ImageError("max_pixels must be a positive number of pixels.")
-        ceiling = effective_max_pixels(self.family, self.settings.image_max_pixels, max_pixels, detail)
+        ceiling = effective_max_pixels(self.family, self._ceiling, max_pixels, detail)
         parsed = parse_image_url(url)
         cacheable_url = isinstance(parsed, HttpURL)
         if cacheable_url:
@@ -188,6 +218,33 @@ class ImageLoader:
         self._metrics.image_cache.labels(cache="content", result="hit" if cached else "miss").inc()
         if cached is not None:
             return cached
+        return await self._decode_shared(data, key)
+
+    async def _decode_shared(self, data: bytes, key: tuple[str, int | None]) -> LoadedImage:
+        """Decode `data` into the content cache, once per (digest, ceiling) at a time: loads of
+        the same picture while it decodes (a popular picture under load, before the cache has
+        it) wait for that decode instead of each taking a worker and its memory. A decode
+        runs to its end once started (a worker thread cannot be stopped), so it is shielded
+        from the loads that give up."""
+        pending = self._decodes.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._decode(data, key))
+            self._decodes[key] = pending
+            pending.add_done_callback(lambda done: self._decode_ended(key, done))
+        try:
+            return await asyncio.shield(pending)
+        except ImageError as exc:
+            # each request gets its own error: `load` fills in the request's `param`
+            raise copy.copy(exc) from exc.__cause__
+
+    def _decode_ended(self, key: tuple[str, int | None], done: asyncio.Future[LoadedImage]) -> None:
+        if self._decodes.get(key) is done:
+            del self._decodes[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: a decode every load left logs nothing
+
+    async def _decode(self, data: bytes, key: tuple[str, int | None]) -> LoadedImage:
+        digest, ceiling = key
         started = time.perf_counter()
         decode = functools.partial(
             decode_image, data, limits=self._decode_limits, family=self.family, max_pixels=ceiling
@@ -201,7 +258,7 @@ class ImageLoader:
     async def _read(self, parsed: ImageURL) -> bytes:
         started = time.perf_counter()
         if isinstance(parsed, HttpURL):
-            data = await self._fetcher.fetch(parsed)
+            data = await self._fetch_shared(parsed)
         elif isinstance(parsed, DataURL):
             data = await decode_data_url(parsed, self.settings.image_max_bytes)
         else:
@@ -210,6 +267,31 @@ class ImageLoader:
         self._metrics.image_fetch_seconds.observe(time.perf_counter() - started)
         self._metrics.image_bytes.observe(len(data))
         return data
+
+    async def _fetch_shared(self, url: HttpURL) -> bytes:
+        """`HttpFetcher.fetch`, one download per URL at a time: a request for a URL already
+        being fetched (the same picture twice in a request, or popular pictures under load
+        before the URL cache has them) waits for that download. The download is cancelled
+        when every request waiting for it has gone."""
+        key = str(url)
+        shared = self._downloads.get(key)
+        if shared is None:
+            shared = _Download(asyncio.ensure_future(self._fetcher.fetch(url)))
+            self._downloads[key] = shared
+            shared.task.add_done_callback(lambda _: self._downloads.pop(key, None)
+                                          if self._downloads.get(key) is shared else None)
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.task)
+        except ImageError as exc:
+            # each request gets its own error: `load` fills in the request's `param`
+            raise copy.copy(exc) from exc.__cause__
+        finally:
+            shared.waiters -= 1
+            if shared.waiters == 0 and not shared.task.done():
+                if self._downloads.get(key) is shared:
+                    del self._downloads[key]  # a load arriving now starts afresh
+                shared.task.cancel()
 
     async def _in_pool(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)

@@ -24,6 +24,7 @@ _EXTRA_BLOCKED: tuple[IPNetwork, ...] = (
     ipaddress.IPv4Network("192.0.0.0/24"),  # IETF protocol assignments
     ipaddress.IPv4Network("255.255.255.255/32"),
     ipaddress.IPv6Network("ff00::/8"),
+    ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, still routed on some sites)
 )
 
 
@@ -52,6 +53,8 @@ def is_public(ip: IPAddress) -> bool:
             return False
         if ip.ipv4_mapped is not None:
             return is_public(ip.ipv4_mapped)
+        if ip in _NAT64:  # a public IPv4 host reached through a DNS64/NAT64 gateway
+            return is_public(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         inner = embedded_ipv4(ip)
         if inner is not None and not is_public(inner):
             return False
@@ -81,10 +84,13 @@ class AddressPolicy:
         )
 
     def allows(self, ip: IPAddress) -> bool:
-        """True when `ip` is public or inside an exception network. An IPv4-mapped IPv6
-        address is matched as its IPv4 address."""
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        """True when `ip` is public or inside an exception network. An IPv4-mapped or NAT64
+        (64:ff9b::/96) IPv6 address is matched as its IPv4 address."""
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            elif ip in _NAT64:
+                ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if any(ip.version == net.version and ip in net for net in self.allow_networks):
             return True
         return is_public(ip)

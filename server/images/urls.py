@@ -115,7 +115,10 @@ def join_redirect(base: HttpURL, location: str) -> HttpURL:
     URL. A redirect to anything but http(s) is forbidden."""
     if _BAD_CHARS.search(location):
         raise _forbidden("The image server redirected to a malformed URL.")
-    target = urllib.parse.urljoin(str(base), location)
+    try:
+        target = urllib.parse.urljoin(str(base), location)
+    except ValueError:  # e.g. an unclosed "[" in the host
+        raise _forbidden("The image server redirected to a malformed URL.") from None
     parsed = parse_image_url(target)
     if not isinstance(parsed, HttpURL):
         raise _forbidden("The image server redirected to a non-http(s) URL.")
@@ -170,7 +173,10 @@ def _parse_host(host: str, *, bracketed: bool) -> tuple[str, IPAddress | None]:
 
 
 def _parse_file(url: str) -> FileURL:
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # brackets in the host
+        raise _forbidden("file: image URLs must not name a host; use file:///absolute/path.") from None
     if parts.netloc not in ("", "localhost"):
         raise _forbidden("file: image URLs must not name a host; use file:///absolute/path.")
     if parts.query:

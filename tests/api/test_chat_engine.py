@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from support.http_server import start_server, static
+from support.http_server import redirect, start_server, static
 from support.images import data_url, picture
 from support.live_server import ServerProcess
 
@@ -32,6 +32,7 @@ def image_server():
         "/a.png": static(picture(96, 64, (220, 40, 40)), "image/png"),
         "/b.jpg": static(picture(128, 96, (40, 200, 40), fmt="JPEG"), "image/jpeg"),
         "/not-an-image.png": static(b"<html>hello</html>", "image/png"),
+        "/bad-redirect.png": redirect("http://[::1/x.png"),
     })
     yield state
     httpd.shutdown()
@@ -190,6 +191,22 @@ def test_low_detail_sends_a_smaller_picture(client, server):
     assert low == hf_prompt_tokens(server, [small], text) and low < high - 200
 
 
+def test_grounding_tags_in_the_request_are_read_as_the_model_writes_them(client, server):
+    """A referring expression and an earlier answer's box, in each generation's own tags:
+    the prompt holds the tags as single tokens, as the reference processor makes it."""
+    from PIL import Image
+    import io
+
+    if server.arch == "qwen-vl":
+        text = "Where is <ref>the dog</ref>? Earlier: <ref>cat</ref><box>(1,2),(300,400)</box>"
+    else:
+        text = ("Where is <|object_ref_start|>the dog<|object_ref_end|>? Earlier: "
+                "<|box_start|>(1,2),(300,400)<|box_end|>")
+    raw = picture(64, 64)
+    r = ask(client, server, [image_part(data_url(raw)), {"type": "text", "text": text}], max_tokens=1)
+    assert r.usage.prompt_tokens == hf_prompt_tokens(server, [Image.open(io.BytesIO(raw)).convert("RGB")], text)
+
+
 def hf_prompt_tokens(server, images, text: str) -> int:
     if server.arch == "qwen2-vl":
         from transformers import AutoProcessor
@@ -322,6 +339,22 @@ def test_max_tokens_left_out_takes_the_models_default_length(client, server):
         assert r.usage.total_tokens == MAX_MODEL_LEN
 
 
+def test_min_tokens_beyond_the_default_length_is_refused_not_cut(client, server):
+    """Without max_tokens the length is the model's default (512 on the tiny Qwen-VL) or the
+    context left; a min_tokens above it is a 400 naming min_tokens, as vLLM's server answers,
+    not an answer silently shorter than asked."""
+    limit = 512 if server.arch == "qwen-vl" else MAX_MODEL_LEN
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model_name(server), messages=[{"role": "user", "content": "Count."}],
+                                       extra_body={"min_tokens": limit + 1})
+    assert err.value.param == "min_tokens", err.value.message
+    assert f"min_tokens is {limit + 1}" in err.value.message
+    if server.arch == "qwen-vl":
+        assert "at most 512 tokens" in err.value.message
+    r = ask(client, server, "Count.", max_tokens=4, extra_body={"min_tokens": 4})
+    assert r.usage.completion_tokens == 4
+
+
 def test_histories_with_tool_results_and_a_final_assistant_turn(client, server):
     r = client.chat.completions.create(model=model_name(server), max_tokens=3, temperature=0, n=None,
                                        presence_penalty=None, messages=[
@@ -360,6 +393,36 @@ def test_logprob_bytes_are_the_tokens_own(client, server):
     assert spelled.decode("utf-8", errors="ignore") == r.choices[0].message.content.replace("\ufffd", "")
     pieces = [item for item in items if item.bytes and not item.bytes[0] < 0x80 and item.token in ("", "\ufffd")]
     assert pieces, "no token was a piece of a character; pick another seed"
+
+
+#: Special tokens that `content` leaves out: all but the grounding tags (both tokenizers).
+HIDDEN_SPECIAL = re.compile("|".join(
+    [r"<\|(?!(?:object_ref|box|quad)_(?:start|end)\|>)[^|<>]+\|>", "</?img>", "<imgpad>"]))
+
+
+def test_stop_strings_never_match_inside_a_hidden_special_token(client, server):
+    """`content` has no special tokens but the grounding tags, and a stop string is matched
+    against that text: not against the name of a token the client never sees."""
+    kwargs = dict(max_tokens=24, temperature=1.0, top_p=1.0)
+    for seed in range(60):
+        raw = ask(client, server, "hi", seed=seed, **kwargs,
+                  extra_body={"ignore_eos": True, "skip_special_tokens": False}).choices[0].message.content
+        visible = HIDDEN_SPECIAL.sub("", raw)
+        names = [t.strip("<|>/") for t in HIDDEN_SPECIAL.findall(raw)]
+        names = [name for name in names if name not in visible]
+        if names:
+            break
+    else:
+        pytest.fail("no seed made the model write a hidden special token")
+    r = ask(client, server, "hi", seed=seed, **kwargs, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == visible
+    r = ask(client, server, "hi", seed=seed, **kwargs, stop=[names[0]], extra_body={"ignore_eos": True})
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (visible, "length")
+    assert r.usage.completion_tokens == 24
+    chunks = client.chat.completions.create(model=model_name(server), messages=[{"role": "user", "content": "hi"}],
+                                            seed=seed, stop=[names[0]], stream=True, extra_body={"ignore_eos": True},
+                                            **kwargs)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == visible
 
 
 def test_sixteen_concurrent_requests(server):
@@ -503,6 +566,16 @@ def test_error_bad_image_urls(client, server, image_server):
                  "image_fetch_failed")
     expect_error(lambda: ask(client, server, [image_part("http://127.0.0.1:9/x.png")]), 400, "image_url_forbidden")
     expect_error(lambda: ask(client, server, [image_part("ftp://example.com/x.png")]), 400)
+    # malformed hosts, in the request or in an image server's redirect: 400s, not 500s
+    expect_error(lambda: ask(client, server, [image_part("file://[x]/a.png")]), 400, "image_url_forbidden")
+    expect_error(lambda: ask(client, server, [image_part(image_server.url("/bad-redirect.png"))]), 400,
+                 "image_url_forbidden")
+    # a JPEG padded with 200,000 empty segments (seconds of Pillow's parsing): refused first
+    jpeg = picture(16, 16, fmt="JPEG")
+    fragmented = jpeg[:2] + b"\xff\xe1\x00\x02" * 200_000 + jpeg[2:]
+    err = expect_error(lambda: ask(client, server, [image_part(data_url(fragmented, "image/jpeg"))]), 400,
+                       "image_decode_failed")
+    assert "too many small segments" in err.response.json()["error"]["message"]
 
 
 def test_error_too_many_images(client, server):

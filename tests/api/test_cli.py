@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -24,3 +25,35 @@ def test_a_taken_port_fails_fast_before_the_engine_loads(tmp_path):
     assert "address already in use" in proc.stderr.lower()
     assert "engine" not in proc.stderr.lower()  # nothing was loaded
     assert elapsed < 60
+
+
+def test_an_api_key_file_that_cannot_be_read_or_holds_no_keys_stops_the_server(tmp_path):
+    """A missing file failed inside the app, where uvicorn took the error for an app without
+    lifespan and served 500s without ever loading the model; an empty one (a secret mounted
+    without its value) left the API open."""
+    empty = tmp_path / "empty-keys"
+    empty.write_text("# keys go here\n\n")
+    for key_file, words in ((tmp_path / "missing", "cannot read the API key file"),
+                            (tmp_path, "cannot read the API key file"),
+                            (empty, "holds no keys")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "server.cli", "--model", str(tmp_path / "no-such-model"),
+             "--host", "127.0.0.1", "--port", "0", "--api-key-file", str(key_file)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr[-500:]
+        assert words in proc.stderr and str(key_file) in proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = subprocess.run(  # the same through the environment, as the Docker image takes it
+        [sys.executable, "-m", "server.cli", "--model", str(tmp_path / "no-such-model")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "QWENVL_API_KEY_FILE": str(empty)},
+    )
+    assert proc.returncode == 2 and "holds no keys" in proc.stderr
+
+
+def test_a_start_up_failure_ends_the_process_instead_of_serving_without_a_model():
+    from server.cli import uvicorn_config
+    from server.settings import Settings
+
+    assert uvicorn_config(object(), Settings()).lifespan == "on"

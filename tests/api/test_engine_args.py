@@ -1,4 +1,4 @@
-"""Settings onto vLLM's engine arguments (no engine is started)."""
+"""Settings onto vLLM's engine arguments and sampling parameters (no engine is started)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,76 @@ def test_an_unknown_processor_cache_type_is_refused():
     with pytest.raises(SystemExit) as exc:
         parse_settings(["--mm-processor-cache-type", "disk"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_ignore_eos_also_lets_generation_run_past_the_chat_turn_end_tokens(ignore_eos):
+    """Qwen-VL ends a turn with tokens besides its EOS; vLLM stops on explicit stop ids even
+    with ignore_eos, so with ignore_eos they are not passed (as vLLM drops a checkpoint's
+    extra EOS ids then)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.engine.base import GenerationRequest, ModelInfo, SamplingOptions
+    from server.engine.vllm_engine import VLLMEngine
+
+    sent = []
+
+    class FakeAsyncLLM:  # what VLLMEngine.start uses of vLLM's AsyncLLM
+        errored = False
+
+        async def _process(self, prompt, arrival):
+            return {"prompt_token_ids": prompt["prompt_token_ids"]}
+
+        renderer = SimpleNamespace()
+
+        async def generate(self, engine_input, params, request_id):
+            sent.append(params)
+            return
+            yield
+
+    llm = FakeAsyncLLM()
+    llm.renderer.process_for_engine_async = llm._process
+    info = ModelInfo(family="qwen-vl", max_model_len=64, tokenizer=None, stop_token_ids=(151645, 151644, 151643))
+    engine = VLLMEngine(llm, info, stats=None)
+    request = GenerationRequest(request_id="r", prompt_token_ids=[1, 2, 3], images=[],
+                                sampling=SamplingOptions(max_tokens=8, ignore_eos=ignore_eos))
+
+    async def run():
+        async for _ in await engine.start(request):
+            pass
+
+    asyncio.run(run())
+    (params,) = sent
+    assert params.ignore_eos is ignore_eos
+    assert (params.stop_token_ids or []) == ([] if ignore_eos else [151645, 151644, 151643])
+
+
+def test_an_image_ceiling_above_the_checkpoints_raises_the_processors_bound(tiny_model):
+    """The engine's processor shrinks every picture to its checkpoint's max_pixels again: a
+    higher --image-max-pixels reaches it as a processor argument; a lower one need not."""
+    model = str(tiny_model("qwen2-vl"))  # the processor's bound: 448x448 = 200,704 pixels
+    raised = engine_args_from_settings(parse_settings(["--model", model, "--image-max-pixels", "409600"]),
+                                       model, "cpu")
+    assert raised.mm_processor_kwargs == {"max_pixels": 409600}
+    for extra in ([], ["--image-max-pixels", "100000"]):
+        args = engine_args_from_settings(parse_settings(["--model", model, *extra]), model, "cpu")
+        assert not args.mm_processor_kwargs
+    qwen_vl = str(tiny_model("qwen-vl"))  # fixed 448x448 input: no such bound
+    args = engine_args_from_settings(parse_settings(["--model", qwen_vl, "--image-max-pixels", "409600"]),
+                                     qwen_vl, "cpu")
+    assert not args.mm_processor_kwargs
+
+
+def test_log_probabilities_json_cannot_carry_become_minus_9999():
+    """-inf (a token the sampler ruled out) and NaN (a model gone numerically wrong) are not
+    JSON: the response encoder refused them (a 500), and a stream wrote a bare NaN."""
+    import math
+
+    from server.engine.vllm_engine import _json_logprob
+
+    assert _json_logprob(float("-inf")) == -9999.0
+    assert _json_logprob(float("nan")) == -9999.0
+    assert _json_logprob(-1e6) == -9999.0
+    assert _json_logprob(-0.25) == -0.25 and _json_logprob(0.0) == 0.0
+    assert not math.isnan(_json_logprob(float("inf")))

@@ -247,6 +247,49 @@ def test_the_message_count_is_checked_before_the_messages(srv, monkeypatch):
     assert walks  # the walk itself was patched in: a request under the limit went through it
 
 
+def test_content_parts_are_counted_before_they_are_validated(srv, monkeypatch):
+    """One message of 300,000 empty text parts (7 MB) passed the message count, and each
+    part then cost pydantic, the walk, the prompt renderer and the template on the event
+    loop; it is refused on its count, before any of them."""
+    import server.schemas
+
+    walks = []
+    real = server.schemas._surrogate_path
+    monkeypatch.setattr(server.schemas, "_surrogate_path", lambda value: walks.append(1) or real(value))
+    parts = [{"type": "text", "text": ""}] * 300_000
+    err = assert_400(post(srv, {"messages": [{"role": "user", "content": parts}]}),
+                     "Too many content parts", "300000", code="too_many_content_parts")
+    assert err["param"] == "messages"
+    assert not walks
+    limit = srv.runtime.settings.max_content_parts
+    split = [{"role": "user", "content": [{"type": "text", "text": "a"}] * (limit // 2 + 1)}] * 2
+    assert_400(post(srv, {"messages": split}), str(limit), code="too_many_content_parts")  # counted over all messages
+    at_limit = [{"role": "user", "content": [{"type": "text", "text": "a"}] * limit}]
+    assert post(srv, body(messages=at_limit)).status_code == 200
+    assert walks
+
+
+def test_fields_the_server_ignores_are_not_walked_for_surrogates(srv):
+    """Unknown fields are dropped unread, so what they hold cannot matter; a field of
+    millions of values cost the walk (and its memory) for nothing."""
+    r = post(srv, body(zzz=["\ud800"], metadata={"k": "\udfff"}))
+    assert r.status_code == 200, r.text
+    assert_400(post(srv, body(user="\ud800")), "user", "surrogate")  # a field it reads still is
+
+
+def test_a_lone_surrogate_deep_in_a_read_field_is_found_with_its_path():
+    from server.schemas import _surrogate_path
+
+    deep: object = "\ud800"
+    for _ in range(5000):
+        deep = [deep]
+    assert _surrogate_path({"tools": [{"a": 1}, {"b": deep}]}) == "tools[1].b" + "[0]" * 5000
+    assert _surrogate_path({"tools": [{"x\udc00": 1}]}) == "tools[0]"
+    assert _surrogate_path({"tools": [[], {}, "ok", 1, None], "stop": ["a", "b\ud83d"]}) == "stop[1]"
+    assert _surrogate_path({"stop": ["fine \U0001F600"]}) is None
+    assert _surrogate_path("\udfff") == ""
+
+
 def test_content_of_the_wrong_shape_says_what_it_may_be(srv):
     err = assert_400(post(srv, body(messages=[{"role": "user", "content": {"type": "text", "text": "x"}}])),
                      "a string or a list of content parts")

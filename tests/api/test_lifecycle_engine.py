@@ -10,12 +10,13 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import httpx
 import psutil
 import pytest
 
-from support.http_client import shared_client
+from support.http_client import request_from_child, shared_client
 from support.live_server import ServerProcess
 
 pytestmark = pytest.mark.engine
@@ -66,9 +67,17 @@ def server_state(http: httpx.Client, srv: ServerProcess) -> str:
     return "\n".join(gauges) + "\n" + srv.log_tail(30)
 
 
-def open_stream(http: httpx.Client, base_url: str, results: list, **body):
+@dataclass
+class Stream:
+    thread: threading.Thread
+    started: threading.Event  # set at the first event: the server admitted the request and runs it
+
+
+def open_stream(http: httpx.Client, base_url: str, results: list, **body) -> Stream:
     """Stream one completion in a thread; append ("ok", status, lines) or ("error", exc) to
     `results` at the end."""
+    started = threading.Event()
+
     def run():
         try:
             payload = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "stream": True, **body}
@@ -77,12 +86,24 @@ def open_stream(http: httpx.Client, base_url: str, results: list, **body):
                 for line in r.iter_lines():
                     if line:
                         lines.append(line)
+                        started.set()
             results.append(("ok", r.status_code, lines))
         except Exception as exc:  # noqa: BLE001 - recorded for the assertion
             results.append(("error", exc))
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    return t
+    return Stream(t, started)
+
+
+def wait_streaming(streams: list[Stream], srv: ServerProcess, results: list, timeout: float = 90) -> None:
+    """Wait until every stream has its first event, so each is in process in the server.
+
+    (Not by polling /metrics: in this process the reader threads hold the GIL for most of
+    each poll, and CI once saw no poll complete before two 3,900-token streams had ended.)"""
+    deadline = time.monotonic() + timeout
+    for s in streams:
+        while not s.started.wait(0.1):
+            assert s.thread.is_alive() and time.monotonic() < deadline, f"{results}\n{srv.log_tail(20)}"
 
 
 def thread_cpus(pid: int) -> list[set[int]]:
@@ -150,27 +171,21 @@ def _send_raw(srv: ServerProcess, payload: dict) -> socket.socket:
     return sock
 
 
-def wait_inflight(http: httpx.Client, srv: ServerProcess, count: int, timeout: float = 90) -> None:
-    """Wait until the server itself reports `count` requests in process."""
-    deadline = time.monotonic() + timeout
-    while (seen := metric(http, srv.base_url, "qwenvl_admission_inflight_requests")) < count:
-        assert time.monotonic() < deadline, f"{seen:g} of {count} streams in process:\n{srv.log_tail(20)}"
-        time.sleep(0.1)
-
-
 def test_sigterm_drains_in_flight_streams(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "60")
     results: list = []
-    threads = [open_stream(http, srv.base_url, results, max_tokens=3000, ignore_eos=True) for _ in range(3)]
-    wait_inflight(http, srv, 3)  # the server's own count: all three are in process
+    streams = [open_stream(http, srv.base_url, results, max_tokens=3000, ignore_eos=True) for _ in range(3)]
+    wait_streaming(streams, srv, results)  # all three are in process
     srv.signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert http.get(srv.base_url + "/ready").status_code == 503
-    late = http.post(srv.base_url + "/v1/chat/completions",
-                      json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
-    assert late.status_code == 503 and late.headers.get("retry-after")
-    for t in threads:
-        t.join(120)
+    deadline = time.monotonic() + 5
+    while request_from_child("GET", srv.base_url + "/ready")[0] != 503:  # the drain has begun
+        assert time.monotonic() < deadline and not results, results
+    status, headers = request_from_child("POST", srv.base_url + "/v1/chat/completions",
+                                         {"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 503 and headers.get("retry-after")
+    assert not results  # (all of this while the three streams still ran)
+    for s in streams:
+        s.thread.join(120)
     assert srv.wait(60) == 0
     assert len(results) == 3
     for kind, status, lines in results:
@@ -184,28 +199,68 @@ def test_sigterm_drains_in_flight_streams(tiny_model, tmp_path, http):
 def test_drain_timeout_ends_streams_with_error_event(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "1")
     results: list = []
-    threads = [open_stream(http, srv.base_url, results, **LONG) for _ in range(2)]
-    wait_inflight(http, srv, 2)  # both streams are running in the server
+    streams = [open_stream(http, srv.base_url, results, **LONG) for _ in range(2)]
+    wait_streaming(streams, srv, results)  # both streams are running in the server
     t0 = time.monotonic()
     srv.signal(signal.SIGTERM)
     assert srv.wait(60) == 0
     assert time.monotonic() - t0 < 20
-    for t in threads:
-        t.join(30)
+    for s in streams:
+        s.thread.join(30)
     for kind, status, lines in results:
         assert kind == "ok"
         assert lines[-1] == "data: [DONE]"
         assert json.loads(lines[-2][6:])["error"]["code"] == "service_unavailable"
 
 
+def test_sigterm_while_the_model_loads_exits_at_once(tiny_model, tmp_path, http):
+    """Loading runs in a thread that nothing interrupts: the process must not wait for it
+    (a pod deleted while loading would run out its grace period and be killed)."""
+    srv = ServerProcess(["--model", str(tiny_model("qwen2-vl")), "--max-model-len", "4096"], tmp_path / "server.log")
+    _STARTED.append(srv)
+    srv.launch()
+    deadline = time.monotonic() + 120
+    while True:  # until the server answers and says it is loading
+        assert srv.proc.poll() is None and time.monotonic() < deadline, srv.log_tail()
+        try:
+            if http.get(srv.base_url + "/health", timeout=1).json()["status"] == "loading":
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(30) == 0, srv.log_tail()
+    assert time.monotonic() - t0 < 10
+    deadline = time.monotonic() + 10  # (killed children may take a moment to be gone)
+    while left := [p for p in psutil.process_iter() if _session_of(p) == srv.proc.pid and not _zombie(p)]:
+        assert time.monotonic() < deadline, left  # no engine process outlives it
+        time.sleep(0.1)
+
+
+def _zombie(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _session_of(p: psutil.Process) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
 def test_second_sigterm_exits_at_once(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "300", "--engine-core-cpus", "workers")
     assert_cpu_split(srv, "workers")
     results: list = []
-    open_stream(http, srv.base_url, results, **LONG)
-    wait_inflight(http, srv, 1)
+    wait_streaming([open_stream(http, srv.base_url, results, **LONG)], srv, results)
     srv.signal(signal.SIGTERM)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while request_from_child("GET", srv.base_url + "/ready")[0] != 503:  # the first one is being handled
+        assert time.monotonic() < deadline, srv.log_tail()
     t0 = time.monotonic()
     srv.signal(signal.SIGTERM)
     assert srv.wait(30) == 1
@@ -216,8 +271,8 @@ def test_second_sigterm_exits_at_once(tiny_model, tmp_path, http):
 def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path)
     results: list = []
-    thread = open_stream(http, srv.base_url, results, **LONG)
-    wait_inflight(http, srv, 1)
+    stream = open_stream(http, srv.base_url, results, **LONG)
+    wait_streaming([stream], srv, results)
     cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
              if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
     assert cores, "no engine core process found"
@@ -234,7 +289,7 @@ def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path, ht
         time.sleep(0.1)
     code = srv.wait(30)
     assert code != 0
-    thread.join(30)
+    stream.thread.join(30)
     assert results and results[0][0] == "ok", f"{results}\n{srv.log_tail(30)}"
     kind, status, lines = results[0]
     assert lines[-1] == "data: [DONE]"

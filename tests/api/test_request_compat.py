@@ -174,3 +174,14 @@ def test_without_model_defaults_the_neutral_ones_apply(client, srv):
     s = srv.engine.history[-1].sampling
     assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (1.0, 1.0, 0, 0.0, 1.0)
     assert s.max_tokens is None and s.default_max_tokens is None
+
+
+def test_top_p_zero_means_the_most_likely_token_only(client, srv):
+    """OpenAI's API takes top_p 0 (its range is 0 to 1); vLLM refuses it, so it is passed on
+    as top-k 1, the same choice."""
+    client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                                   temperature=1, top_p=0)
+    s = srv.engine.history[-1].sampling
+    assert (s.top_p, s.top_k) == (1.0, 1)
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}], top_p=-0.1)

@@ -3,8 +3,10 @@ engine (fast): backpressure, auth, limits, deadlines, streaming details, disconn
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -37,6 +39,17 @@ def sse_lines(base_url: str, timeout=30, **body):
         return [line for line in r.iter_lines() if line]
 
 
+def logged(caplog, match, timeout: float = 5) -> bool:
+    """Whether a log message matching `match` appears within `timeout` seconds (the access log
+    line is written after the response's last byte, so a client can see the answer first)."""
+    deadline = time.monotonic() + timeout
+    while not any(match(rec.getMessage()) for rec in list(caplog.records)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @pytest.fixture(scope="module")
 def image_server():
     state, httpd = start_server(IMAGE_HOST)
@@ -52,7 +65,7 @@ def slow_engine(tokenizer, delay: float, reply: str = "abcdefghijkl") -> Scripte
 
 
 def test_backpressure_refuses_fast_before_fetching_images(tiny_tokenizer, image_server):
-    engine = slow_engine(tiny_tokenizer, delay=0.1)  # 12 chunks: ~1.2 s per request
+    engine = slow_engine(tiny_tokenizer, delay=0.3)  # 12 chunks: ~3.6 s per request
     app, _ = scripted_app(tiny_tokenizer, engine=engine, max_concurrent_requests=1, max_queued_requests=1,
                           image_allow_networks=[f"{IMAGE_HOST}/32"], image_cache_size=0)
     url = image_server.url("/a.png")
@@ -71,7 +84,7 @@ def test_backpressure_refuses_fast_before_fetching_images(tiny_tokenizer, image_
         for r in refused:
             assert r.headers["retry-after"].isdigit()
             assert r.json()["error"]["type"] == "rate_limit_error"
-            assert r.elapsed.total_seconds() < 0.5  # refused at once, not after queueing
+            assert r.elapsed.total_seconds() < 1.5  # refused at once, not after queueing (3.6 s)
         # Only admitted requests fetched their image.
         assert len(image_server.requests) - before == 2
         metrics = httpx.get(srv.base_url + "/metrics").text
@@ -115,6 +128,34 @@ def test_docs_can_be_turned_off(tiny_tokenizer):
         assert chat(srv.base_url).status_code == 200
 
 
+def test_a_wrong_method_gets_a_405_naming_the_allowed_ones(tiny_tokenizer):
+    app, _ = scripted_app(tiny_tokenizer)
+    with AppServer(app) as srv:
+        for path, allowed in (("/health", {"GET", "HEAD"}), ("/ready", {"GET", "HEAD"}),
+                              ("/v1/chat/completions", {"POST"}), ("/v1/models", {"GET"})):
+            method = "PUT" if "POST" in allowed else "POST"
+            r = httpx.request(method, srv.base_url + path)
+            assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed", path
+            assert {m.strip() for m in r.headers["allow"].split(",")} == allowed, path
+        for path in ("/health", "/ready"):
+            r = httpx.head(srv.base_url + path)
+            assert r.status_code == 200 and r.content == b""
+            assert httpx.get(srv.base_url + path).json()["status"] in ("ok", "ready")
+
+
+def test_time_per_output_token_is_per_choice_with_n_choices(tiny_tokenizer):
+    """n choices advance one token each per step: the metric is the time between a choice's
+    tokens (at least the scripted engine's 0.1 s delay), not that divided by n."""
+    engine = slow_engine(tiny_tokenizer, delay=0.1, reply="abcdef")  # 6 steps of one token each
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    with AppServer(app) as srv:
+        assert chat(srv.base_url, n=4, temperature=1).status_code == 200
+        metrics = httpx.get(srv.base_url + "/metrics").text
+        total = float(re.search(r"^qwenvl_time_per_output_token_seconds_sum (\S+)$", metrics, re.M).group(1))
+        count = float(re.search(r"^qwenvl_time_per_output_token_seconds_count (\S+)$", metrics, re.M).group(1))
+        assert count == 1 and total >= 0.09, total
+
+
 def test_api_keys_configurable_paths(tiny_tokenizer):
     app, _ = scripted_app(tiny_tokenizer, api_keys=["k"], auth_health_endpoints=True, auth_metrics=False)
     with AppServer(app) as srv:
@@ -153,7 +194,9 @@ def test_deadline(tiny_tokenizer):
         assert lines[-1] == "data: [DONE]"
         err = json.loads(lines[-2][len("data: "):])
         assert err["error"]["code"] == "request_timeout"
-        time.sleep(0.5)
+        deadline = time.monotonic() + 5  # (the engine request is closed a beat after the answer)
+        while engine.num_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert engine.num_unfinished_requests() == 0
 
 
@@ -169,8 +212,8 @@ def test_keepalive_comments_while_waiting(tiny_tokenizer):
 
 
 class FailingEngine(ScriptedEngine):
-    async def _stream(self, request, reply, n_prompt):
-        async for chunk in super()._stream(request, reply, n_prompt):
+    async def _stream(self, request, reply, n_prompt, cut=None):
+        async for chunk in super()._stream(request, reply, n_prompt, cut):
             yield chunk
             raise RuntimeError("secret internal detail at 0xdeadbeef")
 
@@ -187,7 +230,7 @@ class SilentlyDeadEngine(ScriptedEngine):
 
 
 def test_a_client_that_leaves_the_queue_frees_its_place(tiny_tokenizer):
-    engine = slow_engine(tiny_tokenizer, delay=0.25)  # 12 chunks: ~3 s in the one slot
+    engine = slow_engine(tiny_tokenizer, delay=0.5)  # 12 chunks: ~6 s in the one slot
     app, _ = scripted_app(tiny_tokenizer, engine=engine, max_concurrent_requests=1, max_queued_requests=1)
     with AppServer(app) as srv, ThreadPoolExecutor(1) as pool:
         busy = pool.submit(chat, srv.base_url)
@@ -272,6 +315,22 @@ def test_the_body_timeout_does_not_cut_a_long_response(tiny_tokenizer):
         assert chat(srv.base_url).json()["choices"][0]["message"]["content"] == "abcdefghijkl"
 
 
+def test_a_request_that_meets_the_engine_dying_gets_a_503_not_a_500(tiny_tokenizer):
+    """The engine refuses a new request as dead before the watcher (every 0.5 s) has marked
+    the server so: the request got a 500 internal_error and a traceback in the log."""
+    engine = SilentlyDeadEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer))
+    engine.dead = True  # start() raises EngineDeadError; is_dead still says alive
+    app = create_app(Settings(served_model_name="scripted"), engine=engine, model_names=["scripted"],
+                     on_fatal=lambda code: None)
+    with AppServer(app) as srv:
+        for stream in (False, True):
+            r = chat(srv.base_url, stream=stream)
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["code"] == "service_unavailable" and "engine" in err["message"]
+            assert r.headers["retry-after"] == "1"
+
+
 def test_a_dead_engine_ends_open_requests_cleanly_and_the_process_exits(tiny_tokenizer):
     engine = SilentlyDeadEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer),
                                 default_reply="x" * 1000, chunk_chars=1, delay=0.05)
@@ -310,6 +369,37 @@ def test_a_dead_engine_ends_open_requests_cleanly_and_the_process_exits(tiny_tok
         assert httpx.get(srv.base_url + "/health").status_code == 503
 
 
+@pytest.mark.parametrize(("reason", "status", "code"), [("error", 500, "generation_failed"),
+                                                       ("abort", 503, "generation_aborted")])
+def test_an_answer_the_engine_gave_up_on_is_an_error_not_a_stop(tiny_tokenizer, reason, status, code):
+    """vLLM ends a request it failed with finish_reason "error" and one it cancelled itself
+    (shutdown, paused generation) with "abort": the text so far is not a whole answer."""
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer))
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    with AppServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        engine.enqueue_cut("half an ans", reason)
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="scripted", messages=messages)
+        assert info.value.status_code == status and info.value.body["code"] == code
+        assert "send the request again" in info.value.body["message"]
+        engine.enqueue_cut("half an ans", reason)
+        stream = client.chat.completions.create(model="scripted", messages=messages, stream=True)
+        received = []
+        with pytest.raises(openai.APIError) as info:
+            for chunk in stream:
+                received += [c.delta.content or "" for c in chunk.choices]
+                assert all(c.finish_reason is None for c in chunk.choices)  # never a "stop"
+        assert "send the request again" in info.value.message
+        assert "".join(received) == "half an ans"  # the text sent before the engine gave up
+        # the SDK retries these statuses: a retry gets a whole answer
+        engine.enqueue_cut("half an ans", reason)
+        retrying = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=1)
+        answer = retrying.with_options(timeout=30).chat.completions.create(model="scripted", messages=messages)
+        assert answer.choices[0].message.content == "ok" and answer.choices[0].finish_reason == "stop"
+
+
 def test_error_after_stream_started(tiny_tokenizer):
     engine = FailingEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer), "hello world")
     app, _ = scripted_app(tiny_tokenizer, engine=engine)
@@ -326,8 +416,9 @@ def test_error_after_stream_started(tiny_tokenizer):
             assert r.json()["error"]["type"] == "internal_error"
             assert r.headers.get("connection") != "close"
             metrics = client.get(srv.base_url + "/metrics").text
-            # counted as the server's failure, not as a client that went away
-            assert 'qwenvl_requests_total{outcome="server_error"} 1.0' in metrics
+            # both counted as the server's failures (the stream's error event too), not as a
+            # client that went away
+            assert 'qwenvl_requests_total{outcome="server_error"} 2.0' in metrics
             assert 'outcome="cancelled"' not in metrics
             engine.__class__ = ScriptedEngine
             # the same keep-alive connection serves on
@@ -389,6 +480,39 @@ def test_a_client_that_stops_reading_loses_its_slot_after_the_send_timeout(tiny_
         sock.close()
 
 
+def test_errors_are_counted_by_code_wherever_they_are_answered(tiny_tokenizer):
+    """qwenvl_errors_total counted the app's error responses only: not a stream that ended
+    with an error event, nor the gateway's own 401 and 413."""
+    engine = FailingEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer))
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, api_keys=["k"], max_request_bytes=1000)
+    key = {"Authorization": "Bearer k"}
+    with AppServer(app) as srv:
+        assert chat(srv.base_url).status_code == 401
+        assert chat(srv.base_url, content="x" * 2000, headers=key).status_code == 413
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", headers=key,
+                          json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
+            assert r.status_code == 200
+            assert any('"internal_error"' in line for line in r.iter_lines())
+        metrics = httpx.get(srv.base_url + "/metrics", headers=key).text
+        for code in ("invalid_api_key", "request_too_large", "internal_error"):
+            assert f'qwenvl_errors_total{{code="{code}"}} 1.0' in metrics, code
+
+
+def test_under_a_root_path_the_gateway_knows_the_paths(tiny_tokenizer, caplog):
+    """Behind a proxy that keeps the --root-path prefix, the gateway compared the prefixed
+    path with its own: probes needed a key, chat requests went unlogged and uncounted."""
+    app, _ = scripted_app(tiny_tokenizer, api_keys=["k"], root_path="/llm")
+    with AppServer(app) as srv, caplog.at_level(logging.INFO, logger="qwenvl.access"):
+        assert httpx.get(srv.base_url + "/llm/health").status_code == 200
+        assert httpx.get(srv.base_url + "/llm/v1/models").status_code == 401
+        r = httpx.post(srv.base_url + "/llm/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        assert logged(caplog, lambda message: '"path": "/v1/chat/completions"' in message)
+        metrics = httpx.get(srv.base_url + "/llm/metrics", headers={"Authorization": "Bearer k"}).text
+        assert 'qwenvl_requests_total{outcome="success"} 1.0' in metrics
+
+
 def test_disconnect_aborts_engine_request(tiny_tokenizer):
     engine = slow_engine(tiny_tokenizer, delay=0.2, reply="x" * 200)
     app, _ = scripted_app(tiny_tokenizer, engine=engine)
@@ -411,12 +535,47 @@ def test_access_log_line(tiny_tokenizer, caplog):
     with AppServer(app) as srv, caplog.at_level(logging.INFO, logger="qwenvl.access"):
         r = chat(srv.base_url, content="my secret prompt", headers={"X-Request-Id": "req-42"})
         assert r.headers["x-request-id"] == "req-42"
-        time.sleep(0.1)
+        assert logged(caplog, lambda message: '"request_id": "req-42"' in message)
     lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "qwenvl.access"]
     entry = next(l for l in lines if l["request_id"] == "req-42")
     assert entry["status"] == 200 and entry["latency_ms"] >= 0
     assert entry["completion_tokens"] >= 1 and "prompt_tokens" in entry
     assert "secret" not in json.dumps(lines)
+
+
+def test_access_log_and_outcomes_of_streams(tiny_tokenizer, caplog):
+    """A stream is an HTTP 200 however it ends; its log line and the outcome counter say
+    how: its tokens when it finished, the error of its final error event, or that the
+    client left."""
+    engine = slow_engine(tiny_tokenizer, delay=0.1)  # 12 pieces: 1.2 s
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, request_timeout=0.6)
+    with AppServer(app) as srv, caplog.at_level(logging.INFO, logger="qwenvl.access"):
+        engine.delay = 0.0
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=payload, timeout=30,
+                          headers={"X-Request-Id": "whole"}) as r:
+            assert r.read().endswith(b"data: [DONE]\n\n")
+        engine.delay = 0.1
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=payload, timeout=30,
+                          headers={"X-Request-Id": "late"}) as r:
+            assert b"request_timeout" in r.read()  # the deadline's error event
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=payload, timeout=30,
+                          headers={"X-Request-Id": "gone"}) as r:
+            next(r.iter_lines())  # the first event, then the client leaves
+        deadline = time.monotonic() + 10
+        while srv.runtime.admission.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert logged(caplog, lambda message: '"request_id": "gone"' in message)
+        metrics = httpx.get(srv.base_url + "/metrics").text
+    entries = {e["request_id"]: e for e in (json.loads(rec.getMessage()) for rec in caplog.records
+                                            if rec.name == "qwenvl.access")}
+    assert entries["whole"]["status"] == 200 and "error" not in entries["whole"]
+    assert entries["whole"]["completion_tokens"] == 12 and entries["whole"]["prompt_tokens"] > 0
+    assert (entries["late"]["status"], entries["late"]["error"], entries["late"]["error_status"]) == (
+        200, "request_timeout", 504)
+    assert (entries["gone"]["error"], entries["gone"]["error_status"]) == ("client_disconnected", 499)
+    for outcome in ("success", "server_error", "cancelled"):  # (a 504, as without streaming)
+        assert f'qwenvl_requests_total{{outcome="{outcome}"}} 1.0' in metrics, outcome
 
 
 def test_request_id_generated_and_sanitised(tiny_tokenizer):
@@ -521,7 +680,7 @@ def test_a_long_drain_logs_what_it_waits_for_and_lets_the_stream_finish(tiny_tok
     import server.runtime
 
     monkeypatch.setattr(server.runtime, "_DRAIN_REPORT_S", 0.2)
-    app, _ = scripted_app(tiny_tokenizer, engine=slow_engine(tiny_tokenizer, delay=0.1))  # ~1.2 s
+    app, _ = scripted_app(tiny_tokenizer, engine=slow_engine(tiny_tokenizer, delay=0.3))  # ~3.6 s
     with AppServer(app) as srv:
         done: list = []
         reader = threading.Thread(target=lambda: done.append(sse_lines(srv.base_url)))
@@ -540,3 +699,24 @@ def test_a_long_drain_logs_what_it_waits_for_and_lets_the_stream_finish(tiny_tok
     events = [json.loads(line[6:]) for line in done[0] if line.startswith("data: {")]
     assert not any("error" in e for e in events)
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_admission_is_idle_once_the_last_waiter_gives_up():
+    """A waiter woken by the last release that gives up before it runs left the idle event
+    cleared: a drain then waited out its whole timeout for nothing."""
+    from server.admission import Admission
+    from server.metrics import Metrics
+
+    async def scenario():
+        admission = Admission(1, 4, Metrics())
+        release = await admission.acquire()
+        waiter = asyncio.create_task(admission.acquire())
+        await asyncio.sleep(0)
+        assert admission.queued == 1
+        release()  # wakes the waiter...
+        waiter.cancel()  # ...which gives up before it runs
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert (admission.active, admission.queued) == (0, 0)
+        await asyncio.wait_for(admission.wait_idle(), 1)
+
+    asyncio.run(scenario())

@@ -141,7 +141,7 @@ def test_warm_up_loads_each_server_with_pictures_no_cell_uses(tmp_path, monkeypa
 
     monkeypatch.setattr(clients.compare, "SERVED_NAME", MODEL)
     cfg = MatrixConfig(workloads=("b", "d"), concurrencies=(1, 2), requests={1: 6, 2: 8},
-                       cell_duration=5.0, max_wall=600.0, warmup_seconds=1.0, max_tokens=4, prompt_words=4)
+                       cell_duration=60.0, max_wall=900.0, warmup_seconds=1.0, max_tokens=4, prompt_words=4)
     with ExitStack() as stack:
         engines, servers = {}, {}
         for name in (OURS, THEIRS):

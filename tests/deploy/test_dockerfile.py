@@ -191,3 +191,32 @@ def test_no_secret_is_baked_in(dockerfile):
         for keyword in ("ENV", "ARG", "LABEL"):
             for rest in stage.args(keyword):
                 assert not secret.search(rest), f"{stage.name}: {keyword} {rest}"
+
+
+def test_the_package_as_built_holds_every_file_the_server_reads(tmp_path):
+    """The GPU image (and `pip install qwen-vl-serve`) installs the built package, not the
+    source tree: data files beside the code must be in the wheel (Qwen-VL-Chat's chat
+    template: its checkpoints ship none)."""
+    import shutil
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for package in ("server", "clients"):
+        shutil.copytree(root / package, src / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    build = subprocess.run(
+        [sys.executable, "-c", "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))",
+         str(tmp_path / "dist")],
+        cwd=src, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = tmp_path / "dist" / build.stdout.strip().splitlines()[-1]
+    names = set(zipfile.ZipFile(wheel).namelist())
+    data_files = {p.relative_to(root).as_posix() for package in ("server", "clients")
+                  for p in (root / package).rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
+    assert "server/qwen_vl/chat_template.jinja" in data_files
+    assert data_files <= names, sorted(data_files - names)

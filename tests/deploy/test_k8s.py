@@ -83,7 +83,12 @@ CRD_SCHEMAS = {
             "properties": {"targetRefs": {"type": "array", "items": {
                 "type": "object", "required": ["group", "kind", "name"]}},
                 "loadBalancer": {"type": "object", "required": ["type"], "properties": {"type": {
-                    "enum": ["ConsistentHash", "LeastRequest", "Random", "RoundRobin"]}}}}}}},
+                    "enum": ["ConsistentHash", "LeastRequest", "Random", "RoundRobin"]}}},
+                "timeout": {"type": "object", "additionalProperties": False, "properties": {
+                    "tcp": {"type": "object"}, "http": {"type": "object", "additionalProperties": False,
+                                                        "properties": {
+                        "connectionIdleTimeout": {"type": "string"}, "maxConnectionDuration": {"type": "string"},
+                        "requestTimeout": {"type": "string"}}}}}}}}},
     ("keda.sh/v1alpha1", "ScaledObject"): {
         "type": "object", "required": ["spec"], "properties": {"spec": {
             "type": "object", "required": ["scaleTargetRef", "triggers"],
@@ -166,7 +171,16 @@ def test_shutdown_outlasts_the_drain(resources):
     for pod, config in cases:
         drain = float(config["data"]["QWENVL_DRAIN_TIMEOUT"])
         pre_stop = _container(pod)["lifecycle"]["preStop"]["sleep"]["seconds"]
-        assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 10
+        # after the drain: up to 5 s for aborted requests, 5 s of uvicorn's shutdown, vLLM's teardown
+        assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 20
+    # A multinode worker outlives its leader's drain: the engine needs its shard until then.
+    leader_pod, config = cases[1]
+    leader_done = _container(leader_pod)["lifecycle"]["preStop"]["sleep"]["seconds"] + float(
+        config["data"]["QWENVL_DRAIN_TIMEOUT"]) + 10
+    worker_pod = lws["workerTemplate"]["spec"]
+    worker_stop = _container(worker_pod)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert worker_stop >= leader_done
+    assert worker_pod["terminationGracePeriodSeconds"] >= worker_stop + 10
 
 
 def test_probes_fit_the_server(resources):
@@ -291,3 +305,9 @@ def test_ray_start_script_parses(tmp_path):
     assert out.returncode == 0, out.stderr
     python = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
     compile(python, "ray-node.sh:python", "exec")
+
+
+def test_the_autoscaler_owns_the_replica_count(resources):
+    """A count in the Deployment would reset the autoscaler's on every `kubectl apply`."""
+    assert resources[("HorizontalPodAutoscaler", "qwen-vl-serve")]["spec"]["scaleTargetRef"]["name"] == "qwen-vl-serve"
+    assert "replicas" not in resources[("Deployment", "qwen-vl-serve")]["spec"]

@@ -82,6 +82,9 @@ def test_out_of_range_values_are_clamped_to_the_image():
     huge = "9" * 300  # a finite float, far outside any image
     (json_box,) = parse(f'{{"bbox_2d": [-10, -10, {huge}, 1e30]}}')
     assert json_box.box == (0, 0, 1000, 500)
+    # whole numbers come back as ints only where every JSON reader keeps them exact
+    assert json_box.to_dict()["model_box"] == [-10, -10, float(huge), 1e30]
+    assert [type(v) for v in json_box.to_dict()["model_box"]] == [int, int, float, float]
 
 
 def test_decimals_and_signs_are_numbers():
@@ -168,6 +171,15 @@ def test_xml_points_with_several_coordinates():
     points = parse(text, "qwen2.5-vl", [(1000, 1000)])
     assert [p.model_box for p in points] == [(10, 20), (30, 40)]
     assert {p.phrase for p in points} == {"two things"}
+
+
+def test_xml_point_names_of_thousands_of_digits_are_ordered_without_int():
+    """int() refuses more than 4,300 digits: a coordinate named x1111...1 made the parser raise
+    (a 500, or a stream without its finish)."""
+    long = "1" * 5000
+    text = f'<points x{long}="5" y{long}="6" x2="7" y2="8" x10="1" y10="2">a</points>'
+    points = parse(text, "qwen2.5-vl", [(1000, 1000)])
+    assert [p.model_box for p in points] == [(7, 8), (1, 2), (5, 6)]
 
 
 @pytest.mark.parametrize(

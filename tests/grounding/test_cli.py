@@ -92,6 +92,24 @@ def test_draw_writes_a_png_with_the_boxes(monkeypatch, capsys, tmp_path):
         assert rgb.getpixel((200, 269)) == PALETTE[0]  # bottom edge
 
 
+def test_draw_maps_and_draws_on_the_upright_picture(monkeypatch, capsys, tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6): the server shows the model the
+    upright picture and maps its boxes there, so the command must too."""
+    picture = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(picture, quality=100, exif=exif)
+    out_png = tmp_path / "out.png"
+    argv = ["draw", "--image", str(picture), "--family", "qwen-vl", "--out", str(out_png)]
+    code, out, _ = run(monkeypatch, capsys, argv, "<ref>a</ref><box>(250,400),(750,900)</box>")
+    assert code == 0
+    (box,) = json.loads(out)
+    assert box["box"] == [75, 160, 225, 360]  # in the upright 300x400 frame
+    with Image.open(out_png) as png:
+        assert png.size == (300, 400)
+        assert png.convert("RGB").getpixel((75, 250)) == PALETTE[0]  # left edge
+
+
 def test_draw_reports_unreadable_files(monkeypatch, capsys, tmp_path):
     argv = ["draw", "--image", str(tmp_path / "missing.png"), "--family", "qwen-vl",
             "--out", str(tmp_path / "o.png"), "--text", ""]  # fmt: skip

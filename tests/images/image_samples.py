@@ -116,3 +116,47 @@ def random_bytes(n: int = 4096) -> bytes:
 HTML = b"<!doctype html><html><head><title>x</title></head><body>not an image</body></html>"
 SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
        b'<rect width="10" height="10" fill="red"/></svg>')
+
+
+def fragmented(fmt: str, pieces: int) -> bytes:
+    """A valid 16x16 image of `fmt` (JPEG, PNG or GIF) padded with `pieces` empty container
+    segments that Pillow walks one by one: JPEG APP1 markers, PNG private chunks, or
+    one-byte sub-blocks of a GIF comment."""
+    im = Image.new("RGB", (16, 16), (10, 200, 30))
+    if fmt == "JPEG":
+        data = encode(im, "JPEG")
+        return data[:2] + b"\xff\xe1\x00\x02" * pieces + data[2:]
+    if fmt == "PNG":
+        data = encode(im, "PNG")
+        ihdr_end = 8 + 25
+        return data[:ihdr_end] + _chunk(b"prVt", b"") * pieces + data[ihdr_end:]
+    data = encode(im.convert("P"), "GIF")
+    header = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    return data[:header] + b"\x21\xfe" + b"\x01c" * pieces + b"\x00" + data[header:]
+
+
+def progressive_jpeg(extra_scans: int) -> bytes:
+    """A progressive 64x64 JPEG with its last (refinement) scan repeated `extra_scans` more
+    times: libjpeg warns and decodes it, taking one pass over the image per scan."""
+    data = encode(Image.open(io.BytesIO(noise_jpeg(64, 64))), "JPEG", progressive=True, quality=90)
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra_scans + data[-2:]
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """A run-length-encoded (BI_RLE8) BMP whose every row is one pixel and an end-of-line:
+    tiny for its size, and Pillow pads each row in Python, a byte per loop turn."""
+    palette = b"".join(bytes((i, 255 - i, i, 0)) for i in range(256))
+    rows = b"\x01\x05\x00\x00" * height + b"\x00\x01"
+    offset = 14 + 40 + len(palette)
+    return (b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset)
+            + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+            + palette + rows)
+
+
+def rgb_png_with_colour_key(width: int = 8, height: int = 8) -> bytes:
+    """An RGB PNG whose black pixels are transparent (a tRNS colour key, as PNG optimisers
+    write): black background, one blue pixel at (0, 0)."""
+    im = Image.new("RGB", (width, height), (0, 0, 0))
+    im.putpixel((0, 0), (0, 0, 255))
+    return encode(im, "PNG", transparency=(0, 0, 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import zlib
 
 import pytest
 from PIL import Image, ImageOps
@@ -61,12 +62,85 @@ def test_refused(data, error, code):
     assert_clean_message(info.value)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF"])
+def test_a_container_of_countless_empty_segments_is_refused_before_pillow_walks_it(fmt):
+    """Pillow parses these segments in Python, about a microsecond and a half each: the
+    budget is 65,536 steps plus one per 128 bytes."""
+    assert decode(samples.fragmented(fmt, 1000))[1] == (16, 16)  # a few are harmless
+    with pytest.raises(ImageDecodeError) as info:
+        decode(samples.fragmented(fmt, 200_000))
+    assert info.value.code == "image_decode_failed" and "too many small segments" in info.value.message
+    assert_clean_message(info.value)
+
+
+def test_a_jpeg_with_hundreds_of_scans_is_refused():
+    assert decode(samples.progressive_jpeg(400))[1] == (64, 64)
+    with pytest.raises(ImageDecodeError) as info:
+        decode(samples.progressive_jpeg(600))
+    assert re.search(r"has 6\d\d scans; at most 500", info.value.message), info.value.message
+    assert_clean_message(info.value)
+
+
+def test_a_large_run_length_encoded_bmp_is_refused_before_pillow_decodes_it():
+    """Pillow decodes RLE BMPs in Python: 30 KB of 7071x7071 pixels took seconds of a decode
+    thread. Small ones (icons, old screenshots) still decode."""
+    image, size = decode(samples.rle8_bmp(64, 64))
+    assert size == (64, 64) and image.mode == "RGB"
+    data = samples.rle8_bmp(7071, 7071)
+    assert len(data) < 30_000
+    with pytest.raises(ImageTooLargeError) as info:
+        decode(data)
+    assert "run-length-encoded BMP is 7071x7071" in info.value.message
+    assert_clean_message(info.value)
+
+
+@pytest.mark.parametrize("idat", [
+    b"\x78\x01\x07\x00",  # a zlib header, then a deflate block of the reserved type
+    zlib.compress((b"\x00" + b"\x80" * 3 * 256) * 100 + b"\x07" + b"\x80" * 3 * 256),  # a filter type PNG does not have
+], ids=["bad-deflate-block", "bad-row-filter"])
+def test_a_png_whose_pixel_data_is_corrupt_is_refused_not_half_black(idat):
+    """Reading the EXIF loads a PNG's pixels; the decoder error there was taken for bad EXIF,
+    and the picture went on partly black."""
+    with pytest.raises(ImageDecodeError) as info:
+        decode(samples.raw_png(256, 256, 8, 2, idat=idat))
+    assert info.value.code == "image_decode_failed"
+
+
 def test_pillow_bomb_guard_also_maps_to_too_large():
     # Our limit above Pillow's own: Pillow's DecompressionBombError/Warning still ends as a 400.
     with pytest.raises(ImageTooLargeError):  # above 2x Pillow's limit: DecompressionBombError
         decode(samples.header_bomb_png(20_000), limits=DecodeLimits(10**12, 1000))
     with pytest.raises(ImageTooLargeError):  # between 1x and 2x: the warning, made an error
         decode(samples.header_bomb_png(10_000), limits=DecodeLimits(10**12, 1000))
+
+
+def test_a_limit_above_pillows_own_is_honoured(monkeypatch):
+    """--image-max-input-pixels 150 M: a 90 M-pixel picture (over Pillow's default bomb
+    threshold of 89.5 M) decodes; one over the setting is still refused, by our check."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    limits = DecodeLimits(150_000_000, 1000)
+    prepare(limits.max_input_pixels)
+    buf = io.BytesIO()
+    Image.new("L", (9500, 9500), 128).save(buf, "JPEG", quality=50)
+    out, size = decode(buf.getvalue(), max_pixels=448 * 448, limits=limits)
+    assert size == (9500, 9500) and out.size == (448, 448) and out.getpixel((5, 5)) == (128, 128, 128)
+    with pytest.raises(ImageTooLargeError) as info:
+        decode(buf.getvalue(), limits=DecodeLimits(90_000_000, 1000))
+    assert info.value.message == "The image is 9500x9500 pixels; at most 90,000,000 pixels are accepted."
+
+
+def test_oversized_png_metadata_is_named():
+    from PIL import PngImagePlugin
+
+    buf = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 10), zip=True)
+    Image.new("RGB", (8, 8)).save(buf, "PNG", pnginfo=info)
+    assert len(buf.getvalue()) < 20_000  # a small file whose text inflates past Pillow's cap
+    with pytest.raises(ImageTooLargeError) as err:
+        decode(buf.getvalue())
+    assert "metadata" in err.value.message
+    assert_clean_message(err.value)
 
 
 def test_frame_limit_is_configurable_and_first_frame_is_used():
@@ -111,6 +185,10 @@ def test_alpha_and_palette_transparency_composite_on_white():
     assert image.getpixel((0, 0)) == (0, 0, 255) and image.getpixel((5, 5)) == (255, 255, 255)
     image, _ = decode(samples.palette_png_with_transparency(), family="qwen-vl")
     assert image.getpixel((0, 0)) == (0, 255, 0) and image.getpixel((5, 5)) == (255, 255, 255)
+    image, _ = decode(samples.rgb_png_with_colour_key(), family="qwen-vl")
+    assert image.getpixel((0, 0)) == (0, 0, 255) and image.getpixel((5, 5)) == (255, 255, 255)
+    image, _ = decode(samples.encode(Image.new("L", (8, 8), 0), "PNG", transparency=0), family="qwen-vl")
+    assert image.getpixel((5, 5)) == (255, 255, 255)  # a greyscale colour key too
     for mode, color in (("L", 128), ("LA", (128, 255)), ("1", 1), ("P", 3)):
         image, _ = decode(samples.png(4, 4, color, mode=mode), family="qwen-vl")
         assert image.mode == "RGB"

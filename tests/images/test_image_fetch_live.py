@@ -89,6 +89,14 @@ def test_redirect_from_allowed_server_to_forbidden_address(canary_server, image_
     assert canary_server.requests == []
 
 
+def test_a_malformed_redirect_location_is_refused(image_server):
+    for i, location in enumerate(("http://[::1/", "http://]/", "//[x")):
+        image_server.routes[f"/bad-redirect-{i}"] = redirect(location)
+        with pytest.raises(ImageURLForbiddenError) as info:
+            load_one(image_server.url(f"/bad-redirect-{i}"))
+        assert "redirected to a malformed URL" in info.value.message
+
+
 def test_redirects_followed_within_the_hop_limit(image_server):
     assert load_one(image_server.url("/redirect-ok")).original_size == (64, 48)
     with pytest.raises(ImageFetchError) as info:

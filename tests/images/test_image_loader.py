@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import time
 
 import pytest
@@ -17,16 +18,17 @@ from server.errors import (
     ImageFetchError,
     ImageTooLargeError,
     ImageURLForbiddenError,
+    ServiceUnavailableError,
     TooManyImagesError,
 )
 from server.images import ImageLoader, check_image_count
 from server.images.decode import DecodeLimits, decode_image
-from server.images.family import FAMILIES
+from server.images.family import FAMILIES, target_size
 from server.metrics import Metrics
 
 import image_samples as samples
 from image_helpers import load_one, make_settings, use_loader
-from support.http_server import static
+from support.http_server import raw, silent, static
 
 
 def data_url(data: bytes, media_type: str = "image/png") -> str:
@@ -49,7 +51,7 @@ def slow(body: bytes, delay: float):
 
 def test_load_all_is_concurrent_and_keeps_order(image_server):
     for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]):
-        image_server.routes[f"/slow{i}.png"] = slow(samples.png(8 + i, 8, color), 0.4)
+        image_server.routes[f"/slow{i}.png"] = slow(samples.png(8 + i, 8, color), 1.0)
     urls = [image_server.url(f"/slow{i}.png") for i in range(4)]
 
     async def run(loader):
@@ -60,7 +62,7 @@ def test_load_all_is_concurrent_and_keeps_order(image_server):
     images, elapsed = asyncio.run(use_loader(run))
     assert [im.original_size[0] for im in images] == [8, 9, 10, 11]
     assert images[2].image.getpixel((4, 4)) == (0, 0, 255)
-    assert elapsed < 1.2  # four 0.4 s fetches in parallel, not in sequence
+    assert elapsed < 2.5  # four 1 s fetches in parallel, not in sequence (4 s)
 
 
 def test_first_failure_cancels_the_rest_and_names_the_image(image_server):
@@ -81,6 +83,100 @@ def test_first_failure_cancels_the_rest_and_names_the_image(image_server):
     with pytest.raises(ValueError):
         asyncio.run(use_loader(lambda loader: loader.load_all(urls, params=params[:1])))
     assert asyncio.run(use_loader(lambda loader: loader.load_all([]))) == []
+
+
+def test_the_same_picture_twice_in_one_request_is_fetched_once(image_server):
+    image_server.routes["/twice.png"] = slow(samples.png(12, 8, (1, 2, 3)), 0.2)
+    image_server.routes["/other.png"] = static(samples.png(5, 5, (0, 0, 0)), "image/png")
+    twice, other = image_server.url("/twice.png"), image_server.url("/other.png")
+    images = asyncio.run(use_loader(lambda loader: loader.load_all(
+        [twice, other, twice, twice], details=["auto", None, "auto", "low"])))
+    assert [im.original_size for im in images] == [(12, 8), (5, 5), (12, 8), (12, 8)]
+    assert images[0] is images[2]
+    fetched = [path for path, _ in image_server.requests]
+    # once: the "auto" copies are one load, the "low" one shares its download
+    assert fetched.count("/twice.png") == 1 and fetched.count("/other.png") == 1
+
+
+def test_the_wait_for_a_fetch_slot_counts_against_the_fetch_deadline(image_server):
+    """Slow hosts holding every fetch slot delay another image by at most the fetch
+    timeout, and the error says how much of it went waiting for a slot."""
+    image_server.routes["/hang1.png"] = silent(3.0)
+    image_server.routes["/hang2.png"] = silent(3.0)
+    image_server.routes["/fast.png"] = static(samples.png(4, 4, (9, 9, 9)), "image/png")
+    settings = make_settings(image_fetch_concurrency=1, image_fetch_timeout=1.0)
+
+    async def run(loader):
+        first = asyncio.create_task(loader.load(image_server.url("/hang1.png")))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(ImageFetchError) as queued:
+            await loader.load(image_server.url("/hang2.png"))
+        elapsed = time.monotonic() - started
+        with pytest.raises(ImageFetchError):
+            await first
+        fresh = await loader.load(image_server.url("/fast.png"))  # the slot is free again
+        return queued.value, elapsed, fresh
+
+    queued, elapsed, fresh = asyncio.run(use_loader(run, settings=settings))
+    assert elapsed < 1.6  # not 0.7 s of queueing plus a whole second of its own (1.7 s)
+    # (0.7 s give or take the event loop's timer lateness on a busy machine)
+    assert re.search(r"longer than 1 s \(0\.[6-8] s of it waiting for a free fetch slot\)", queued.message)
+    assert fresh.original_size == (4, 4)
+
+
+def test_no_free_fetch_slot_in_time_is_a_503():
+    from server.images.fetch import FetchLimits, HttpFetcher
+    from server.images.policy import AddressPolicy, DomainPolicy
+    from server.images.urls import parse_image_url
+
+    fetcher = HttpFetcher(transport=None, addresses=AddressPolicy([]), domains=DomainPolicy([], []),
+                          resolver=None, limits=FetchLimits(max_bytes=1, total_timeout=0.2, connect_timeout=0.1,
+                                                            max_redirects=0),
+                          concurrency=1)
+
+    async def run():
+        async with fetcher._semaphore:  # every slot held (by downloads that never end)
+            with pytest.raises(ServiceUnavailableError) as busy:
+                await fetcher.fetch(parse_image_url("http://images.example/a.png"))
+        return busy.value
+
+    busy = asyncio.run(run())
+    assert busy.status == 503 and busy.code == "image_fetch_busy" and busy.headers == {"Retry-After": "1"}
+    assert "busy for 0.2 s" in busy.message
+
+
+def test_a_download_is_shared_by_concurrent_loads_and_ends_when_they_all_leave(image_server):
+    image_server.routes["/popular.png"] = slow(samples.png(6, 6, (5, 5, 5)), 0.5)
+    image_server.routes["/abandoned.png"] = silent(2.0)
+    url = image_server.url("/popular.png")
+
+    async def run(loader):
+        both = await asyncio.gather(loader.load(url, param="a"), loader.load(url, detail="low", param="b"))
+        waiter = asyncio.create_task(loader.load(image_server.url("/abandoned.png")))
+        await asyncio.sleep(0.2)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        await asyncio.sleep(0)
+        return both, dict(loader._downloads)
+
+    both, left = asyncio.run(use_loader(run))
+    assert [im.original_size for im in both] == [(6, 6), (6, 6)]
+    assert [p for p, _ in image_server.requests].count("/popular.png") == 1
+    assert left == {}  # the abandoned download was cancelled, nothing is kept
+
+
+def test_a_shared_failed_download_names_each_loads_own_image(image_server):
+    image_server.routes["/gone.png"] = raw(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    url = image_server.url("/gone.png")
+
+    async def run(loader):
+        return await asyncio.gather(loader.load(url, param="messages[0]"), loader.load(url, param="messages[1]"),
+                                    return_exceptions=True)
+
+    errors = asyncio.run(use_loader(run))
+    assert [e.param for e in errors] == ["messages[0]", "messages[1]"]
+    assert all(isinstance(e, ImageFetchError) and "HTTP 404" in e.message for e in errors)
 
 
 def test_url_and_content_caches(image_server):
@@ -175,6 +271,24 @@ def test_pixel_ceiling_from_settings_and_request():
     assert raised.image.size == capped.image.size  # a request cannot raise the ceiling
     with pytest.raises(ImageError):
         load_one(url, settings=settings, max_pixels=0)
+
+
+def test_without_a_configured_ceiling_the_engine_processors_bound_applies():
+    """A picture above the bound would only be shrunk again by the engine's processor."""
+    url = data_url(samples.noise_jpeg(1600, 1200), "image/jpeg")
+    settings = make_settings(image_max_bytes=10**6)
+    bounded = load_one(url, settings=settings, model_max_pixels=200_704)
+    assert bounded.image.width * bounded.image.height <= 200_704
+    assert bounded.image.size == target_size(FAMILIES["qwen2-vl"], 1600, 1200, 200_704)
+    unbounded = load_one(url, settings=settings)  # no bound known: the family's default
+    assert unbounded.image.size == target_size(FAMILIES["qwen2-vl"], 1600, 1200,
+                                               FAMILIES["qwen2-vl"].default_max_pixels)
+    assert unbounded.image.width * unbounded.image.height > 4 * 200_704
+    configured = load_one(url, settings=make_settings(image_max_bytes=10**6, image_max_pixels=500_000),
+                          model_max_pixels=200_704)  # --image-max-pixels wins (it raises the bound)
+    assert configured.image.size == target_size(FAMILIES["qwen2-vl"], 1600, 1200, 500_000)
+    fixed = load_one(url, settings=settings, family="qwen-vl", model_max_pixels=200_704)
+    assert fixed.image.size == (1600, 1200)  # Qwen-VL's processor makes its 448x448 itself
 
 
 def test_low_detail_loads_a_smaller_picture_cached_apart():
@@ -312,3 +426,39 @@ def test_event_loop_keeps_ticking_while_large_images_decode():
     stalled = sum(gap for gap in gaps if gap > stall)
     assert len(gaps) > 10
     assert stalled < 0.3 * elapsed, (stalled, elapsed, stall, sorted(gaps)[-5:])
+
+
+def test_a_picture_decoding_is_decoded_once_for_every_load_that_wants_it(monkeypatch):
+    """Loads of one picture while it decodes (before the content cache has it) wait for that
+    decode; a load that gives up leaves it to the others; a refused picture names each
+    load's own image."""
+    import server.images.loader as loader_module
+
+    decodes = []
+
+    def slow_decode(data, **kwargs):
+        decodes.append(len(data))
+        time.sleep(0.3)
+        return decode_image(data, **kwargs)
+
+    monkeypatch.setattr(loader_module, "decode_image", slow_decode)
+    picture = data_url(samples.png(9, 9, (1, 2, 3)))
+    broken = data_url(samples.png(9, 9)[:-30])
+
+    async def run(loader):
+        first = asyncio.create_task(loader.load(picture))
+        await asyncio.sleep(0.05)
+        others = [asyncio.create_task(loader.load(picture)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        first.cancel()  # the load that started the decode leaves
+        loaded = await asyncio.gather(*others)
+        errors = await asyncio.gather(*(loader.load(broken, param=f"p{i}") for i in range(3)),
+                                      return_exceptions=True)
+        return loaded, errors, dict(loader._decodes)
+
+    loaded, errors, left = asyncio.run(use_loader(run))
+    assert all(im.original_size == (9, 9) and im is loaded[0] for im in loaded)
+    assert [e.param for e in errors] == ["p0", "p1", "p2"]
+    assert all(isinstance(e, ImageDecodeError) for e in errors)
+    assert len(decodes) == 2  # the picture once, the broken one once
+    assert left == {}

@@ -28,10 +28,10 @@ NOT_PUBLIC = [
     "::1", "::", "fc00::1", "fd12:3456::1", "fe80::1", "febf::1", "ff02::1", "ff0e::1",
     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::ffff:100.64.0.1", "::127.0.0.1",
     "2002:7f00:1::1", "2002:a00:1::1", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "2001:db8::1",
-    "2001::1",
+    "2001::1", "fec0::1", "feff::1",
 ]
 PUBLIC = ["8.8.8.8", "1.1.1.1", "151.101.1.69", "2606:4700:4700::1111", "2a00:1450:4001::200e",
-          "::ffff:8.8.8.8", "2002:808:808::1"]
+          "::ffff:8.8.8.8", "2002:808:808::1", "64:ff9b::808:808", "64:ff9b::8.8.4.4"]
 
 
 @pytest.mark.parametrize("address", NOT_PUBLIC)
@@ -65,8 +65,13 @@ def test_allow_networks_are_exceptions_only_for_their_range():
     assert policy.allows(ipaddress.ip_address("127.0.0.2"))
     assert policy.allows(ipaddress.ip_address("::ffff:127.0.0.2"))
     assert policy.allows(ipaddress.ip_address("10.20.30.40"))
-    for other in ("127.0.0.1", "127.0.0.3", "192.168.0.1", "169.254.169.254", "::1"):
+    assert policy.allows(ipaddress.ip_address("64:ff9b::127.0.0.2"))  # NAT64 of an allowed address
+    for other in ("127.0.0.1", "127.0.0.3", "192.168.0.1", "169.254.169.254", "::1", "64:ff9b::a9fe:a9fe"):
         assert not policy.allows(ipaddress.ip_address(other))
+    # an operator's NAT64 range exempts no private address behind it
+    nat64 = AddressPolicy(["64:ff9b::/96"])
+    assert not nat64.allows(ipaddress.ip_address("64:ff9b::a9fe:a9fe"))
+    assert nat64.allows(ipaddress.ip_address("64:ff9b::808:808"))
     with pytest.raises(ValueError):
         AddressPolicy(["not-a-cidr"])
 

@@ -91,3 +91,17 @@ def test_redirects_are_resolved_then_checked_like_any_url():
                      "http://2130706433/"):
         with pytest.raises(ImageURLForbiddenError):
             join_redirect(base, location)
+
+
+@pytest.mark.parametrize("url", ["file://[x]/a.png", "file://]", "file://[::1/a.png", "file://a]b/c"])
+def test_file_urls_with_brackets_are_refused_not_crashed(url):
+    with pytest.raises(ImageURLForbiddenError):
+        parse_image_url(url)
+
+
+@pytest.mark.parametrize("location", ["http://[::1/", "http://]/", "//[x", "http://[f,-6(]"])
+def test_malformed_redirect_locations_are_refused(location):
+    base = parse_image_url("https://cdn.example.com/img/a.png")
+    with pytest.raises(ImageURLForbiddenError) as info:
+        join_redirect(base, location)
+    assert "malformed" in info.value.message

@@ -12,6 +12,10 @@ thread-safe).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import httpx
 
 
@@ -20,3 +24,30 @@ def shared_client(timeout: float = 120) -> httpx.Client:
     module-level `httpx` functions do, so a server that closes idle connections (a replica
     going away, nginx's keepalive timeout) cannot fail a request on a stale one."""
     return httpx.Client(timeout=timeout, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+_CHILD_REQUEST = r"""
+import json, sys, urllib.error, urllib.request
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
+req = urllib.request.Request(url, method=method, data=body.encode() or None,
+                             headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=float(sys.argv[4])) as r:
+        status, headers = r.status, dict(r.headers)
+except urllib.error.HTTPError as e:
+    status, headers = e.code, dict(e.headers)
+print(json.dumps({"status": status, "headers": {k.lower(): v for k, v in headers.items()}}))
+"""
+
+
+def request_from_child(method: str, url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    """Make one request from a new Python process; return its status and lower-cased headers.
+
+    For a test whose own threads are reading SSE streams: those threads hold the GIL for most
+    of any request the test's main thread makes (CI saw polls take longer than 10-second
+    streams), so a check that must land while the streams run is made by a process of its own.
+    """
+    out = subprocess.run([sys.executable, "-c", _CHILD_REQUEST, method, url, json.dumps(body) if body else "",
+                          str(timeout)], capture_output=True, text=True, timeout=timeout + 30, check=True)
+    answer = json.loads(out.stdout)
+    return answer["status"], answer["headers"]

@@ -46,16 +46,7 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 240.0) -> "ServerProcess":
-        log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "server.cli", "--host", self.host, "--port", str(self.port), *self.args]
-        nice = self.nice
-        group = {"start_new_session": True} if self.own_session else {"process_group": 0}
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     preexec_fn=lambda: os.nice(nice), **group)
-        if self.own_session:
-            # The session too, not only its processes: the test's own threads (a poller next
-            # to a few stream readers) were measured stalling for 11 s without it.
-            lower_session_priority(self.proc.pid, nice)
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -68,6 +59,20 @@ class ServerProcess:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def launch(self) -> "ServerProcess":
+        """Start the process and return at once (`start` also waits until it is ready)."""
+        log = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", "server.cli", "--host", self.host, "--port", str(self.port), *self.args]
+        nice = self.nice
+        group = {"start_new_session": True} if self.own_session else {"process_group": 0}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     preexec_fn=lambda: os.nice(nice), **group)
+        if self.own_session:
+            # The session too, not only its processes: the test's own threads (a poller next
+            # to a few stream readers) were measured stalling for 11 s without it.
+            lower_session_priority(self.proc.pid, nice)
+        return self
 
     def log_tail(self, n: int = 60) -> str:
         try:
