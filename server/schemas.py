@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Counts (tokens, pixels) above this are never meaningful and still fit every C type.
 COUNT_MAX = 2**31 - 1
+# Entries of logit_bias: OpenAI's own limit is 300; a few more cost nothing.
+LOGIT_BIAS_MAX = 1024
 
 
 class _Lenient(BaseModel):
@@ -56,7 +58,8 @@ def _int_fields(model: type[BaseModel]) -> frozenset[str]:
 
 class ImageURL(_Lenient):
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
+    # "original" (newer SDKs): the picture as sent, which here means the server's ceiling, as "high"
+    detail: Literal["auto", "low", "high", "original"] | None = None
 
 
 class TextPart(_Lenient):
@@ -85,12 +88,28 @@ class RefusalPart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart | RefusalPart, Field(discriminator="type")]
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Lenient):
+    """A call an earlier assistant turn made, sent back as history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Lenient):
     # "tool" and "function" carry results of earlier tool calls in the history; this server
     # makes no tool calls itself, but such a history is rendered as the model's template does.
     role: Literal["system", "user", "assistant", "developer", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # (assistant turns only; read there as text, so the model sees which call a result answers)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
+    function_call: FunctionCall | None = None  # OpenAI's older single call
 
 
 class StreamOptions(_Lenient):
@@ -121,9 +140,12 @@ class ChatCompletionRequest(_Lenient):
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
-    logit_bias: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None
+    web_search_options: dict[str, Any] | None = None  # (even {} asks for a search)
+    # token id (as JSON keys are strings) -> bias added to its logit; ids checked against
+    # the model's vocabulary by ChatService
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     # vLLM extras users rely on
     top_k: int | None = Field(None, ge=-1, le=COUNT_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
@@ -151,6 +173,18 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError(f"{where or 'the body'} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
                              "escape), which is not valid Unicode text")
         return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > LOGIT_BIAS_MAX:
+            raise ValueError(f"at most {LOGIT_BIAS_MAX} tokens may be biased")
+        for key in value:
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), not {key[:20]!r}")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -17,6 +17,7 @@ and close spans of text only, so they cannot move an image or a turn boundary.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -71,8 +72,10 @@ def collect(messages: list[Message]) -> Conversation:
                 f"messages[{i}] ({msg.role}) has no content; send a string or a list of parts.",
                 param=f"messages[{i}].content",
             )
+        calls = _calls_as_text(msg) if msg.role == "assistant" else ""
         if content is None or (isinstance(content, str)):
-            out.append({"role": role, "content": [{"type": "text", "text": sentinel(content or "")}]})
+            text = "\n".join(t for t in (content, calls) if t) if calls else (content or "")
+            out.append({"role": role, "content": [{"type": "text", "text": sentinel(text)}]})
             continue
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
@@ -92,8 +95,26 @@ def collect(messages: list[Message]) -> Conversation:
                 images.append(ImageRef(part.image_url.url, f"messages[{i}].content[{j}].image_url",
                                        part.image_url.detail))
                 parts.append({"type": "image"})
+        if calls:
+            parts.append({"type": "text", "text": sentinel("\n" + calls if parts else calls)})
         out.append({"role": role, "content": parts})
     return Conversation(messages=out, texts=texts, images=images)
+
+
+def _calls_as_text(msg: Message) -> str:
+    """An assistant turn's tool calls as Qwen's templates write them (`<tool_call>` blocks of
+    name and arguments), to be tokenized as the turn's plain text: the model then sees which
+    call each later tool result answers, whatever its template knows of tools."""
+    calls = [c.function for c in msg.tool_calls or ()] + ([msg.function_call] if msg.function_call else [])
+    blocks = []
+    for call in calls:
+        try:
+            arguments = json.loads(call.arguments)
+        except ValueError:  # (as the model wrote it, even if not JSON)
+            arguments = call.arguments
+        blocks.append("<tool_call>\n" + json.dumps({"name": call.name, "arguments": arguments}, ensure_ascii=False)
+                      + "\n</tool_call>")
+    return "\n".join(blocks)
 
 
 # Bounds of the renderer's memo of tokenized template pieces (see _encode_template).

@@ -219,7 +219,23 @@ class ChatService:
             ignore_eos=req.ignore_eos,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             skip_special_tokens=req.skip_special_tokens,
+            logit_bias=self._logit_bias(req),
         )
+
+    def _logit_bias(self, req: ChatCompletionRequest) -> dict[int, float] | None:
+        """`logit_bias` by integer token id; a 400 for an id the model has no logit for."""
+        if not req.logit_bias:
+            return None
+        info = self.engine.info
+        vocab = info.vocab_size or len(info.tokenizer)
+        bias = {int(key): value for key, value in req.logit_bias.items()}
+        outside = sorted(t for t in bias if t >= vocab)
+        if outside:
+            raise InvalidRequestError(
+                f"logit_bias names token id {outside[0]}, but this model's vocabulary has ids 0 to {vocab - 1}.",
+                param="logit_bias",
+            )
+        return bias
 
     # --- responses ----------------------------------------------------------------------
 
@@ -370,10 +386,11 @@ def _chunk_json(p: Prepared, choices: list[ChunkChoice], usage: Usage | None) ->
                 "index": c.index,
                 "delta": c.delta.model_dump(exclude_none=True),
                 "finish_reason": c.finish_reason,
-                **({"logprobs": c.logprobs.model_dump()} if c.logprobs is not None else {}),
+                "logprobs": c.logprobs.model_dump() if c.logprobs is not None else None,
             }
             for c in choices
         ],
+        "system_fingerprint": None,  # (OpenAI's chunks carry both fields, null when unset)
     }
     if usage is not None:
         body["usage"] = usage.model_dump()
@@ -452,8 +469,8 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         refuse("Function calling", "function_call")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
         refuse("A response_format other than {'type': 'text'}", "response_format")
-    if req.logit_bias:
-        refuse("logit_bias", "logit_bias")
+    if req.web_search_options is not None:
+        refuse("Web search", "web_search_options")
     if (req.modalities and set(req.modalities) != {"text"}) or req.audio is not None:
         refuse("Output other than text", "modalities")
     if req.stream_options is not None and not req.stream:

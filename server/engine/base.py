@@ -32,6 +32,8 @@ class ModelInfo:
     #: name (temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
     #: frequency_penalty, max_tokens); empty: neutral defaults.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    #: Token ids the model has logits for (may exceed the tokenizer's); None: the tokenizer's.
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -58,6 +60,7 @@ class SamplingOptions:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; None: no logprobs
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
 
 @dataclass

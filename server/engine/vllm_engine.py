@@ -397,6 +397,7 @@ class VLLMEngine(Engine):
             image_processor=image_processor,
             stop_token_ids=_chat_stop_ids(family),
             sampling_defaults=_sampling_defaults(model_config),
+            vocab_size=model_config.get_vocab_size(),
         )
         log.info("engine ready: %s (%s) on %s, max_model_len=%d", model, info.family, device, info.max_model_len)
         return cls(llm, info, stats)
@@ -484,6 +485,7 @@ class VLLMEngine(Engine):
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs,
             skip_special_tokens=s.skip_special_tokens,
+            logit_bias=s.logit_bias,
             output_kind=RequestOutputKind.DELTA,
         )
 

@@ -77,7 +77,7 @@ def effective_max_pixels(
 ) -> int | None:
     """The pixel ceiling for one image: the server's (or the family default), lowered but
     never raised by the request's `max_pixels` and by `detail: "low"`, and never below the
-    family's floor. "high" and "auto" keep the server's ceiling. None: no ceiling."""
+    family's floor. "high", "original" and "auto" keep the server's ceiling. None: no ceiling."""
     ceiling = server_ceiling if server_ceiling is not None else spec.default_max_pixels
     if detail == "low" and spec.low_detail_max_pixels is not None:
         requested = spec.low_detail_max_pixels if requested is None else min(requested, spec.low_detail_max_pixels)

@@ -134,7 +134,7 @@ class ImageLoader:
         """Fetch (or take from the cache) and decode one image.
 
         `max_pixels` may lower the server's pixel ceiling, never raise it; so may `detail`
-        ("low": `FamilySpec.low_detail_max_pixels`; "high", "auto", None: no change). `param` is set
+        ("low": `FamilySpec.low_detail_max_pixels`; "high", "original", "auto", None: no change). `param` is set
         as the error's `param` (e.g. "messages[1].content[2].image_url"). Raises only
         ImageError subclasses: ImageURLForbiddenError, ImageFetchError, ImageTooLargeError,
         ImageDecodeError, or ImageError (code invalid_image) for malformed URLs and shapes

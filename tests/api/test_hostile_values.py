@@ -85,7 +85,8 @@ def test_the_largest_64_bit_seed_is_served(srv):
     ({"function_call": {"name": "f"}}, "function_call"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"logit_bias": {"15": 100}}, "logit_bias"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"web_search_options": {"search_context_size": "low"}}, "web_search_options"),
     ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
 ])
 def test_unimplemented_openai_features_are_refused_not_ignored(srv, extra, param):
@@ -103,6 +104,29 @@ def test_unimplemented_openai_features_are_refused_not_ignored(srv, extra, param
 def test_feature_fields_that_ask_for_nothing_are_served(srv, extra):
     r = post(srv, body(**extra))
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("bias, words", [
+    ({"abc": 1}, ["token ids", "'abc'"]),
+    ({"-5": 1}, ["token ids"]),
+    ({"1.5": 1}, ["token ids"]),
+    ({"١": 1}, ["token ids"]),  # an Arabic-Indic digit: a digit to str.isdigit, not an id
+    ({"15": 101}, ["100"]),
+    ({"15": -100.5}, ["-100"]),
+    ({"15": "5"}, ["number"]),
+    ({"99999999": 1}, ["token id 99999999", "vocabulary"]),
+    ({str(i): 1 for i in range(1025)}, ["at most 1024"]),
+])
+def test_bad_logit_bias_is_a_400_naming_it(srv, bias, words):
+    err = assert_400(post(srv, body(logit_bias=bias)), *words)
+    assert err["param"].startswith("logit_bias"), err
+    still_serves(srv)
+
+
+def test_logit_bias_reaches_the_engine_by_token_id(srv):
+    r = post(srv, body(logit_bias={"15": 100, "0": -100.0, "7": 2.5}))
+    assert r.status_code == 200, r.text
+    assert srv.engine.history[-1].sampling.logit_bias == {15: 100, 0: -100.0, 7: 2.5}
 
 
 def test_stream_options_need_stream(srv):

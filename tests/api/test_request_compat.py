@@ -119,6 +119,39 @@ def test_tool_results_in_the_history_are_rendered(client, srv):
     prompt = last_prompt(srv)
     assert "<|im_start|>tool\n42<|im_end|>" in prompt
     assert "<|im_start|>tool\nstill 42<|im_end|>" in prompt  # the older name for the role
+    # the call the result answers, as Qwen's templates write calls
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "calc", "arguments": {"x": "6*7"}}\n</tool_call>'
+            '<|im_end|>') in prompt
+
+
+def test_an_assistant_turn_keeps_its_text_and_its_calls(client, srv):
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Zürich"}'}},
+            {"id": "b", "type": "function", "function": {"name": "clock", "arguments": "not json"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "sunny"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hm."}],
+         "function_call": {"name": "old", "arguments": "{}"}},
+        {"role": "user", "content": "<|im_end|> and?"},
+    ]
+    client.chat.completions.create(model="scripted", max_tokens=2, messages=messages)
+    prompt = last_prompt(srv)
+    assert ('<|im_start|>assistant\nLet me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Zürich"}}'
+            '\n</tool_call>\n<tool_call>\n{"name": "clock", "arguments": "not json"}\n</tool_call><|im_end|>') in prompt
+    assert '<|im_start|>assistant\nHm.\n<tool_call>\n{"name": "old", "arguments": {}}\n</tool_call><|im_end|>' in prompt
+
+
+@pytest.mark.parametrize("calls", [
+    [{"type": "function", "function": {"name": "f"}}],  # no arguments
+    [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],  # not a string
+    [{"type": "nope", "function": {"name": "f", "arguments": "{}"}}],
+    "f()",
+])
+def test_malformed_tool_calls_in_the_history_are_a_400(srv, calls):
+    r = post(srv, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": calls}]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("messages[1].tool_calls"), r.text
 
 
 def test_a_tool_message_cannot_carry_images(srv):

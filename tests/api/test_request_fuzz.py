@@ -45,7 +45,8 @@ any_message = st.fixed_dictionaries(
 FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
           "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "stream", "stream_options", "user",
           "tools", "tool_choice", "response_format", "logit_bias", "top_k", "min_p", "repetition_penalty",
-          "min_tokens", "ignore_eos", "skip_special_tokens", "grounding", "max_pixels", "functions", "modalities"]
+          "min_tokens", "ignore_eos", "skip_special_tokens", "grounding", "max_pixels", "functions", "modalities",
+          "web_search_options"]
 any_value = st.one_of(st.integers(min_value=-3, max_value=40), st.floats(min_value=-3, max_value=3), st.booleans(),
                       st.none(), st.text(max_size=5), st.lists(st.text(max_size=3), max_size=3), values)
 nonsense = st.fixed_dictionaries({"messages": st.one_of(st.lists(any_message, max_size=3), values)},
@@ -54,7 +55,7 @@ nonsense = st.fixed_dictionaries({"messages": st.one_of(st.lists(any_message, ma
 good_part = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
     st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries(
-        {"url": st.sampled_from(URLS[:2])}, optional={"detail": st.sampled_from(["low", "high", "auto"])})}),
+        {"url": st.sampled_from(URLS[:2])}, optional={"detail": st.sampled_from(["low", "high", "auto", "original"])})}),
 )
 good_message = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "assistant", "tool"]),
@@ -71,6 +72,7 @@ near_valid = st.fixed_dictionaries({"messages": st.lists(good_message, min_size=
     "repetition_penalty": st.floats(0.01, 10), "min_tokens": st.integers(0, 1), "ignore_eos": st.booleans(),
     "skip_special_tokens": st.booleans(), "grounding": st.booleans(), "user": st.text(max_size=5),
     "model": st.sampled_from(["scripted", None]), "max_pixels": st.integers(1, 10**6),
+    "logit_bias": st.dictionaries(st.integers(0, 2000).map(str), st.floats(-100, 100), max_size=3),
 })
 
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
