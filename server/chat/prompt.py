@@ -108,12 +108,12 @@ def _calls_as_text(msg: Message) -> str:
     calls = [c.function for c in msg.tool_calls or ()] + ([msg.function_call] if msg.function_call else [])
     blocks = []
     for call in calls:
+        name = json.dumps(call.name, ensure_ascii=False)
         try:
-            arguments = json.loads(call.arguments)
-        except ValueError:  # (as the model wrote it, even if not JSON)
-            arguments = call.arguments
-        blocks.append("<tool_call>\n" + json.dumps({"name": call.name, "arguments": arguments}, ensure_ascii=False)
-                      + "\n</tool_call>")
+            arguments = json.dumps(json.loads(call.arguments), ensure_ascii=False)
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth:
+            arguments = json.dumps(call.arguments, ensure_ascii=False)  # the text as written
+        blocks.append(f'<tool_call>\n{{"name": {name}, "arguments": {arguments}}}\n</tool_call>')
     return "\n".join(blocks)
 
 

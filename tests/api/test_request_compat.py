@@ -142,6 +142,16 @@ def test_an_assistant_turn_keeps_its_text_and_its_calls(client, srv):
     assert '<|im_start|>assistant\nHm.\n<tool_call>\n{"name": "old", "arguments": {}}\n</tool_call><|im_end|>' in prompt
 
 
+def test_tool_call_arguments_nested_past_the_parsers_depth_are_kept_as_text(client, srv):
+    deep = "[" * 1_500 + "]" * 1_500  # json.loads raises RecursionError, not ValueError
+    r = post(srv, {"max_tokens": 2, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": deep}}]},
+        {"role": "user", "content": "y"}]})
+    assert r.status_code == 200, r.text[:300]
+    assert f'{{"name": "f", "arguments": "{deep}"}}' in last_prompt(srv)
+
+
 @pytest.mark.parametrize("calls", [
     [{"type": "function", "function": {"name": "f"}}],  # no arguments
     [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],  # not a string
