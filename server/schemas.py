@@ -93,12 +93,25 @@ class FunctionCall(_Lenient):
     arguments: str  # JSON text, as the model wrote it
 
 
+class CustomCall(_Lenient):
+    name: str
+    input: str  # free text, as the model wrote it
+
+
 class ToolCall(_Lenient):
-    """A call an earlier assistant turn made, sent back as history."""
+    """A call an earlier assistant turn made, sent back as history: a function call, or a
+    custom tool's (newer SDKs), with the field its type names."""
 
     id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
+    type: Literal["function", "custom"] = "function"
+    function: FunctionCall | None = None
+    custom: CustomCall | None = None
+
+    @model_validator(mode="after")
+    def _has_its_call(self) -> "ToolCall":
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a tool call of type '{self.type}' needs the field '{self.type}'")
+        return self
 
 
 class Message(_Lenient):
@@ -110,6 +123,15 @@ class Message(_Lenient):
     # (assistant turns only; read there as text, so the model sees which call a result answers)
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     function_call: FunctionCall | None = None  # OpenAI's older single call
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_only_from_the_assistant(cls, data: Any) -> Any:
+        # Other roles make no calls: the fields are ignored there, as unknown ones are.
+        if isinstance(data, dict) and data.get("role") != "assistant" and (
+                "tool_calls" in data or "function_call" in data):
+            data = {k: v for k, v in data.items() if k not in ("tool_calls", "function_call")}
+        return data
 
 
 class StreamOptions(_Lenient):
@@ -182,8 +204,10 @@ class ChatCompletionRequest(_Lenient):
         if len(value) > LOGIT_BIAS_MAX:
             raise ValueError(f"at most {LOGIT_BIAS_MAX} tokens may be biased")
         for key in value:
-            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            if not (key.isascii() and key.isdigit() and len(key) <= 32 and len(key.lstrip("0")) <= 10):
                 raise ValueError(f"keys must be token ids (non-negative integers as strings), not {key[:20]!r}")
+        if len({int(key) for key in value}) < len(value):
+            raise ValueError("a token id is given more than once (as different strings, e.g. '15' and '015')")
         return value
 
     @field_validator("stop")

@@ -105,15 +105,19 @@ def _calls_as_text(msg: Message) -> str:
     """An assistant turn's tool calls as Qwen's templates write them (`<tool_call>` blocks of
     name and arguments), to be tokenized as the turn's plain text: the model then sees which
     call each later tool result answers, whatever its template knows of tools."""
-    calls = [c.function for c in msg.tool_calls or ()] + ([msg.function_call] if msg.function_call else [])
+    calls = [(c.function.name, c.function.arguments) if c.function else (c.custom.name, c.custom.input)
+             for c in msg.tool_calls or () if c.function or c.custom]
+    if msg.function_call:
+        calls.append((msg.function_call.name, msg.function_call.arguments))
     blocks = []
-    for call in calls:
-        name = json.dumps(call.name, ensure_ascii=False)
+    for name, text in calls:
         try:
-            arguments = json.dumps(json.loads(call.arguments), ensure_ascii=False)
-        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth:
-            arguments = json.dumps(call.arguments, ensure_ascii=False)  # the text as written
-        blocks.append(f'<tool_call>\n{{"name": {name}, "arguments": {arguments}}}\n</tool_call>')
+            arguments = json.dumps(json.loads(text), ensure_ascii=False)
+            arguments.encode("utf-8")  # (a "\ud800" escape decodes to a lone surrogate)
+        except (ValueError, RecursionError):  # not JSON, nested past the parser's depth, or
+            arguments = json.dumps(text, ensure_ascii=False)  # not text: as written
+        blocks.append(f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {arguments}}}'
+                      "\n</tool_call>")
     return "\n".join(blocks)
 
 

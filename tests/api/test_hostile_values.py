@@ -116,6 +116,8 @@ def test_feature_fields_that_ask_for_nothing_are_served(srv, extra):
     ({"15": "5"}, ["number"]),
     ({"99999999": 1}, ["token id 99999999", "vocabulary"]),
     ({str(i): 1 for i in range(1025)}, ["at most 1024"]),
+    ({"15": 1, "015": -1}, ["more than once"]),
+    ({"0" * 40 + "15": 1}, ["token ids"]),
 ])
 def test_bad_logit_bias_is_a_400_naming_it(srv, bias, words):
     err = assert_400(post(srv, body(logit_bias=bias)), *words)
@@ -124,7 +126,7 @@ def test_bad_logit_bias_is_a_400_naming_it(srv, bias, words):
 
 
 def test_logit_bias_reaches_the_engine_by_token_id(srv):
-    r = post(srv, body(logit_bias={"15": 100, "0": -100.0, "7": 2.5}))
+    r = post(srv, body(logit_bias={"15": 100, "0": -100.0, "00000000007": 2.5}))
     assert r.status_code == 200, r.text
     assert srv.engine.history[-1].sampling.logit_bias == {15: 100, 0: -100.0, 7: 2.5}
 

@@ -152,7 +152,35 @@ def test_tool_call_arguments_nested_past_the_parsers_depth_are_kept_as_text(clie
     assert f'{{"name": "f", "arguments": "{deep}"}}' in last_prompt(srv)
 
 
+def test_tool_call_arguments_that_decode_to_a_lone_surrogate_are_kept_as_text(client, srv):
+    arguments = '{"a": "\\ud800"}'  # an escape that is fine as text, not as decoded JSON
+    r = post(srv, {"max_tokens": 2, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": arguments}}]},
+        {"role": "user", "content": "y"}]})
+    assert r.status_code == 200, r.text[:300]
+    assert '{"name": "f", "arguments": "{\\"a\\": \\"\\\\ud800\\"}"}' in last_prompt(srv)
+
+
+def test_custom_tool_calls_of_newer_sdks_are_read_too(client, srv):
+    client.chat.completions.create(model="scripted", max_tokens=2, messages=[
+        {"role": "user", "content": "Run it."},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "custom", "custom": {"name": "shell", "input": "ls -l"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "total 0"}])
+    assert '<tool_call>\n{"name": "shell", "arguments": "ls -l"}\n</tool_call>' in last_prompt(srv)
+
+
+def test_calls_on_messages_of_other_roles_are_ignored(client, srv):
+    r = post(srv, {"max_tokens": 2, "messages": [
+        {"role": "user", "content": "u", "tool_calls": [{"type": "custom"}], "function_call": "x"}]})
+    assert r.status_code == 200, r.text
+    assert "tool_call" not in last_prompt(srv)
+
+
 @pytest.mark.parametrize("calls", [
+    [{"type": "custom", "function": {"name": "f", "arguments": "{}"}}],  # not the field its type names
+    [{"type": "custom", "custom": {"name": "f"}}],
     [{"type": "function", "function": {"name": "f"}}],  # no arguments
     [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],  # not a string
     [{"type": "nope", "function": {"name": "f", "arguments": "{}"}}],
