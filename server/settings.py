@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     )
     tokenizer: str | None = Field(None, description="Tokenizer path or id (default: the model).")
     revision: str | None = Field(None, description="Model revision on the hub.")
-    tiny_arch: Literal["qwen-vl", "qwen2-vl"] = Field(
+    tiny_arch: Literal["qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"] = Field(
         "qwen-vl", description="Architecture of the generated demo model when --model is absent."
     )
     tiny_model_dir: Path = Field(

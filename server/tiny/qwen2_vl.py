@@ -1,4 +1,5 @@
-"""A tiny random-weight Qwen2-VL checkpoint that transformers and vLLM both load.
+"""Tiny random-weight Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints that transformers and
+vLLM both load.
 
 Sizes are chosen for CPU start-up speed: the language model has head_dim 64 (the smallest
 the CPU paged-attention kernel accepts), the vision tower is two narrow blocks. The
@@ -80,23 +81,27 @@ def _train_tokenizer(vocab_size: int = 1200):
     return tok
 
 
-def write(out_dir: Path, seed: int = 0, max_pixels: int = 448 * 448) -> Path:
-    """Write the checkpoint to `out_dir` (created) and return it.
+#: family -> (transformers config, model and processor class names, patch size)
+FAMILIES = {
+    "qwen2-vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", 14),
+    "qwen2.5-vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", 14),
+    "qwen3-vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", 16),
+}
+
+
+def write(out_dir: Path, seed: int = 0, max_pixels: int = 448 * 448, family: str = "qwen2-vl") -> Path:
+    """Write the checkpoint of `family` (a key of FAMILIES) to `out_dir` (created) and return it.
 
     Contents: config.json, generation_config.json, model.safetensors, tokenizer files with
     the chat template, preprocessor_config.json (and the processor's other configs).
     `max_pixels`: the image processor's pixel ceiling (the default keeps the tiny vision
-    tower fast: 256 image tokens at most).
+    tower fast: 256 image tokens at most, 196 for Qwen3-VL's larger patches).
     """
     import torch
-    from transformers import (
-        GenerationConfig,
-        PreTrainedTokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-    )
+    import transformers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+    config_name, model_name, processor_name, patch = FAMILIES[family]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = _train_tokenizer()
@@ -112,42 +117,48 @@ def write(out_dir: Path, seed: int = 0, max_pixels: int = 448 * 448) -> Path:
     tokenizer.chat_template = CHAT_TEMPLATE
     vocab_size = 64 * ((len(tokenizer) + 63) // 64)
 
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
-        ),
-        vision_config=dict(
-            depth=2,
-            embed_dim=64,
-            hidden_size=128,
-            num_heads=4,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        # (head_dim 64: the multimodal rotary sections cover its 32 frequencies)
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2-vl":
+        vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2)
+    elif family == "qwen2.5-vl":  # windowed attention in block 0, full in block 1, as the real ones mix them
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                      window_size=112, fullatt_block_indexes=[1])
+    else:  # qwen3-vl: learned position embeddings (a square grid) and a deepstack layer
+        text.update(head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                  "mrope_section": [12, 10, 10], "mrope_interleaved": True})
+        for key in ("bos_token_id", "eos_token_id"):
+            text.pop(key)
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                      num_position_embeddings=576, deepstack_visual_indexes=[0])
+    vision.update(patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
+    config = getattr(transformers, config_name)(
+        text_config=text,
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    config.architectures = [model_name]
     config.dtype = "float32"
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = getattr(transformers, model_name)(config)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.05)
@@ -157,23 +168,23 @@ def write(out_dir: Path, seed: int = 0, max_pixels: int = 448 * 448) -> Path:
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
     ).save_pretrained(out_dir)
-
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels)
-    _save_processor(out_dir, tokenizer, image_processor)
+    _save_processor(out_dir, tokenizer, family, processor_name, patch, max_pixels)
     return out_dir
 
 
-def _save_processor(out_dir: Path, tokenizer, image_processor) -> None:
-    from transformers import Qwen2VLProcessor
+def _save_processor(out_dir: Path, tokenizer, family: str, processor_name: str, patch: int, max_pixels: int) -> None:
+    import transformers
+    from transformers import Qwen2VLImageProcessor
 
-    try:
-        from transformers import Qwen2VLVideoProcessor
-
-        video = Qwen2VLVideoProcessor()
-    except ImportError:  # older transformers without a separate video processor
-        video = None
-    kwargs = {"video_processor": video} if video is not None else {}
-    processor = Qwen2VLProcessor(
+    factor = 2 * patch  # (pixels per image token along each side)
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=factor * factor * 4, max_pixels=max_pixels, patch_size=patch, merge_size=2,
+        **({"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3-vl" else {}),
+    )
+    video_name = "Qwen3VLVideoProcessor" if family == "qwen3-vl" else "Qwen2VLVideoProcessor"
+    video = getattr(transformers, video_name, None)
+    kwargs = {"video_processor": video(patch_size=patch)} if video is not None else {}
+    processor = getattr(transformers, processor_name)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, **kwargs
     )
     processor.save_pretrained(out_dir)

@@ -16,6 +16,7 @@ import pytest
 from support.http_server import redirect, start_server, static
 from support.images import data_url, picture
 from support.live_server import ServerProcess
+from support.reference import hf_prompt_tokens, reference_tokenizer
 
 pytestmark = pytest.mark.engine
 
@@ -207,17 +208,6 @@ def test_grounding_tags_in_the_request_are_read_as_the_model_writes_them(client,
     assert r.usage.prompt_tokens == hf_prompt_tokens(server, [Image.open(io.BytesIO(raw)).convert("RGB")], text)
 
 
-def reference_tokenizer(server):
-    """The checkpoint's tokenizer, loaded here as a client would."""
-    from transformers import AutoTokenizer
-
-    if server.arch == "qwen-vl":
-        from server.qwen_vl.plugin import register
-
-        register()
-    return AutoTokenizer.from_pretrained(server.model_dir)
-
-
 def test_logit_bias_reaches_the_sampler(client, server):
     """+100 makes a token the greedy choice at every step; -100 rules out the token greedy
     decoding picked (token ids, as OpenAI's API takes them)."""
@@ -235,29 +225,6 @@ def test_logit_bias_reaches_the_sampler(client, server):
     assert len(banned) == 1, banned
     r = ask(client, server, "Hello", max_tokens=1, logprobs=True, logit_bias={str(banned[0]): -100})
     assert bytes(r.choices[0].logprobs.content[0].bytes) != first
-
-
-def hf_prompt_tokens(server, images, text: str) -> int:
-    if server.arch == "qwen2-vl":
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(server.model_dir)
-        messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": text}]}]
-        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return int(processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1])
-    if server.arch == "qwen-vl":
-        # No Hugging Face processor without remote code: the checkpoint's tokenizer on the
-        # Qwen-VL-Chat prompt, each <img></img> holding the model's 256 image tokens.
-        from server.qwen_vl.plugin import register
-        from transformers import AutoTokenizer
-
-        register()
-        tok = AutoTokenizer.from_pretrained(server.model_dir)
-        picture_lines = "".join(f"Picture {i + 1}: <img></img>\n" for i in range(len(images)))
-        prompt = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                  f"{picture_lines}{text}<|im_end|>\n<|im_start|>assistant\n")
-        return len(tok.encode(prompt)) + 256 * len(images)
-    raise AssertionError(f"no reference processor for {server.arch}")
 
 
 def test_streaming_matches_non_streaming(client, server):
