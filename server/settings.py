@@ -7,6 +7,8 @@ List-valued options accept comma-separated strings in the environment
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -82,6 +84,12 @@ class Settings(BaseSettings):
     mm_processor_cache_gb: float | None = Field(
         None, ge=0, description="Size of vLLM's cache of preprocessed images, in GiB (vLLM's default: 4; "
         "with lru it is held twice, by the server and the engine core; 0: off).",
+    )
+    logits_processors: CSVList = Field(
+        default_factory=list,
+        description="vLLM logits processors to load into the engine, as package.module:Class "
+        "(vLLM's --logits-processors); they see every request (this API passes them no "
+        "per-request arguments).",
     )
     generation_config: str = Field(
         "auto",
@@ -180,6 +188,7 @@ class Settings(BaseSettings):
         "image_allowed_domains",
         "image_denied_domains",
         "image_allow_networks",
+        "logits_processors",
         "api_keys",
         "cors_allow_origins",
         mode="before",
@@ -192,6 +201,14 @@ class Settings(BaseSettings):
             value = [value]
         if isinstance(value, (list, tuple)):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
+    @field_validator("logits_processors")
+    @classmethod
+    def _qualified_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", name):
+                raise ValueError(f"{name!r} is not package.module:Class")
         return value
 
     @model_validator(mode="after")

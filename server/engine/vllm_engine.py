@@ -83,6 +83,7 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
         mm_processor_cache_gb=settings.mm_processor_cache_gb,
         seed=settings.seed,
         generation_config=settings.generation_config,
+        logits_processors=settings.logits_processors or None,
         trust_remote_code=settings.trust_remote_code,
         download_dir=settings.download_dir,
         disable_log_stats=True,

@@ -23,9 +23,25 @@ def test_engine_options_reach_vllm_and_unset_ones_keep_vllms_defaults(tmp_path):
 
     plain = engine_args_from_settings(parse_settings(["--model", model]), model, "cpu")
     defaults = AsyncEngineArgs(model=model)
+    assert plain.logits_processors == defaults.logits_processors
     assert plain.mm_processor_cache_type == defaults.mm_processor_cache_type
     assert plain.mm_processor_cache_gb == defaults.mm_processor_cache_gb
     assert plain.enable_prefix_caching == defaults.enable_prefix_caching
+
+
+def test_logits_processors_reach_vllm_by_name(tmp_path, monkeypatch):
+    model = str(tmp_path)
+    settings = parse_settings(["--model", model, "--logits-processors", "a.b:C,d:E.F", "--logits-processors", "f:G"])
+    assert engine_args_from_settings(settings, model, "cpu").logits_processors == ["a.b:C", "d:E.F", "f:G"]
+    monkeypatch.setenv("QWENVL_LOGITS_PROCESSORS", "x:Y")
+    assert engine_args_from_settings(parse_settings(["--model", model]), model, "cpu").logits_processors == ["x:Y"]
+
+
+@pytest.mark.parametrize("name", ["a.b.C", "a:b:C", ":C", "a b:C"])
+def test_a_logits_processor_name_vllm_cannot_load_stops_the_server_at_once(name):
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--logits-processors", name])
+    assert exc.value.code == 2
 
 
 def test_an_unknown_processor_cache_type_is_refused():
