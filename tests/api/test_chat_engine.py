@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from support import grounding_case
 from support.http_server import redirect, start_server, static
 from support.images import data_url, picture
 from support.live_server import ServerProcess
@@ -46,6 +47,7 @@ def server(request, tiny_model, tmp_path_factory, image_server):
     # Qwen2-VL's processor here takes up to 640x640 pixels, so that a picture can be sent
     # larger than `detail: "low"` allows (the tiny checkpoints' default is 448x448).
     model_dir = tiny_model(arch, max_pixels=TINY_MAX_PIXELS) if arch == "qwen2-vl" else tiny_model(arch)
+    forcing_args, forcing_env = grounding_case.server_options(arch, model_dir)  # (seed FORCE_SEED only)
     proc = ServerProcess(
         [
             "--model", str(model_dir),
@@ -54,8 +56,10 @@ def server(request, tiny_model, tmp_path_factory, image_server):
             "--max-num-seqs", "16",
             "--limit-mm-per-prompt", "3",
             "--image-allow-networks", f"{IMAGE_HOST}/32",
+            *forcing_args,
         ],
         tmp_path_factory.mktemp("logs") / f"server-{arch}.log",
+        env=forcing_env,
     ).start()
     proc.arch = arch
     proc.model_dir = model_dir
@@ -190,6 +194,21 @@ def test_low_detail_sends_a_smaller_picture(client, server):
     assert high == hf_prompt_tokens(server, [original], text)
     small = original.resize(target_size(FAMILIES[server.arch], 700, 560, LOW_DETAIL_MAX_PIXELS))
     assert low == hf_prompt_tokens(server, [small], text) and low < high - 200
+
+
+# --- grounding on the real path (support.grounding_case) ---------------------------------
+
+
+def test_a_box_the_model_writes_comes_back_as_data_in_the_pictures_pixels(client, server):
+    grounding_case.check_box_comes_back_as_data(client, server, model_name(server))
+
+
+def test_streamed_boxes_arrive_in_the_choices_last_chunk(client, server):
+    grounding_case.check_streamed_boxes_arrive_in_the_last_chunk(client, server, model_name(server))
+
+
+def test_grounding_off_leaves_the_text_alone(client, server):
+    grounding_case.check_grounding_off_leaves_the_text_alone(client, server, model_name(server))
 
 
 def test_grounding_tags_in_the_request_are_read_as_the_model_writes_them(client, server):

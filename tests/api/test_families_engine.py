@@ -1,8 +1,9 @@
 """Qwen2.5-VL and Qwen3-VL (vLLM's built-in models) on the real engine, through the real
 HTTP stack and the official client: each family's image token count matches its own
 processor (Qwen3-VL's 16-pixel patches included), `detail: "low"` downscales as that
-processor would, pictures of many sizes batch together, and streaming gives the same answer.
-(Qwen2-VL and the first-generation Qwen-VL plugin: test_chat_engine.py.)"""
+processor would, pictures of many sizes batch together, streaming gives the same answer,
+and grounding boxes come back as data (support.grounding_case). Qwen2-VL and the
+first-generation Qwen-VL plugin: test_chat_engine.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 from PIL import Image
 
+from support import grounding_case
 from support.http_server import start_server, static
 from support.images import data_url, picture
 from support.live_server import ServerProcess
@@ -38,10 +40,13 @@ def image_server():
 def server(request, tiny_model, tmp_path_factory, image_server):
     arch = request.param
     model_dir = tiny_model(arch, max_pixels=MAX_PIXELS)
+    forcing_args, forcing_env = grounding_case.server_options(arch, model_dir)  # (seed FORCE_SEED only)
     proc = ServerProcess(
         ["--model", str(model_dir), "--served-model-name", "tiny", "--max-model-len", "2048",
-         "--max-num-seqs", "16", "--limit-mm-per-prompt", "3", "--image-allow-networks", f"{IMAGE_HOST}/32"],
+         "--max-num-seqs", "16", "--limit-mm-per-prompt", "3", "--image-allow-networks", f"{IMAGE_HOST}/32",
+         *forcing_args],
         tmp_path_factory.mktemp("logs") / f"server-{arch}.log",
+        env=forcing_env,
     ).start()
     proc.arch, proc.model_dir = arch, model_dir
     yield proc
@@ -120,3 +125,18 @@ def test_streaming_gives_the_same_answer(client, server):
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+# --- grounding on the real path (support.grounding_case) ---------------------------------
+
+
+def test_a_box_the_model_writes_comes_back_as_data_in_the_pictures_pixels(client, server):
+    grounding_case.check_box_comes_back_as_data(client, server, "tiny")
+
+
+def test_streamed_boxes_arrive_in_the_choices_last_chunk(client, server):
+    grounding_case.check_streamed_boxes_arrive_in_the_last_chunk(client, server, "tiny")
+
+
+def test_grounding_off_leaves_the_text_alone(client, server):
+    grounding_case.check_grounding_off_leaves_the_text_alone(client, server, "tiny")

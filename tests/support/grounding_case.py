@@ -1,9 +1,12 @@
-"""Grounding on the real path, for all four families: the engine writes a known answer with a
-box (a test logits processor forces its tokens: support.forced_answer), the real
-detokenizer keeps the grounding tags, and the server returns the box as data, in pixels of
-the picture the client sent, streaming or not. Expected pixels are worked out here from
-each family's own convention (a 0-1000 grid, or Qwen2.5-VL's pixels of the picture as its
-Hugging Face processor resizes it), not with the server's code."""
+"""Grounding on the real path: the engine writes a known answer with a box (the test logits
+processor of support.forced_answer forces its tokens), the real detokenizer keeps the
+grounding tags, and the server must return the box as data, in pixels of the picture the
+client sent, streaming or not. Expected pixels are worked out here from each family's own
+convention (a 0-1000 grid, or Qwen2.5-VL's pixels of the picture as its Hugging Face
+processor resizes it), not with the server's code.
+
+The engine test modules start their servers with `server_options(...)` and call the
+`check_*` functions from their own tests, so no extra engine is started for this."""
 
 from __future__ import annotations
 
@@ -11,21 +14,18 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import openai
 import pytest
 
 from support.forced_answer import ENV, FORCE_SEED
 from support.images import data_url, picture
-from support.live_server import ServerProcess
 from support.reference import reference_tokenizer
-
-pytestmark = pytest.mark.engine
 
 TESTS = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 640, 480
 GRID_BOX = [100, 200, 500, 750]  # x1, y1, x2, y2 on the 0-1000 grid
 PIXEL_BOX = [63, 76, 315, 284]  # Qwen2.5-VL: pixels of its resized picture
 
+#: family -> (the forced answer, the grounding tags it must hold as single tokens)
 ANSWERS = {
     "qwen-vl": ("<ref>the dog</ref><box>(100,200),(500,750)</box>", ["<ref>", "</ref>", "<box>", "</box>"]),
     "qwen2-vl": ("<|object_ref_start|>the dog<|object_ref_end|><|box_start|>(100,200),(500,750)<|box_end|>",
@@ -35,10 +35,9 @@ ANSWERS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(ANSWERS))
-def server(request, tiny_model, tmp_path_factory):
-    arch = request.param
-    model_dir = tiny_model(arch)
+def server_options(arch: str, model_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """Command-line arguments and environment that load the forcing processor into a
+    server of `arch`, primed with that family's answer."""
     tok = reference_tokenizer(SimpleNamespace(arch=arch, model_dir=model_dir))
     answer, tags = ANSWERS[arch]
     ids = tok.encode(answer, add_special_tokens=False)
@@ -46,20 +45,8 @@ def server(request, tiny_model, tmp_path_factory):
         assert tok.convert_tokens_to_ids(tag) in ids, tag
     ids.append(tok.convert_tokens_to_ids("<|im_end|>"))
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
-    proc = ServerProcess(
-        ["--model", str(model_dir), "--served-model-name", "tiny", "--max-model-len", "2048",
-         "--logits-processors", "support.forced_answer:ForcedAnswer"],
-        tmp_path_factory.mktemp("logs") / f"server-{arch}.log",
-        env={"PYTHONPATH": path, ENV: ",".join(map(str, ids))},
-    ).start()
-    proc.arch, proc.model_dir, proc.answer = arch, model_dir, answer
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return (["--logits-processors", "support.forced_answer:ForcedAnswer"],
+            {"PYTHONPATH": path, ENV: ",".join(map(str, ids))})
 
 
 def expected_box(server) -> list[float]:
@@ -77,12 +64,12 @@ def expected_box(server) -> list[float]:
     return [x1 * WIDTH / width, y1 * HEIGHT / height, x2 * WIDTH / width, y2 * HEIGHT / height]
 
 
-def messages() -> list[dict]:
+def _messages() -> list[dict]:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(picture(WIDTH, HEIGHT))}},
                                          {"type": "text", "text": "Where is the dog?"}]}]
 
 
-def check_boxes(server, grounding: list[dict]) -> None:
+def _check_boxes(server, grounding: list[dict]) -> None:
     assert len(grounding) == 1, grounding
     (found,) = grounding
     assert found["phrase"] == "the dog" and found["kind"] == "box" and found["image_index"] == 0
@@ -90,28 +77,27 @@ def check_boxes(server, grounding: list[dict]) -> None:
     assert found["box"] == pytest.approx(expected_box(server), abs=1)
 
 
-def test_a_box_the_model_writes_comes_back_as_data_in_the_pictures_pixels(client, server):
-    r = client.chat.completions.create(model="tiny", messages=messages(), seed=FORCE_SEED, max_tokens=64)
+def check_box_comes_back_as_data(client, server, model: str) -> None:
+    r = client.chat.completions.create(model=model, messages=_messages(), seed=FORCE_SEED, max_tokens=64)
     choice = r.choices[0]
-    assert choice.message.content == server.answer  # grounding tags kept, as the model wrote them
+    assert choice.message.content == ANSWERS[server.arch][0]  # grounding tags kept, as the model wrote them
     assert choice.finish_reason == "stop"
-    check_boxes(server, choice.message.model_extra["grounding"])
+    _check_boxes(server, choice.message.model_extra["grounding"])
 
 
-def test_streamed_the_boxes_arrive_in_the_choices_last_chunk(client, server):
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages(), seed=FORCE_SEED, max_tokens=64,
+def check_streamed_boxes_arrive_in_the_last_chunk(client, server, model: str) -> None:
+    chunks = list(client.chat.completions.create(model=model, messages=_messages(), seed=FORCE_SEED, max_tokens=64,
                                                  stream=True))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == server.answer
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWERS[server.arch][0]
     with_boxes = [c for c in chunks if c.choices and (c.choices[0].delta.model_extra or {}).get("grounding")]
     assert len(with_boxes) == 1 and with_boxes[0].choices[0].finish_reason == "stop"
-    check_boxes(server, with_boxes[0].choices[0].delta.model_extra["grounding"])
+    _check_boxes(server, with_boxes[0].choices[0].delta.model_extra["grounding"])
 
 
-def test_grounding_off_leaves_the_text_alone(client, server):
-    r = client.chat.completions.create(model="tiny", messages=messages(), seed=FORCE_SEED, max_tokens=64,
+def check_grounding_off_leaves_the_text_alone(client, server, model: str) -> None:
+    r = client.chat.completions.create(model=model, messages=_messages(), seed=FORCE_SEED, max_tokens=64,
                                        extra_body={"grounding": False})
-    assert r.choices[0].message.content == server.answer
+    assert r.choices[0].message.content == ANSWERS[server.arch][0]
     assert (r.choices[0].message.model_extra or {}).get("grounding") is None
-    other = client.chat.completions.create(model="tiny", messages=messages(), seed=1, max_tokens=8)
-    assert other.choices[0].message.content != server.answer  # (only the forced seed is forced)
+    other = client.chat.completions.create(model=model, messages=_messages(), seed=1, max_tokens=8)
+    assert other.choices[0].message.content != ANSWERS[server.arch][0]  # (only the forced seed is forced)
