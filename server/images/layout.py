@@ -6,7 +6,8 @@ millions of empty segments, which no encoder writes, takes seconds there: 16 MB 
 JPEG APP1 segments took 6 s, against milliseconds for a real 16 MB photo. `check_layout`
 walks the same structure with a step budget that grows with the file (`65536 + size // 128`,
 so ordinary files never come near it: PNG chunks are kilobytes, GIF sub-blocks 255 bytes)
-and refuses the file once it is spent, before Pillow starts.
+and refuses the file once it is spent, before Pillow starts. Stray bytes between JPEG
+segments or GIF blocks cost a step each, as Pillow skips them one at a time.
 
 It also bounds the number of JPEG scans: a progressive JPEG may hold thousands of scans of
 a few bytes each ("EOB runs" zero whole bands), and libjpeg passes over every block of the
@@ -17,6 +18,8 @@ verdict to Pillow. WebP (parsed by libwebp, in C) and BMP (no segments) are not 
 """
 
 from __future__ import annotations
+
+import re
 
 from ..errors import ImageDecodeError
 
@@ -29,7 +32,14 @@ _BYTES_PER_STEP = 128
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_SOS = 0xDA
-_JPEG_NO_LENGTH = frozenset((0x01, *range(0xD0, 0xD8)))  # TEM and RSTn stand alone
+# The walk must step exactly as Pillow's JpegImagePlugin does, or a file can lead the two
+# apart (a walk that read a length where Pillow reads none jumped over every scan and never
+# counted them). Markers Pillow reads without a length: JPG, RSTn, SOI, EOI, JPGn. FF 00
+# (an escaped FF) it skips as two bytes; FF FF as one (a fill byte). Any other marker it
+# does not know (TEM, RES, FF02-FFBF) ends its parse with an error.
+_JPEG_NO_LENGTH = frozenset((0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)))
+_JPEG_WITH_LENGTH = frozenset((*range(0xC0, 0xC8), *range(0xC9, 0xD0), *range(0xDB, 0xF0), 0xFE))
+_GIF_BLOCK = re.compile(rb"[\x21\x2c\x3b]")
 _FRAGMENTED = ("The image's file structure is split into too many small segments to be decoded "
                "safely; save it again with an ordinary encoder.")
 
@@ -58,32 +68,33 @@ def _walk_jpeg(data: bytes, budget: int) -> None:
             if budget < 0:
                 raise ImageDecodeError(_FRAGMENTED)
             if nxt < 0:
-                return
+                break
             pos = nxt
         marker = data[pos + 1] if pos + 1 < end else None
         if marker is None:
-            return
+            break
         if marker == 0xFF:  # a fill byte before the marker
             pos += 1
-            budget -= 1
         elif marker == _JPEG_SOS:
             break
-        elif marker in _JPEG_NO_LENGTH:
+        elif marker == 0x00 or marker in _JPEG_NO_LENGTH:
             pos += 2
-            budget -= 1
-        else:
+        elif marker in _JPEG_WITH_LENGTH:
             if pos + 4 > end:
-                return
+                break
             pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-            budget -= 1
+        else:
+            break  # Pillow refuses the file here
+        budget -= 1
         if budget < 0:
             raise ImageDecodeError(_FRAGMENTED)
-    else:
-        return
-    # After the first scan the entropy-coded data cannot hold FF DA (an FF in it is always
-    # followed by 00 or a restart marker), so each one begins a scan: of this picture, or of
-    # one stored after it (an MPO's other frames), counted too and far below the limit.
-    scans = data.count(b"\xff\xda", pos)
+    # Entropy-coded data cannot hold FF DA (an FF in it is always followed by 00 or a restart
+    # marker), so after the first scan each one begins a scan: of this picture, or of one
+    # stored after it (an MPO's other frames). Counted over the whole file, so that no
+    # disagreement between this walk, Pillow's and libjpeg's about where the scans begin can
+    # hide them; the few FF DA pairs metadata may hold (an EXIF thumbnail's scans, bytes of
+    # an ICC profile) are far below the limit.
+    scans = data.count(b"\xff\xda")
     if scans > MAX_JPEG_SCANS:
         raise ImageDecodeError(
             f"The JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted (encoders write a few tens).")
@@ -125,7 +136,14 @@ def _walk_gif(data: bytes, budget: int) -> None:
                 pos += 3 << ((flags & 7) + 1)
             pos += 1
         else:
-            return  # not a GIF block: Pillow decides
+            # Pillow skips any other byte, one per turn of its loop: each costs a step.
+            found = _GIF_BLOCK.search(data, pos)
+            nxt = found.start() if found else end
+            budget -= nxt - pos
+            if budget < 0:
+                raise ImageDecodeError(_FRAGMENTED)
+            pos = nxt
+            continue
         budget -= 1
         while pos < end:  # sub-blocks, up to the empty one
             size = data[pos]

@@ -143,6 +143,36 @@ def progressive_jpeg(extra_scans: int) -> bytes:
     return data[:-2] + data[last:-2] * extra_scans + data[-2:]
 
 
+def progressive_jpeg_behind_escaped_ff(extra_scans: int) -> bytes:
+    """A flat progressive 64x64 JPEG with its last scan repeated `extra_scans` more times
+    (tens of bytes each), and FF 00 FF FF put after its SOI: an escaped FF and a fill byte to
+    Pillow and libjpeg, which decode it as before, but to a walk that took FF 00 for a marker
+    with a length, a 65,535-byte segment that ends past the end of the file."""
+    data = encode(Image.new("RGB", (64, 64), (90, 140, 200)), "JPEG", progressive=True, quality=90)
+    last = data.rindex(b"\xff\xda")
+    data = data[:-2] + data[last:-2] * extra_scans + data[-2:]
+    assert len(data) < 65_000
+    return data[:2] + b"\xff\x00\xff\xff" + data[2:]
+
+
+def jpeg_with_framed_junk(junk_bytes: int) -> bytes:
+    """A 16x16 JPEG with `junk_bytes` zero bytes after its SOI, framed every 64 KB by FF 00
+    FF FF (which a walk taking FF 00 for a marker with a length would jump): Pillow skips
+    every zero byte in Python, one per turn of its loop."""
+    data = encode(Image.new("RGB", (16, 16), (10, 200, 30)), "JPEG")
+    frame = b"\xff\x00\xff\xff" + bytes(65_533)  # the jump such a walk makes: 2 + 0xFFFF
+    junk = (frame * (junk_bytes // len(frame) + 1))[:junk_bytes]
+    return data[:2] + junk + data[2:]
+
+
+def gif_with_junk(junk_bytes: int) -> bytes:
+    """A 16x16 GIF with `junk_bytes` zero bytes between its colour table and its first
+    block, which Pillow skips one per turn of its loop."""
+    data = encode(Image.new("RGB", (16, 16), (10, 200, 30)).convert("P"), "GIF")
+    header = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    return data[:header] + bytes(junk_bytes) + data[header:]
+
+
 def rle8_bmp(width: int, height: int) -> bytes:
     """A run-length-encoded (BI_RLE8) BMP whose every row is one pixel and an end-of-line:
     tiny for its size, and Pillow pads each row in Python, a byte per loop turn."""

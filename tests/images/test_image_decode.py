@@ -81,6 +81,29 @@ def test_a_jpeg_with_hundreds_of_scans_is_refused():
     assert_clean_message(info.value)
 
 
+def test_scans_hidden_behind_an_escaped_ff_are_counted():
+    """FF 00 after the SOI once led the walk (which took it for a marker with a length) past
+    the file's end before it reached any scan, so none was counted: a 156 KB file of 3,000
+    scans then took 6 s of a decode thread."""
+    assert decode(samples.progressive_jpeg_behind_escaped_ff(400))[1] == (64, 64)  # still a JPEG to Pillow
+    with pytest.raises(ImageDecodeError) as info:
+        decode(samples.progressive_jpeg_behind_escaped_ff(600))
+    assert re.search(r"has 6\d\d scans; at most 500", info.value.message), info.value.message
+
+
+@pytest.mark.parametrize(("sample", "fmt"), [
+    (samples.jpeg_with_framed_junk, "JPEG"),
+    (samples.gif_with_junk, "GIF"),
+], ids=["jpeg-framed-by-escaped-ff", "gif"])
+def test_stray_bytes_that_pillow_skips_one_by_one_count_against_the_budget(sample, fmt):
+    image, size = decode(sample(1000))  # a few are harmless
+    assert size == (16, 16) and image.getpixel((8, 8))[1] > 150
+    with pytest.raises(ImageDecodeError) as info:
+        decode(sample(400_000))  # 400,000 steps against a budget of 68,661
+    assert "too many small segments" in info.value.message
+    assert_clean_message(info.value)
+
+
 def test_a_large_run_length_encoded_bmp_is_refused_before_pillow_decodes_it():
     """Pillow decodes RLE BMPs in Python: 30 KB of 7071x7071 pixels took seconds of a decode
     thread. Small ones (icons, old screenshots) still decode."""
