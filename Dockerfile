@@ -5,7 +5,7 @@
 #   docker build --target gpu -t qwen-vl-serve:gpu .   # NVIDIA GPUs, vLLM 0.32.0 (default target)
 #   docker build --target cpu -t qwen-vl-serve:cpu .   # CPU, installed by deploy/install.sh
 #
-#   docker run --gpus all -p 8000:8000 -v /srv/models/Qwen-VL-Chat:/models/Qwen-VL-Chat:ro \
+#   docker run --gpus all --shm-size 8g -p 8000:8000 -v /srv/models/Qwen-VL-Chat:/models/Qwen-VL-Chat:ro \
 #     -v qwenvl-cache:/cache -e QWENVL_MODEL=/models/Qwen-VL-Chat --stop-timeout 60 qwen-vl-serve:gpu
 #
 # Every server option is a QWENVL_* environment variable (QWENVL_MODEL, QWENVL_MAX_NUM_SEQS,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import types
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from server.settings import Settings
+from server.settings import Settings, unknown_env_names
 
 log = logging.getLogger("qwenvl")
 
@@ -99,6 +100,8 @@ def ensure_model(settings: Settings) -> str:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, close in unknown_env_names(os.environ):
+        log.warning("ignoring %s: no setting has that name%s", name, f" (did you mean {close}?)" if close else "")
     model = ensure_model(settings)
     if settings.served_model_name is None:
         settings = settings.model_copy(update={"served_model_name": settings.model or "qwen-vl-tiny"})

@@ -7,8 +7,9 @@ List-valued options accept comma-separated strings in the environment
 
 from __future__ import annotations
 
+import difflib
 import re
-
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,9 +18,17 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CSVList = Annotated[list[str], NoDecode]
 
+ENV_PREFIX = "QWENVL_"
+# QWENVL_* names that deploy files read, not the server: compose's .env (host port, models
+# directory and name) and deploy/install.sh.
+DEPLOY_ONLY_ENV = frozenset({
+    "QWENVL_HTTP_PORT", "QWENVL_MODELS_DIR", "QWENVL_MODEL_NAME",
+    "QWENVL_INSTALL_EXTRAS", "QWENVL_SKIP_SYSTEM_PACKAGES",
+})
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QWENVL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
     _file_keys: list[str] = PrivateAttr(default_factory=list)  # from api_key_file, read once
 
     # --- model and engine -------------------------------------------------------------
@@ -235,3 +244,17 @@ class Settings(BaseSettings):
     def all_api_keys(self) -> list[str]:
         """Keys from --api-key and from --api-key-file (blank lines and # comments ignored)."""
         return [*self.api_keys, *self._file_keys]
+
+
+def unknown_env_names(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The `QWENVL_*` variables in `environ` that are no setting, each with the closest
+    setting's variable (or None). Settings ignore unknown variables, so a misspelt one in a
+    ConfigMap or .env would otherwise leave its option at the default without a word."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings matches case-insensitively
+        if upper.startswith(ENV_PREFIX) and upper not in known and upper not in DEPLOY_ONLY_ENV:
+            close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.8)
+            unknown.append((name, close[0] if close else None))
+    return unknown

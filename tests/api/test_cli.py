@@ -57,3 +57,25 @@ def test_a_start_up_failure_ends_the_process_instead_of_serving_without_a_model(
     from server.settings import Settings
 
     assert uvicorn_config(object(), Settings()).lifespan == "on"
+
+
+def test_a_misspelt_environment_variable_is_named_in_a_warning(tmp_path):
+    """Settings ignore unknown QWENVL_* variables; a typo in a ConfigMap would otherwise
+    leave its option at the default without a word."""
+    with socket.socket() as taken:  # the process stops at the bind, before any engine
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "server.cli", "--model", str(tmp_path / "no-such-model"),
+             "--host", "127.0.0.1", "--port", str(taken.getsockname()[1])],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "QWENVL_MAX_NUM_SEQ": "5", "QWENVL_DRAIN_TIMEOUTS": "99",
+                 "QWENVL_NOTHING_LIKE_IT": "1", "QWENVL_DRAIN_TIMEOUT": "12",
+                 "QWENVL_HTTP_PORT": "8080"},  # compose's, not the server's
+        )
+    warned = [line for line in proc.stderr.splitlines() if "ignoring QWENVL_" in line]
+    assert sorted(line.split("ignoring ", 1)[1] for line in warned) == [
+        "QWENVL_DRAIN_TIMEOUTS: no setting has that name (did you mean QWENVL_DRAIN_TIMEOUT?)",
+        "QWENVL_MAX_NUM_SEQ: no setting has that name (did you mean QWENVL_MAX_NUM_SEQS?)",
+        "QWENVL_NOTHING_LIKE_IT: no setting has that name",
+    ]

@@ -331,3 +331,15 @@ def cluster(tiny_model, tmp_path_factory) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def lonely_nginx(tmp_path_factory) -> Iterator[Nginx]:
+    """nginx with the shipped configuration whose only replica is down (nothing listens on
+    its port): for the answers nginx makes itself."""
+    nginx = Nginx(tmp_path_factory.mktemp("nginx-lonely"), [f"127.0.0.1:{free_port()}"])
+    nginx.start()
+    try:
+        yield nginx
+    finally:
+        nginx.stop()

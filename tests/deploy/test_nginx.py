@@ -161,6 +161,18 @@ def test_session_header_keeps_a_conversation_on_one_replica(cluster):
             assert served_by(cluster.nginx, rid) == replica.addr
 
 
+def test_replica_error_passes_through_unchanged(cluster):
+    # nginx answers some errors itself as JSON (tests/deploy/test_nginx_errors.py); a
+    # replica's own error must reach the client as the replica wrote it, not replaced.
+    response = HTTP.post(f"{cluster.nginx.url}/v1/chat/completions", timeout=60,
+                         json={"model": cluster.served_model, "max_tokens": -1,
+                               "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "max_tokens" and "max_tokens" in error["message"]
+    assert error["code"] != "bad_request"  # nginx's own 400 code
+
+
 def test_saturated_replica_429_reaches_client_with_retry_after(cluster):
     cluster.ensure_up()
     target = cluster.replicas[0]
