@@ -12,6 +12,7 @@ import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # Integers vLLM serializes as 64-bit (a larger one failed inside the engine, not here).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -189,11 +190,16 @@ class ChatCompletionRequest(_Lenient):
         # JSON may escape lone UTF-16 surrogates ("\ud800"); no tokenizer, serializer or
         # response encoder takes them, so they are refused here, with where they are. Only
         # the fields read are walked: an ignored field may be millions of values.
-        known = {k: v for k, v in data.items() if k in cls.model_fields} if isinstance(data, dict) else data
+        known = ({k: v for k, v in data.items() if k in cls.model_fields and k not in _ONLY_CHECKED_FOR_PRESENCE}
+                 if isinstance(data, dict) else data)
         where = _surrogate_path(known)
         if where is not None:
-            raise ValueError(f"{where or 'the body'} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                             "escape), which is not valid Unicode text")
+            # (a custom error type, so the error's `param` can name the field: a model
+            # validator's errors have no location of their own)
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                "valid Unicode text", {"where": where or "the body"})
         return data
 
     @field_validator("logit_bias")
@@ -224,6 +230,13 @@ class ChatCompletionRequest(_Lenient):
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Fields of features this server does not implement: ChatService only checks whether they
+# ask for something, never reads their text into a prompt or a message, so the surrogate
+# walk skips them (a 50 MB `tools` array took it 10 s on the event loop, only to be refused).
+_ONLY_CHECKED_FOR_PRESENCE = frozenset({
+    "tools", "tool_choice", "functions", "function_call", "response_format", "modalities", "audio",
+    "web_search_options",
+})
 
 
 def _surrogate_path(value: Any) -> str | None:

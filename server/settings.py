@@ -162,8 +162,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
     max_content_parts: int = Field(
-        1024, ge=1, description="Most content parts (text, image and refusal parts together) "
-        "over all of one request's messages.")
+        1024, ge=1, description="Most content parts (text, image and refusal parts, and "
+        "assistant tool calls, together) over all of one request's messages.")
     max_n: int = Field(8, ge=1, description="Largest n.")
     request_timeout: float = Field(600.0, gt=0, description="Per-request deadline in seconds.")
     send_timeout: float = Field(

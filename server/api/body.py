@@ -57,7 +57,8 @@ def parse_json_body(raw: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(
-            f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).",
+            f"The request body is not valid JSON ({exc.msg.removesuffix(' at')} at line {exc.lineno}, "
+            f"column {exc.colno}).",
             code="invalid_json") from None
     except RecursionError:
         raise InvalidRequestError("The request body nests arrays or objects too deeply to parse.",
@@ -109,7 +110,12 @@ def validation_to_api_error(errors: list[dict[str, Any]]) -> InvalidRequestError
         cleaned.append(part)
     loc = cleaned
     param = _format_loc(loc)
+    if first.get("type") == "lone_surrogate" and not param:  # found by the whole-body walk
+        where = (first.get("ctx") or {}).get("where", "")
+        param = where if where not in ("the body", "a field name") else ""
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") in ("model_type", "model_attributes_type", "dict_type", "dataclass_type"):
+        message = "Input should be a JSON object"  # (pydantic's message names our classes)
     if first.get("type") == "missing" and not param:
         text = "The request has no body; send a JSON object with 'messages'."
     elif first.get("type") == "missing":

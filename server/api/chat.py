@@ -80,6 +80,9 @@ async def chat_completions(request: Request, rt: RuntimeDep):
 
 
 def _content_parts(messages: list[Any]) -> int:
-    """How many content parts the (not yet validated) messages hold in their content lists."""
-    return sum(len(m["content"]) for m in messages
-               if isinstance(m, dict) and isinstance(m.get("content"), list))
+    """How many content parts the (not yet validated) messages hold in their content lists,
+    with their tool calls (each rendered into the prompt as a part of text)."""
+    return sum((len(m["content"]) if isinstance(m.get("content"), list) else 0)
+               + (len(m["tool_calls"]) if isinstance(m.get("tool_calls"), list) else 0)
+               + (m.get("function_call") is not None)
+               for m in messages if isinstance(m, dict))

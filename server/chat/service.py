@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,10 @@ from server.schemas import (
     ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
+    Message,
+    RefusalPart,
     ResponseMessage,
+    TextPart,
     TokenLogprobOut,
     TopLogprob,
     Usage,
@@ -94,13 +97,15 @@ class ChatService:
         started = time.perf_counter() if started is None else started
         model = self._check_model(req.model)
         s = self.settings
-        self.check_message_count(
-            len(req.messages), sum(len(m.content) for m in req.messages if isinstance(m.content, list)))
+        self.check_message_count(len(req.messages), sum(map(_parts, req.messages)))
         if req.n > s.max_n:
             raise InvalidRequestError(f"n is {req.n}; at most {s.max_n} is allowed.", param="n")
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true.", param="top_logprobs")
         _refuse_unsupported(req)
+        # The text as sent, before collect() decodes and re-encodes each tool call's arguments
+        # on the event loop (a 54 MB history of calls took 16 s there before this check).
+        self._check_text_size(_raw_texts(req.messages))
         conv = collect(req.messages)
         self._check_text_size(conv.texts)
         self.images.check_count(len(conv.images))
@@ -156,12 +161,13 @@ class ChatService:
         limit = self.settings.max_content_parts
         if parts > limit:
             raise InvalidRequestError(
-                f"Too many content parts: the messages hold {parts}, at most {limit} allowed.",
+                f"Too many content parts: the messages hold {parts} (tool calls included), at most "
+                f"{limit} allowed.",
                 param="messages",
                 code="too_many_content_parts",
             )
 
-    def _check_text_size(self, texts: list[str]) -> None:
+    def _check_text_size(self, texts: Iterable[str]) -> None:
         """Refuse, before tokenizing, text that cannot fit the context. Tokenizing runs on the
         event loop; 30 MB of text took 86 s there, with every other request waiting."""
         limit = self.engine.info.max_model_len * MAX_CHARS_PER_TOKEN
@@ -450,6 +456,36 @@ class _Timing:
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         self.metrics.completion_tokens.inc(usage.completion_tokens)
         self.metrics.prompt_tokens_per_request.observe(usage.prompt_tokens)
+
+
+def _parts(msg: Message) -> int:
+    """A message's content parts and tool calls (as `max_content_parts` counts them)."""
+    return ((len(msg.content) if isinstance(msg.content, list) else 0)
+            + len(msg.tool_calls or ()) + (msg.function_call is not None))
+
+
+def _raw_texts(messages: list[Message]) -> Iterator[str]:
+    """Every piece of text in `messages` as sent: contents, refusals, tool calls' names and
+    arguments (at most a few characters short of what the prompt will hold of them)."""
+    for msg in messages:
+        if isinstance(msg.content, str):
+            yield msg.content
+        elif msg.content:
+            for part in msg.content:
+                if isinstance(part, TextPart):
+                    yield part.text
+                elif isinstance(part, RefusalPart):
+                    yield part.refusal
+        for call in msg.tool_calls or ():
+            if call.function:
+                yield call.function.name
+                yield call.function.arguments
+            elif call.custom:
+                yield call.custom.name
+                yield call.custom.input
+        if msg.function_call:
+            yield msg.function_call.name
+            yield msg.function_call.arguments
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+# Characters that JSON leaves raw but that Python's str.splitlines (hence httpx's
+# iter_lines, and SSE readers built on it) takes for line breaks, splitting a data line;
+# json.dumps already escapes the control characters it would also split on.
+_LINE_BREAKS = re.compile("[\x85\u2028\u2029]")
+
+
+def _escaped(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def sse_event(payload: dict[str, Any]) -> str:
     # ensure_ascii=False keeps Chinese readable on the wire; JSON stays valid UTF-8.
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    data = json.dumps(payload, ensure_ascii=False, separators=(',', ':'))
+    if _LINE_BREAKS.search(data):
+        data = _LINE_BREAKS.sub(_escaped, data)
+    return f"data: {data}\n\n"
 
 
 def sse_done() -> str:

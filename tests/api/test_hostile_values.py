@@ -58,6 +58,7 @@ def still_serves(srv) -> None:
 def test_lone_surrogates_are_refused_with_where(srv, request_body, where):
     err = assert_400(post(srv, request_body), where, "surrogate")
     assert err["type"] == "invalid_request_error"
+    assert err["param"] == where
     still_serves(srv)
 
 
@@ -407,3 +408,86 @@ def test_a_client_gone_during_the_upload_is_no_server_error(srv, caplog):
         still_serves(srv)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     assert srv.runtime.metrics.errors.labels("internal_error")._value.get() == 0
+
+
+def test_fields_only_checked_for_presence_are_not_walked_for_surrogates(srv, monkeypatch):
+    """`tools` and the like are only checked for whether they ask for something; a 50 MB
+    `tools` array held the event loop 10 s in the surrogate walk before being refused."""
+    import server.schemas
+
+    walked = []
+    real = server.schemas._surrogate_path
+    monkeypatch.setattr(server.schemas, "_surrogate_path", lambda value: walked.append(value) or real(value))
+    tools = [{"type": "function", "function": {"name": "f\ud800"}}] + [0] * 1000
+    assert post(srv, body(tools=tools, tool_choice="none")).status_code == 200  # ignored: fine
+    assert_400(post(srv, body(tools=tools)), "Tool calling", code="unsupported_parameter")
+    assert walked and not any("tools" in value for value in walked if isinstance(value, dict))
+
+
+def test_tool_calls_in_the_history_count_as_content_parts(srv):
+    limit = srv.runtime.settings.max_content_parts
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [{"role": "assistant", "tool_calls": [call] * (limit // 2 + 1)}] * 2 + [{"role": "user", "content": "x"}]
+    err = assert_400(post(srv, {"messages": history}), "Too many content parts", str(limit + 2),
+                     code="too_many_content_parts")
+    assert err["param"] == "messages"
+    # At the limit, the count passes (the prompt of a thousand calls is then too long for
+    # the test model's context: refused on its length, after the count).
+    per_message = 127  # (a message holds at most 128 calls)
+    at_limit = ([{"role": "assistant", "tool_calls": [call] * per_message}] * (limit // per_message)
+                + [{"role": "assistant", "tool_calls": [call] * (limit % per_message)}, {"role": "user", "content": "x"}])
+    assert_400(post(srv, body(messages=at_limit)), code="context_length_exceeded")
+    few = [{"role": "assistant", "tool_calls": [call] * 3}, {"role": "user", "content": "x"}]
+    assert post(srv, body(messages=few)).status_code == 200
+
+
+def test_tool_call_arguments_beyond_the_context_are_refused_before_they_are_decoded(srv, monkeypatch):
+    """A history of calls whose arguments nest hundreds of levels deep was decoded and
+    encoded again on the event loop (16 s for 54 MB) before its size was checked."""
+    import server.chat.prompt
+
+    rendered = []
+    real = server.chat.prompt._calls_as_text
+    monkeypatch.setattr(server.chat.prompt, "_calls_as_text", lambda msg: rendered.append(1) or real(msg))
+    args = "[" * 800 + "]" * 800
+    call = {"type": "function", "function": {"name": "f", "arguments": args}}
+    history = [{"role": "assistant", "tool_calls": [call] * 100}] * 10 + [{"role": "user", "content": "x"}]
+    err = assert_400(post(srv, {"messages": history}), "characters of text", code="context_length_exceeded")
+    assert err["param"] == "messages"
+    assert not rendered
+    ok = [{"role": "assistant", "tool_calls": [call]}, {"role": "user", "content": "x"}]
+    assert post(srv, body(messages=ok)).status_code == 200
+    assert rendered
+
+
+@pytest.mark.parametrize("extra", [
+    {"stream": True, "stream_options": "x"},
+    {"messages": ["hello"]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
+    {"messages": [{"role": "assistant", "tool_calls": ["x"]}, {"role": "user", "content": "x"}]},
+    {"messages": [{"role": "assistant", "function_call": "x"}, {"role": "user", "content": "x"}]},
+])
+def test_objects_of_the_wrong_type_are_named_without_our_class_names(srv, extra):
+    err = assert_400(post(srv, body(**extra)), "should be a JSON object")
+    assert err["param"]
+    for name in ("StreamOptions", "Message", "ImageURL", "ToolCall", "FunctionCall", "instance of"):
+        assert name not in err["message"], err
+
+
+def test_stream_text_with_unicode_line_separators_stays_one_line_per_event(srv):
+    """JSON leaves U+2028, U+2029 and U+0085 raw; line readers built on str.splitlines
+    (httpx's iter_lines) split a data line there and could not parse the halves."""
+    reply = "one\u2028two\u2029three\x85four"
+    srv.engine.enqueue(reply)
+    with httpx.stream("POST", srv.base_url + "/v1/chat/completions", timeout=30,
+                      json=body(stream=True, max_tokens=100)) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]  # each line whole JSON
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == reply
+    srv.engine.enqueue(reply)
+    client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="scripted", stream=True, max_tokens=100,
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply
