@@ -16,9 +16,17 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError, AuthenticationError, BodyTimeoutError, InternalError, PayloadTooLargeError
+from server.errors import (
+    APIError,
+    AuthenticationError,
+    BodyTimeoutError,
+    InternalError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+)
 from server.settings import Settings
 
 access_log = logging.getLogger("qwenvl.access")
@@ -275,12 +283,26 @@ async def _read_capped(receive: Receive, limit: int) -> Receive | None:
     return replay
 
 
+class _JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, with a refused preflight answered as our error JSON
+    (Starlette's own is plain text) and with its other headers kept."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = response.body.decode("ascii", "replace").removeprefix("Disallowed CORS ")
+        err = InvalidRequestError(f"CORS preflight refused: this {refused} is not allowed.", code="cors_refused")
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
+
+
 def install_middleware(app: FastAPI, settings: Settings, runtime) -> None:
     app.add_middleware(GatewayMiddleware, settings=settings, runtime=runtime)
     # Added last, so outermost: CORS preflights carry no credentials and must pass auth.
     if settings.cors_allow_origins:
         app.add_middleware(
-            CORSMiddleware,
+            _JSONCORSMiddleware,
             allow_origins=settings.cors_allow_origins,
             allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
             # Any request header: the OpenAI SDKs add their own (x-stainless-*, openai-*),

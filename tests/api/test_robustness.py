@@ -608,6 +608,12 @@ def test_cors_off_by_default_and_configurable(tiny_tokenizer):
         r = httpx.options(srv.base_url + "/v1/chat/completions",
                           headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        assert r.json()["error"]["code"] == "cors_refused" and "origin" in r.json()["error"]["message"]
+        r = httpx.options(srv.base_url + "/v1/chat/completions",
+                          headers={"Origin": "https://app.example", "Access-Control-Request-Method": "DELETE"})
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+        assert "method" in r.json()["error"]["message"]
+        assert r.headers["access-control-allow-origin"] == "https://app.example"  # Starlette's headers kept
 
 
 def test_special_token_text_stays_plain(tiny_tokenizer):
