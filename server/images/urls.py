@@ -95,7 +95,7 @@ def parse_image_url(url: str) -> ImageURL:
     colon = url.find(":", 0, _MAX_SCHEME + 1)
     scheme = url[:colon].lower()
     if colon < 1 or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
-        raise ImageError("The image URL has no scheme; use http(s)://, data:image/...;base64, or file://.")
+        raise ImageError("The image URL has no scheme; send an http(s):// URL or a data:image/...;base64 URL.")
     if scheme == "data":
         return _parse_data(url, colon + 1)
     if len(url) > MAX_URL_LENGTH:
