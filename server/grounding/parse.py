@@ -32,8 +32,9 @@ def parse_grounding(
             decoded with ``skip_special_tokens=True`` has lost them and yields nothing.
         family: which generation wrote it; decides the coordinate frame, not the syntax.
             Every syntax (tags of either generation, JSON ``bbox_2d``/``point_2d``, XML
-            ``<points>``, and plain ``x1,y1,x2,y2 label`` lines when nothing else is found)
-            is read for every family, since fine-tuned models mix them.
+            ``<points>``, and plain ``x1,y1,x2,y2 label`` lines when nothing else is found
+            and the whole answer is such lines, see `extract`) is read for every family,
+            since fine-tuned models mix them.
         image_sizes: ``(width, height)`` of the request's images as received, in order.
         model_sizes: ``(width, height)`` of each image as handed to the model's processor,
             when the server downscaled it first; defaults to `image_sizes`. Only Qwen2.5-VL
@@ -69,16 +70,41 @@ def parse_grounding(
     def px(x: float, y: float) -> tuple[int, int]:
         return to_pixel(x, frame_w, width), to_pixel(y, frame_h, height)
 
-    return [_to_box(item, index, px) for item in extract(text)]
+    return [_to_box(item, index, px) for item in extract(_answer_part(text), (frame_w, frame_h))]
 
 
-def extract(text: str) -> list[RawItem]:
-    """Every grounded item in `text` in any supported syntax, in reading order, unmapped."""
+def _answer_part(text: str) -> str:
+    """`text` without a thinking model's reasoning: its drafts are not the answer. Qwen3-VL
+    Thinking's template opens the `<think>` block in the prompt, so the output may hold only
+    its end; an answer cut off inside the reasoning has no answer yet."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    if "<think>" in text:
+        return text.split("<think>", 1)[0]
+    return text
+
+
+def extract(text: str, frame: tuple[float, float] | None = None) -> list[RawItem]:
+    """Every grounded item in `text` in any supported syntax, in reading order, unmapped.
+
+    Plain ``x1,y1,x2,y2 label`` lines are only a fallback, and only when the whole answer is
+    such lines, each box with its corners in order and, given the model's coordinate
+    `frame` (width, height), inside it: a line of four numbers and words is an ordinary
+    answer too ("7,10,23,45 are the numbers on the jerseys", a score, a population)."""
     items = scan_tags(text) + scan_json(text) + scan_xml_points(text)
     if not items:
         items = scan_plain_lines(text)
+        if not all(_plain_box_fits(item.coords, frame) for item in items):
+            items = []
     items.sort(key=lambda item: item.offset)  # stable: items from one place keep their order
     return items
+
+
+def _plain_box_fits(coords: tuple[float, ...], frame: tuple[float, float] | None) -> bool:
+    x1, y1, x2, y2 = coords
+    if not (x1 < x2 and y1 < y2):
+        return False
+    return frame is None or (x2 <= frame[0] and y2 <= frame[1])
 
 
 def _to_box(item: RawItem, index: int, px) -> GroundingBox:

@@ -5,9 +5,9 @@ cookbook, section "spatial understanding with designed system prompt"):
   points (``x2``/``y2`` ...) in one element, blanks tolerated inside the tag;
 - boxes as plain text, one per line: ``43,378,996,957 cakes``.
 
-The plain-text style is only a fallback (see `server.grounding.parse`), and is strict: a whole
-line of four integers without leading zeros, then a phrase, so that "1,000,000,000 dollars"
-stays prose.
+The plain-text style is only a fallback (see `server.grounding.parse`), and is strict: every
+line of the answer is four integers without leading zeros, then a phrase, so that
+"1,000,000,000 dollars" or a line of numbers inside prose stays prose.
 """
 
 from __future__ import annotations
@@ -58,14 +58,18 @@ def scan_xml_points(text: str) -> list[RawItem]:
 
 
 def scan_plain_lines(text: str) -> list[RawItem]:
-    """Every line that is exactly ``x1,y1,x2,y2 phrase``."""
+    """Every line of `text` as ``x1,y1,x2,y2 phrase``, if each of its non-blank lines is
+    one; else nothing (an answer with prose around such a line is prose)."""
     items = []
     offset = 0
     for line in text.split("\n"):
-        match = _PLAIN_LINE.fullmatch(line.rstrip("\r"))
+        line_text = line.rstrip("\r")
+        match = _PLAIN_LINE.fullmatch(line_text)
         if match is not None:
             coords = tuple(float(match.group(k)) for k in range(1, 5))
             items.append(RawItem(offset, "box", coords, clean_phrase(match.group(5))))
+        elif line_text.strip():
+            return []
         offset += len(line) + 1
     return items
 

@@ -296,3 +296,29 @@ def test_hostile_input_is_parsed_in_linear_time(name):
     # The constant absorbs timer noise on runs of a few milliseconds.
     assert large < 10 * small + 0.1, f"{name}: {small:.3f}s for {N // 4}, {large:.3f}s for {N}"
     assert large < 20.0, f"{name}: {large:.2f}s for {N} characters"
+
+
+@pytest.mark.parametrize(("text", "family", "size"), [
+    ("700,10,900,45 are the numbers on the jerseys.", "qwen2.5-vl", (640, 480)),  # past its 644x476 frame
+    ("10,20,1200,40 dollars", "qwen2-vl", (4000, 3000)),  # past the 0-1000 grid
+    ("Scores:\n3,1,2,0 was the final tally", "qwen3-vl", (1000, 1000)),  # prose around it
+    ("3,1,2,0 was the final tally", "qwen3-vl", (1000, 1000)),  # corners out of order
+    ("The population is:\n1,425,775,862 people", "qwen2-vl", (640, 480)),
+    ("10,20,30,40 cat\nand a dog", "qwen2.5-vl", (1024, 1024)),
+])
+def test_numbers_in_prose_are_not_plain_boxes(text, family, size):
+    assert parse(text, family, [size]) == []
+
+
+def test_an_answer_of_plain_box_lines_is_read():
+    boxes = parse("43,378,996,957 cakes\n\n10,20,30,40 plate\n", "qwen2.5-vl", [(1024, 1024)])
+    assert [(b.phrase, b.model_box) for b in boxes] == [("cakes", (43, 378, 996, 957)), ("plate", (10, 20, 30, 40))]
+
+
+def test_a_thinking_models_reasoning_is_not_read():
+    draft = '```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]\n```'
+    answer = '```json\n[{"bbox_2d": [100, 200, 300, 400], "label": "dog"}]\n```'
+    for text in (f"<think>Draft: {draft}</think>\n{answer}", f"Draft: {draft}</think>\n{answer}"):
+        assert [b.model_box for b in parse(text, "qwen3-vl", [(1000, 1000)])] == [(100, 200, 300, 400)]
+    assert parse(f"<think>Draft: {draft}", "qwen3-vl", [(1000, 1000)]) == []  # cut off while thinking
+    assert len(parse(answer, "qwen3-vl", [(1000, 1000)])) == 1
