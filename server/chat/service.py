@@ -254,16 +254,20 @@ class ChatService:
         tokens = [0] * n
         tracker = _Timing(self.metrics, p.started)
         prompt_tokens = 0
-        async for chunk in p.stream:
-            prompt_tokens = chunk.prompt_tokens or prompt_tokens
-            for c in chunk.choices:
-                tracker.tokens(len(c.token_ids), c.index)
-                texts[c.index].append(c.text)
-                tokens[c.index] += len(c.token_ids)
-                if c.logprobs:
-                    logprobs[c.index].extend(c.logprobs)
-                if c.finish_reason:
-                    finish[c.index] = _finish_reason(c.finish_reason)
+        try:
+            async for chunk in p.stream:
+                prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                for c in chunk.choices:
+                    tracker.tokens(len(c.token_ids), c.index)
+                    texts[c.index].append(c.text)
+                    tokens[c.index] += len(c.token_ids)
+                    if c.logprobs:
+                        logprobs[c.index].extend(c.logprobs)
+                    if c.finish_reason:
+                        finish[c.index] = _finish_reason(c.finish_reason)
+        finally:  # (tokens the engine made count whether or not the answer is whole)
+            tracker.record_tokens(prompt_tokens)
+            p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
         choices = []
         for i in range(n):
             # Cleaned whole: a special token can be split between two deltas.
@@ -280,8 +284,7 @@ class ChatService:
             )
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
                       total_tokens=prompt_tokens + sum(tokens))
-        tracker.done(usage)
-        p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
+        tracker.done()
         return ChatCompletion(id=p.completion_id, created=p.created, model=p.model, choices=choices, usage=usage)
 
     async def stream(self, p: Prepared) -> AsyncIterator[str]:
@@ -307,44 +310,48 @@ class ChatService:
         unfinished = n
         held = [chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(n)]
         waiting_roles = n  # role chunks held until there is a first event to send with them
+        # (the finally also runs when the stream is closed early: a deadline, a drain, the
+        # client gone; tokens the engine made count, and the access log names them)
         try:
-            async for out in p.stream:
-                if unfinished == 0 and held:  # an output after the last finish: not expected
-                    yield "".join(held)
-                    held = []
-                prompt_tokens = out.prompt_tokens or prompt_tokens
-                for c in out.choices:
-                    tracker.tokens(len(c.token_ids), c.index)
-                    tokens[c.index] += len(c.token_ids)
-                    text = c.text
-                    if (cleaner := pieces[c.index]) is not None:
-                        text = cleaner.feed(text) + (cleaner.flush() if c.finish_reason else "")
-                    texts[c.index].append(text)
-                    if text or c.logprobs:
-                        held.append(chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=text),
-                                                       logprobs=self._logprobs(p, c.logprobs or []))]))
-                    if c.finish_reason:
-                        unfinished -= 1
-                        boxes = self._grounding(p, "".join(texts[c.index]))
-                        held.append(chunk([ChunkChoice(index=c.index, delta=DeltaMessage(grounding=boxes),
-                                                       finish_reason=_finish_reason(c.finish_reason))]))
-                if len(held) > waiting_roles and unfinished > 0:
-                    yield "".join(held)
-                    held, waiting_roles = [], 0
-        except APIError as exc:
-            p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
-            stream_ended_with(p.stats, exc)
-            held += [sse_event(exc.to_dict()), sse_done()]
+            try:
+                async for out in p.stream:
+                    if unfinished == 0 and held:  # an output after the last finish: not expected
+                        yield "".join(held)
+                        held = []
+                    prompt_tokens = out.prompt_tokens or prompt_tokens
+                    for c in out.choices:
+                        tracker.tokens(len(c.token_ids), c.index)
+                        tokens[c.index] += len(c.token_ids)
+                        text = c.text
+                        if (cleaner := pieces[c.index]) is not None:
+                            text = cleaner.feed(text) + (cleaner.flush() if c.finish_reason else "")
+                        texts[c.index].append(text)
+                        if text or c.logprobs:
+                            held.append(chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=text),
+                                                           logprobs=self._logprobs(p, c.logprobs or []))]))
+                        if c.finish_reason:
+                            unfinished -= 1
+                            boxes = self._grounding(p, "".join(texts[c.index]))
+                            held.append(chunk([ChunkChoice(index=c.index, delta=DeltaMessage(grounding=boxes),
+                                                           finish_reason=_finish_reason(c.finish_reason))]))
+                    if len(held) > waiting_roles and unfinished > 0:
+                        yield "".join(held)
+                        held, waiting_roles = [], 0
+            except APIError as exc:
+                stream_ended_with(p.stats, exc)
+                held += [sse_event(exc.to_dict()), sse_done()]
+                yield "".join(held)
+                return
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
+                          total_tokens=prompt_tokens + sum(tokens))
+            tracker.done()
+            if include_usage:
+                held.append(chunk([], usage))
+            held.append(sse_done())
             yield "".join(held)
-            return
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
-                      total_tokens=prompt_tokens + sum(tokens))
-        tracker.done(usage)
-        p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
-        if include_usage:
-            held.append(chunk([], usage))
-        held.append(sse_done())
-        yield "".join(held)
+        finally:
+            tracker.record_tokens(prompt_tokens)
+            p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
 
     def _logprobs(self, p: Prepared, items: list[TokenLogprob]) -> ChoiceLogprobs | None:
         if not p.request.logprobs:
@@ -440,6 +447,7 @@ class _Timing:
         self.started = started
         self.first: float | None = None
         self.counts: dict[int, int] = {}
+        self.recorded = False
 
     def tokens(self, n: int, index: int) -> None:
         if n and self.first is None:
@@ -447,15 +455,24 @@ class _Timing:
             self.metrics.ttft.observe(self.first - self.started)
         self.counts[index] = self.counts.get(index, 0) + n
 
-    def done(self, usage: Usage) -> None:
+    def done(self) -> None:
+        """The request answered in full: its latencies."""
         now = time.perf_counter()
         self.metrics.e2e.observe(now - self.started)
         steps = max(self.counts.values(), default=0)
         if self.first is not None and steps > 1:
             self.metrics.tpot.observe((now - self.first) / (steps - 1))
-        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
-        self.metrics.completion_tokens.inc(usage.completion_tokens)
-        self.metrics.prompt_tokens_per_request.observe(usage.prompt_tokens)
+
+    def record_tokens(self, prompt_tokens: int) -> None:
+        """The tokens the engine read and made for the request, answered in full or not
+        (once; a prompt the engine never reported, 0, is not observed)."""
+        if self.recorded:
+            return
+        self.recorded = True
+        self.metrics.completion_tokens.inc(sum(self.counts.values()))
+        if prompt_tokens:
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+            self.metrics.prompt_tokens_per_request.observe(prompt_tokens)
 
 
 def _parts(msg: Message) -> int:

@@ -576,6 +576,14 @@ def test_access_log_and_outcomes_of_streams(tiny_tokenizer, caplog):
     assert (entries["gone"]["error"], entries["gone"]["error_status"]) == ("client_disconnected", 499)
     for outcome in ("success", "server_error", "cancelled"):  # (a 504, as without streaming)
         assert f'qwenvl_requests_total{{outcome="{outcome}"}} 1.0' in metrics, outcome
+    # The tokens the engine made for the streams that did not finish count too, in the log
+    # and in the counters (they were left out of both).
+    assert 0 < entries["late"]["completion_tokens"] < 12 and entries["late"]["prompt_tokens"] > 0
+    assert 0 < entries["gone"]["completion_tokens"] < 12 and entries["gone"]["prompt_tokens"] > 0
+    made = sum(entries[rid]["completion_tokens"] for rid in ("whole", "late", "gone"))
+    assert f"qwenvl_completion_tokens_total {float(made)}" in metrics
+    read = sum(entries[rid]["prompt_tokens"] for rid in ("whole", "late", "gone"))
+    assert f"qwenvl_prompt_tokens_total {float(read)}" in metrics
 
 
 def test_request_id_generated_and_sanitised(tiny_tokenizer):
