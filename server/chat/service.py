@@ -35,6 +35,7 @@ from server.schemas import (
     ChunkChoice,
     DeltaMessage,
     Message,
+    PromptTokensDetails,
     RefusalPart,
     ResponseMessage,
     TextPart,
@@ -253,10 +254,11 @@ class ChatService:
         finish: list[str | None] = [None] * n
         tokens = [0] * n
         tracker = _Timing(self.metrics, p.started)
-        prompt_tokens = 0
+        prompt_tokens = cached = 0
         try:
             async for chunk in p.stream:
                 prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                cached = max(cached, chunk.cached_tokens)
                 for c in chunk.choices:
                     tracker.tokens(len(c.token_ids), c.index)
                     texts[c.index].append(c.text)
@@ -282,8 +284,7 @@ class ChatService:
                     logprobs=self._logprobs(p, logprobs[i]),
                 )
             )
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
-                      total_tokens=prompt_tokens + sum(tokens))
+        usage = _usage(prompt_tokens, sum(tokens), cached)
         tracker.done()
         return ChatCompletion(id=p.completion_id, created=p.created, model=p.model, choices=choices, usage=usage)
 
@@ -296,7 +297,7 @@ class ChatService:
         tracker = _Timing(self.metrics, p.started)
         texts = [[] for _ in range(n)]
         tokens = [0] * n
-        prompt_tokens = 0
+        prompt_tokens = cached = 0
         pieces = [p.clean.pieces() if p.clean else None for _ in range(n)]
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
@@ -319,6 +320,7 @@ class ChatService:
                         yield "".join(held)
                         held = []
                     prompt_tokens = out.prompt_tokens or prompt_tokens
+                    cached = max(cached, out.cached_tokens)
                     for c in out.choices:
                         tracker.tokens(len(c.token_ids), c.index)
                         tokens[c.index] += len(c.token_ids)
@@ -342,8 +344,7 @@ class ChatService:
                 held += [sse_event(exc.to_dict()), sse_done()]
                 yield "".join(held)
                 return
-            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens),
-                          total_tokens=prompt_tokens + sum(tokens))
+            usage = _usage(prompt_tokens, sum(tokens), cached)
             tracker.done()
             if include_usage:
                 held.append(chunk([], usage))
@@ -410,6 +411,12 @@ def _chunk_json(p: Prepared, choices: list[ChunkChoice], usage: Usage | None) ->
     elif p.request.stream_options and p.request.stream_options.include_usage:
         body["usage"] = None  # as OpenAI: every chunk has the field, the last one fills it
     return body
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def stream_ended_with(log_fields: dict[str, Any], err: APIError) -> None:

@@ -101,6 +101,7 @@ class GenerationChunk:
     prompt_tokens: int
     choices: list[ChoiceDelta]
     finished: bool
+    cached_tokens: int = 0  # prompt tokens found in the engine's prefix cache
 
 
 @dataclass(frozen=True)

@@ -503,6 +503,7 @@ class VLLMEngine(Engine):
                     prompt_tokens=len(out.prompt_token_ids or ()),
                     choices=choices,
                     finished=out.finished,
+                    cached_tokens=out.num_cached_tokens or 0,
                 )
         except VLLMEngineDead as exc:
             raise EngineDeadError("the inference engine stopped") from exc

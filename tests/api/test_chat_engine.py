@@ -119,6 +119,22 @@ def test_image_by_data_url(client, server):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_repeated_prompt_reports_its_prefix_cache_hit(client, server):
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI's: the prompt tokens vLLM found
+    in its prefix cache (whole blocks of 128 tokens on CPU: a picture of 256 tokens or more
+    fills one). A colour no other test sends, so the first request's picture is new."""
+    content = [image_part(data_url(picture(448, 448, color=(3, 141, 59)))), {"type": "text", "text": "Cache me."}]
+    first = ask(client, server, content, max_tokens=2)
+    again = ask(client, server, content, max_tokens=2)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens_details.cached_tokens
+    # (whole blocks of the prompt, its last token never: the engine computes at least one)
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    streamed = ask(client, server, content, max_tokens=2, stream=True, stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in streamed if chunk.usage][-1]
+    assert usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens
+
+
 def test_two_images_in_one_message(client, server, image_server):
     one = ask(client, server, [image_part(image_server.url("/a.png")), {"type": "text", "text": "Compare."}])
     two = ask(client, server, [image_part(image_server.url("/a.png")), image_part(image_server.url("/b.jpg")),
