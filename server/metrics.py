@@ -49,6 +49,9 @@ class Metrics:
         self.inflight = Gauge(p + "admission_inflight_requests", "Requests being processed.", registry=r)
         self.queued = Gauge(p + "admission_queued_requests", "Requests waiting for a processing slot.",
                             registry=r)
+        self.body_bytes_held = Gauge(p + "request_body_bytes_held",
+                                     "Request-body bytes being read or parsed (--max-body-bytes-held).",
+                                     registry=r)
         # images
         self.image_fetch_seconds = Histogram(p + "image_fetch_seconds", "Time to fetch one image (URL or data:).",
                                              buckets=_LATENCY_BUCKETS, registry=r)

@@ -19,6 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.admission import BodyBudgetError, BodyTicket
 from server.errors import (
     APIError,
     AuthenticationError,
@@ -117,6 +118,9 @@ class GatewayMiddleware:
                 status_holder["complete"] = True  # (only once it went out: a stalled client did not get it)
 
         receive = _body_deadline(receive, self.settings.body_read_timeout)
+        ticket = self.runtime.body_budget.ticket()
+        scope["state"]["body_ticket"] = ticket  # (the chat handler releases it once parsed)
+        receive = _body_counted(receive, ticket)
         try:
             if self._needs_key(path) and not self._authorized(headers):
                 await self._refuse(send_wrapper, AuthenticationError(
@@ -149,6 +153,10 @@ class GatewayMiddleware:
                 if status_holder["status"]:
                     raise
                 await self._refuse(send_wrapper, BodyTimeoutError(BODY_STALLED), {"connection": "close"})
+            except BodyBudgetError as err:  # (raised here while a chunked body is read under the cap)
+                if status_holder["status"]:
+                    raise
+                await self._refuse(send_wrapper, err, {})
             except Exception:
                 # Caught here, inside the access log and the outcome counters, rather than
                 # by Starlette's outermost handler: the 500 is logged and counted as one
@@ -158,6 +166,7 @@ class GatewayMiddleware:
                 log.exception("unhandled error")
                 await self._refuse(send_wrapper, InternalError("The server failed to process the request."), {})
         finally:
+            ticket.release()
             if path == "/v1/chat/completions":
                 status = status_holder["status"] or 499
                 entry = {
@@ -226,6 +235,19 @@ def _body_deadline(receive: Receive, timeout: float) -> Receive:
         return message
 
     return timed
+
+
+def _body_counted(receive: Receive, ticket: BodyTicket) -> Receive:
+    """`receive` that draws each part of the request body from the server's body budget as
+    it arrives (raising `BodyBudgetError` when it does not fit)."""
+
+    async def counted() -> Message:
+        message = await receive()
+        if message["type"] == "http.request" and message.get("body"):
+            ticket.take(len(message["body"]))
+        return message
+
+    return counted
 
 
 def _count_outcome(runtime, status: int) -> None:

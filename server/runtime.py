@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
-from server.admission import Admission
+from server.admission import Admission, BodyBudget
 from server.chat.service import ChatService, Prepared, stream_ended_with
 from server.chat.sse import sse_done, sse_event, with_keepalive
 from server.engine.base import Engine, EngineDeadError
@@ -47,6 +47,7 @@ class Runtime:
         self.metrics = metrics
         self.model_names = model_names
         self.admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, metrics)
+        self.body_budget = BodyBudget(settings.max_body_bytes_held, metrics)
         self.engine: Engine | None = None
         self.images: Any = None
         self._service: ChatService | None = None

@@ -160,6 +160,10 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(512, ge=0, description="Requests waiting beyond that; more get 429.")
     drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight work may finish after SIGTERM.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
+    max_body_bytes_held: int = Field(
+        1024 * 1024 * 1024, ge=1, description="Request-body bytes read and not yet parsed, over "
+        "all requests at once; a request that would go over gets a 429. At least "
+        "--max-request-bytes.")
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
     max_content_parts: int = Field(
         1024, ge=1, description="Most content parts (text, image and refusal parts, and "
@@ -219,6 +223,14 @@ class Settings(BaseSettings):
             if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", name):
                 raise ValueError(f"{name!r} is not package.module:Class")
         return value
+
+    @model_validator(mode="after")
+    def _body_budget_fits_a_body(self) -> Settings:
+        if self.max_body_bytes_held < self.max_request_bytes:
+            raise ValueError(
+                f"--max-body-bytes-held ({self.max_body_bytes_held}) is below --max-request-bytes "
+                f"({self.max_request_bytes}): a request of the largest size allowed could never be read")
+        return self
 
     @model_validator(mode="after")
     def _read_api_key_file(self) -> Settings:

@@ -36,16 +36,7 @@ def request_schemas() -> dict[str, Any]:
 )
 async def chat_completions(request: Request, rt: RuntimeDep):
     arrived = time.perf_counter()
-    check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
-    try:
-        raw = await request.body()
-    except ClientDisconnect:  # gone before the whole body arrived: nobody to answer
-        raise ClientGone() from None
-    data = parse_json_body(raw)
-    if isinstance(data, dict) and isinstance(data.get("messages"), list):
-        messages = data["messages"]  # counted before validating them all
-        rt.chat_service().check_message_count(len(messages), _content_parts(messages))
-    body = validate_body(ChatCompletionRequest, data)
+    body = await _read_body(request, rt)
     service = rt.chat_service()
     deadline = rt.settings.request_timeout  # counted from arrival, time in the queue included
     release = await rt.admit(request, max(deadline - (time.perf_counter() - arrived), 0.001))
@@ -56,7 +47,10 @@ async def chat_completions(request: Request, rt: RuntimeDep):
         )
         request.state.log.update(images=len(prepared.image_sizes), **prepared.stats)
         prepared.stats = request.state.log  # tokens, and how a stream ended, land in the log
-        if body.stream:
+        stream = body.stream
+        del body  # its data URLs are in the engine's hands now, and need not live as long as the answer
+        request.state.body_ticket.release()
+        if stream:
             events = rt.stream_with_deadline(service.stream(prepared), prepared, release)
             release = None  # the stream owns the slot now
             # for GatewayMiddleware when the client stops reading: ends the stream, frees the slot
@@ -77,6 +71,23 @@ async def chat_completions(request: Request, rt: RuntimeDep):
     finally:
         if release is not None:
             release()
+
+
+async def _read_body(request: Request, rt) -> ChatCompletionRequest:
+    """The request's body, read (drawing on the server's body budget as it arrives), parsed
+    and validated. Read from the stream rather than `request.body()`, which would keep the
+    raw bytes on the request for as long as the response lasts."""
+    check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
+    try:
+        raw = b"".join([chunk async for chunk in request.stream()])
+    except ClientDisconnect:  # gone before the whole body arrived: nobody to answer
+        raise ClientGone() from None
+    data = parse_json_body(raw)
+    del raw
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        messages = data["messages"]  # counted before validating them all
+        rt.chat_service().check_message_count(len(messages), _content_parts(messages))
+    return validate_body(ChatCompletionRequest, data)
 
 
 def _content_parts(messages: list[Any]) -> int:

@@ -139,7 +139,9 @@ class ChatService:
             completion_id=completion_id,
             model=model,
             created=int(time.time()),
-            request=req,
+            # (without its messages: their data URLs, up to --max-request-bytes, are of no use
+            # while the answer is generated)
+            request=req.model_copy(update={"messages": []}),
             stream=stream,
             image_sizes=[img.original_size for img in loaded],
             model_image_sizes=[img.image.size for img in loaded],
