@@ -56,15 +56,21 @@ class Admission:
             self._metrics.queued.set(self._queued)
             try:
                 await self._sem.acquire()
-            finally:
+            except BaseException:
                 self._queued -= 1
                 self._metrics.queued.set(self._queued)
                 if self._active == 0 and self._queued == 0:
                     # (the last waiter gave up: a drain waiting for idle must not wait on)
                     self._idle.set()
+                raise
+            # Got its slot: counted active before it stops counting as queued, with nothing
+            # awaited in between, so a drain waiting for idle never sees both at zero.
+            self._active += 1
+            self._queued -= 1
+            self._metrics.queued.set(self._queued)
         else:
             await self._sem.acquire()
-        self._active += 1
+            self._active += 1
         self._idle.clear()
         self._metrics.admitted.inc()
         self._metrics.inflight.set(self._active)

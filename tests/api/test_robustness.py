@@ -734,3 +734,62 @@ def test_admission_is_idle_once_the_last_waiter_gives_up():
         await asyncio.wait_for(admission.wait_idle(), 1)
 
     asyncio.run(scenario())
+
+
+def test_admission_is_not_idle_while_a_request_that_waited_for_its_slot_runs():
+    """A queued request that got its slot went through a moment with nothing counted active
+    or queued, and a drain waiting for idle woke there: the server then shut down under
+    that request (uvicorn cancelled it 5 s later, a plain-text 500)."""
+    from server.admission import Admission
+    from server.metrics import Metrics
+
+    async def scenario():
+        admission = Admission(1, 4, Metrics())
+        release_first = await admission.acquire()
+        second = asyncio.create_task(admission.acquire())
+        await asyncio.sleep(0)
+        admission.closed = True  # draining: waits for idle
+        idle = asyncio.create_task(admission.wait_idle())
+        release_first()
+        release_second = await second
+        await asyncio.sleep(0.05)
+        assert (admission.active, admission.queued) == (1, 0)
+        assert not idle.done(), "drain woke while a request was running"
+        release_second()
+        await asyncio.wait_for(idle, 1)
+
+    asyncio.run(scenario())
+
+
+def test_a_drain_waits_for_a_request_that_was_queued_when_it_began(tiny_tokenizer):
+    """The queued request gets its slot when the first finishes, and the drain goes on
+    until it too has its whole answer."""
+    app, _ = scripted_app(tiny_tokenizer, engine=slow_engine(tiny_tokenizer, delay=0.1),  # ~1.2 s each
+                          max_concurrent_requests=1)
+    with AppServer(app) as srv:
+        results: dict[str, Any] = {}
+        first = threading.Thread(target=lambda: results.update(first=sse_lines(srv.base_url)))
+        first.start()
+        deadline = time.monotonic() + 10
+        while srv.runtime.admission.active < 1:
+            assert time.monotonic() < deadline, "the stream never started"
+            time.sleep(0.01)
+        def ask() -> None:
+            results["second"] = chat(srv.base_url)
+            results["answered"] = time.monotonic()
+
+        second = threading.Thread(target=ask)
+        second.start()
+        while srv.runtime.admission.queued < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.01)
+        srv.call(srv.runtime.drain(30), timeout=40)
+        drained = time.monotonic()
+        first.join(10)
+        second.join(10)
+    # (the slot is given back just before the answer is written: the drain ends a moment
+    # before the client has it, not the 1.2 s of generation before)
+    assert results["answered"] - drained < 0.6, "the drain ended while the queued request ran"
+    assert results["first"][-1] == "data: [DONE]"
+    assert results["second"].status_code == 200
+    assert results["second"].json()["choices"][0]["message"]["content"] == "abcdefghijkl"
