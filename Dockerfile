@@ -72,9 +72,11 @@ VOLUME ["/models", "/cache"]
 EXPOSE 8000
 USER 10001:10001
 # /health is liveness (200 while loading too); readiness is /ready, used by load balancers.
-# It needs no API key unless QWENVL_AUTH_HEALTH_ENDPOINTS is set.
+# qwen-vl-healthcheck asks the address the server listens on, from the server's own command
+# line and environment (--port or --host after the image name included), with a key when
+# --auth-health-endpoints asks for one.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('QWENVL_PORT', '8000'), timeout=4)"]
+    CMD ["qwen-vl-healthcheck"]
 ENTRYPOINT ["tini", "--", "qwen-vl-serve"]
 
 # ---------------------------------------------------------------------------------------------
@@ -132,5 +134,5 @@ USER 10001:10001
 # Loading a 10 B model and capturing CUDA graphs takes minutes; the start period keeps those
 # minutes from counting as failures (/health answers 200 while loading anyway).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('QWENVL_PORT', '8000'), timeout=4)"]
+    CMD ["qwen-vl-healthcheck"]
 ENTRYPOINT ["tini", "--", "qwen-vl-serve"]

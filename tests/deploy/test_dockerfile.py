@@ -149,7 +149,7 @@ def test_runtime_stage_is_a_well_behaved_server_image(dockerfile, target):
     stage = stages[target]
     user = stage.args("USER")
     assert user and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", user[-1]), "must run as a numeric non-root user"
-    assert any("/health" in hc for hc in stage.args("HEALTHCHECK"))
+    assert any("qwen-vl-healthcheck" in hc for hc in stage.args("HEALTHCHECK"))
     assert stage.args("EXPOSE") == ["8000"]
     (entrypoint,) = stage.args("ENTRYPOINT")
     entry = json.loads(entrypoint)  # exec form, so SIGTERM reaches the process tree's root

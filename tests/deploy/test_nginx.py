@@ -10,9 +10,11 @@ stop a replica leave `cluster.ensure_up()` to restart it for the next one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +27,7 @@ import httpx
 import openai
 import pytest
 
+from server.healthcheck import server_argv
 from support.http_client import shared_client
 from support.live_server import process_report
 
@@ -171,6 +174,18 @@ def test_replica_error_passes_through_unchanged(cluster):
     error = response.json()["error"]
     assert error["param"] == "max_tokens" and "max_tokens" in error["message"]
     assert error["code"] != "bad_request"  # nginx's own 400 code
+
+
+def test_the_containers_healthcheck_finds_a_replica_and_asks_it(cluster):
+    """`qwen-vl-healthcheck` as the image's HEALTHCHECK runs it, with no arguments: it reads
+    the server's own command line from /proc (here `python -m server.cli --port N ...`)."""
+    cluster.ensure_up()
+    found = server_argv()
+    assert found and int(found[found.index("--port") + 1]) in {r.port for r in cluster.replicas}, found
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWENVL_")}
+    checked = subprocess.run([str(Path(sys.executable).parent / "qwen-vl-healthcheck")],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_saturated_replica_429_reaches_client_with_retry_after(cluster):
