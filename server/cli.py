@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=name, action="append", metavar="VALUE",
                                 help=help_text + " (repeat or comma-separate)")
         elif origin is Literal:
-            parser.add_argument(flag, dest=name, choices=[str(c) for c in typing.get_args(ann)], help=help_text)
+            parser.add_argument(flag, dest=name, choices=[str(c) for c in typing.get_args(ann)], type=str.lower,
+                                help=help_text)
         else:
             parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
     return parser
@@ -99,7 +100,9 @@ def ensure_model(settings: Settings) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # ("trace" is uvicorn's level below debug, not yet known to logging here)
+    level = 5 if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, close in unknown_env_names(os.environ):
         log.warning("ignoring %s: no setting has that name%s", name, f" (did you mean {close}?)" if close else "")
     model = ensure_model(settings)

@@ -8,13 +8,14 @@ List-valued options accept comma-separated strings in the environment
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 CSVList = Annotated[list[str], NoDecode]
 
@@ -29,6 +30,13 @@ DEPLOY_ONLY_ENV = frozenset({
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # (after the environment's own: QWENVL_API_KEYS wins over the singular)
+        return (init_settings, env_settings, _SingularKeyVariable(settings_cls), dotenv_settings,
+                file_secret_settings)
     _file_keys: list[str] = PrivateAttr(default_factory=list)  # from api_key_file, read once
 
     # --- model and engine -------------------------------------------------------------
@@ -116,7 +124,8 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=0, le=65535, description="Bind port.")
-    log_level: str = Field("info", description="Log level.")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="Log level.")
     root_path: str = Field("", description="ASGI root_path when served under a prefix.")
 
     # --- images --------------------------------------------------------------------------
@@ -194,7 +203,6 @@ class Settings(BaseSettings):
         True, description="Serve the API's interactive docs and schema (/docs, /redoc, /openapi.json; "
         "behind the API key when keys are set). --no-docs: not at all."
     )
-    log_prompts: bool = Field(False, description="Include prompt text in request logs.")
     grounding: bool = Field(True, description="Parse grounding boxes into the response by default.")
 
     @field_validator(
@@ -216,6 +224,11 @@ class Settings(BaseSettings):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("logits_processors")
     @classmethod
     def _qualified_names(cls, value: list[str]) -> list[str]:
@@ -223,6 +236,16 @@ class Settings(BaseSettings):
             if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", name):
                 raise ValueError(f"{name!r} is not package.module:Class")
         return value
+
+    @model_validator(mode="after")
+    def _keys_given_are_keys(self) -> Settings:
+        # An empty value (a secret's variable set without its value, `--api-key ""`) would
+        # otherwise leave the API open without a word, as an empty key file would.
+        if "api_keys" in self.model_fields_set and not self.api_keys:
+            raise ValueError("API keys were given but all of them are empty (QWENVL_API_KEYS, "
+                             "QWENVL_API_KEY or --api-key); refusing to serve without the "
+                             "authentication they ask for")
+        return self
 
     @model_validator(mode="after")
     def _body_budget_fits_a_body(self) -> Settings:
@@ -258,11 +281,29 @@ class Settings(BaseSettings):
         return [*self.api_keys, *self._file_keys]
 
 
+#: The singular spelling of QWENVL_API_KEYS (vLLM's own variable is VLLM_API_KEY), read as
+#: it: misspelt, the key variable would leave the API open with only a warning.
+SINGULAR_KEY_ENV = ENV_PREFIX + "API_KEY"
+
+
+class _SingularKeyVariable(PydanticBaseSettingsSource):
+    """`QWENVL_API_KEY` as the value of `api_keys`, where QWENVL_API_KEYS is not set."""
+
+    def get_field_value(self, field, field_name):  # (unused: __call__ reads the one variable)
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, str]:
+        for name, value in os.environ.items():
+            if name.upper() == SINGULAR_KEY_ENV:  # (matched as the other variables are)
+                return {"api_keys": value}
+        return {}
+
+
 def unknown_env_names(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """The `QWENVL_*` variables in `environ` that are no setting, each with the closest
     setting's variable (or None). Settings ignore unknown variables, so a misspelt one in a
     ConfigMap or .env would otherwise leave its option at the default without a word."""
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {SINGULAR_KEY_ENV}
     unknown = []
     for name in sorted(environ):
         upper = name.upper()  # pydantic-settings matches case-insensitively

@@ -79,3 +79,50 @@ def test_a_misspelt_environment_variable_is_named_in_a_warning(tmp_path):
         "QWENVL_MAX_NUM_SEQ: no setting has that name (did you mean QWENVL_MAX_NUM_SEQS?)",
         "QWENVL_NOTHING_LIKE_IT: no setting has that name",
     ]
+
+
+def test_api_keys_that_are_all_empty_stop_the_server(tmp_path):
+    """A secret's variable set without its value (or `--api-key ""`) left the API open."""
+    for args, env in ((["--api-key", ""], {}), (["--api-key", " , "], {}),
+                      ([], {"QWENVL_API_KEYS": ""}), ([], {"QWENVL_API_KEY": " "})):
+        proc = subprocess.run(
+            [sys.executable, "-m", "server.cli", "--model", str(tmp_path / "no-such-model"),
+             "--host", "127.0.0.1", "--port", "0", *args],
+            capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+        )
+        assert proc.returncode == 2, (args, env, proc.stderr[-500:])
+        assert "all of them are empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_singular_key_variable_is_read_as_the_keys(tiny_tokenizer, monkeypatch):
+    """QWENVL_API_KEY (vLLM's is VLLM_API_KEY) had only a warning, and the API stayed open."""
+    import httpx
+
+    from server.settings import Settings, unknown_env_names
+    from support.app_server import scripted_server
+
+    monkeypatch.setenv("QWENVL_API_KEY", "sekrit,other")
+    assert unknown_env_names({"QWENVL_API_KEY": "x"}) == []
+    with scripted_server(tiny_tokenizer, settings=Settings(served_model_name="scripted")) as srv:
+        assert httpx.get(srv.base_url + "/v1/models").status_code == 401
+        for key in ("sekrit", "other"):
+            assert httpx.get(srv.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    monkeypatch.setenv("QWENVL_API_KEYS", "plural")  # the plural variable wins
+    assert Settings().all_api_keys() == ["plural"]
+
+
+def test_the_log_level_is_one_of_the_known_ones(monkeypatch, capsys):
+    import pytest
+
+    from server.cli import parse_settings
+
+    for bad in ("bogus", "warn"):
+        with pytest.raises(SystemExit) as exited:
+            parse_settings(["--log-level", bad])
+        assert exited.value.code == 2 and "--log-level" in capsys.readouterr().err
+    assert parse_settings(["--log-level", "WARNING"]).log_level == "warning"
+    monkeypatch.setenv("QWENVL_LOG_LEVEL", "DEBUG")
+    assert parse_settings([]).log_level == "debug"
+    monkeypatch.setenv("QWENVL_LOG_LEVEL", "verbose")
+    with pytest.raises(SystemExit):
+        parse_settings([])
