@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# (up to the default --request-timeout, 600 s)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _BYTES_BUCKETS = (1e3, 1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7)
+
+
+#: The outcomes of chat completion requests (`requests` label).
+OUTCOMES = ("success", "client_error", "server_error", "rate_limited", "unavailable", "cancelled")
 
 
 class Metrics:
@@ -20,8 +25,7 @@ class Metrics:
         r = self.registry
         p = "qwenvl_"
         self.requests = Counter(
-            p + "requests", "Chat completion requests by outcome (success, client_error, "
-            "server_error, rate_limited, unavailable, cancelled).", ["outcome"], registry=r
+            p + "requests", f"Chat completion requests by outcome ({', '.join(OUTCOMES)}).", ["outcome"], registry=r
         )
         self.errors = Counter(p + "errors", "Errors returned to clients by error code.", ["code"], registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.",
@@ -63,3 +67,12 @@ class Metrics:
                                    "(hit, miss).", ["cache", "result"], registry=r)
         self.image_rejections = Counter(p + "image_rejections", "Images refused, by error code.", ["code"],
                                         registry=r)
+        # The label values known in advance start at 0: a series that first appears with its
+        # first event hides that event from rate() and increase(), and from alerts on them.
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for reason in ("queue_full", "draining", "body_budget"):
+            self.admission_refused.labels(reason)
+        for cache in ("url", "content"):
+            for result in ("hit", "miss"):
+                self.image_cache.labels(cache=cache, result=result)

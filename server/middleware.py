@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _OPEN_PATHS = ("/health", "/ready")
+#: Paths whose successful requests get no access-log line.
+_QUIET_PATHS = ("/health", "/ready", "/metrics")
+_LOGGED_PATH_CHARS = 256
 
 
 class _State(dict):
@@ -167,16 +170,16 @@ class GatewayMiddleware:
                 await self._refuse(send_wrapper, InternalError("The server failed to process the request."), {})
         finally:
             ticket.release()
+            status = status_holder["status"] or 499
+            entry = {
+                "request_id": rid,
+                "method": scope.get("method"),
+                "path": path[:_LOGGED_PATH_CHARS],  # (a path can be as long as the head allows)
+                "status": status,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            }
             if path == "/v1/chat/completions":
-                status = status_holder["status"] or 499
-                entry = {
-                    "request_id": rid,
-                    "method": scope.get("method"),
-                    "path": path,
-                    "status": status,
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-                    **log_fields,
-                }
+                entry.update(log_fields)
                 if status_holder["status"] and not status_holder.get("complete"):
                     # Begun but never finished: a stream the client left (or stopped reading).
                     entry.setdefault("error", "client_disconnected")
@@ -187,6 +190,10 @@ class GatewayMiddleware:
                     self.runtime.metrics.errors.labels(log_fields["error"]).inc()
                 # (a stream that ended with an error event counts as that error, not a success)
                 _count_outcome(self.runtime, entry.get("error_status") or status)
+            elif status >= 400 or path not in _QUIET_PATHS:
+                # (probes and scrapes that succeed would drown the log; a refused one, such
+                # as a 401, gets its line)
+                access_log.info(json.dumps(entry))
 
 
 def _route_path(scope: Scope) -> str:

@@ -419,7 +419,7 @@ def test_error_after_stream_started(tiny_tokenizer):
             # both counted as the server's failures (the stream's error event too), not as a
             # client that went away
             assert 'qwenvl_requests_total{outcome="server_error"} 2.0' in metrics
-            assert 'outcome="cancelled"' not in metrics
+            assert 'qwenvl_requests_total{outcome="cancelled"} 0.0' in metrics
             engine.__class__ = ScriptedEngine
             # the same keep-alive connection serves on
             assert client.post(srv.base_url + "/v1/chat/completions", json=payload).status_code == 200
@@ -541,6 +541,47 @@ def test_access_log_line(tiny_tokenizer, caplog):
     assert entry["status"] == 200 and entry["latency_ms"] >= 0
     assert entry["completion_tokens"] >= 1 and "prompt_tokens" in entry
     assert "secret" not in json.dumps(lines)
+
+
+def test_known_label_values_are_series_from_the_start(tiny_tokenizer):
+    """A series that first appears with its first event hides that event from rate() and
+    increase() (and so from alerts on the first 5xx or 429)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import OUTCOMES
+
+    app, _ = scripted_app(tiny_tokenizer)
+    with AppServer(app) as srv:
+        text = httpx.get(srv.base_url + "/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    for outcome in OUTCOMES:
+        assert samples[("qwenvl_requests_total", (("outcome", outcome),))] == 0
+    for reason in ("queue_full", "draining", "body_budget"):
+        assert samples[("qwenvl_admission_refused_total", (("reason", reason),))] == 0
+    assert samples[("qwenvl_image_cache_total", (("cache", "url"), ("result", "hit")))] == 0
+    assert samples[("qwenvl_request_duration_seconds_bucket", (("le", "600.0"),))] == 0
+
+
+def test_other_paths_are_logged_but_successful_probes_and_scrapes_are_not(tiny_tokenizer, caplog):
+    """The access log covered chat completions only: 401s, 404s and 405s left no trace."""
+    app, _ = scripted_app(tiny_tokenizer, api_keys=["k"], auth_metrics=False)
+    with AppServer(app) as srv, caplog.at_level(logging.INFO, logger="qwenvl.access"):
+        key = {"Authorization": "Bearer k"}
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(srv.base_url + path, headers={"X-Request-Id": "probe"}).status_code == 200
+        assert httpx.get(srv.base_url + "/v1/models", headers={"X-Request-Id": "nokey"}).status_code == 401
+        assert httpx.get(srv.base_url + "/v1/models", headers={**key, "X-Request-Id": "models"}).status_code == 200
+        assert httpx.get(srv.base_url + "/x" * 1000, headers={**key, "X-Request-Id": "long"}).status_code == 404
+        assert httpx.post(srv.base_url + "/health", headers={"X-Request-Id": "post"}).status_code == 405
+        assert logged(caplog, lambda message: '"request_id": "post"' in message)
+    entries = {e["request_id"]: e for e in (json.loads(rec.getMessage()) for rec in caplog.records
+                                            if rec.name == "qwenvl.access")}
+    assert "probe" not in entries
+    assert (entries["nokey"]["path"], entries["nokey"]["status"]) == ("/v1/models", 401)
+    assert (entries["models"]["method"], entries["models"]["status"]) == ("GET", 200)
+    assert entries["long"]["status"] == 404 and len(entries["long"]["path"]) == 256
+    assert (entries["post"]["path"], entries["post"]["status"]) == ("/health", 405)
 
 
 def test_access_log_and_outcomes_of_streams(tiny_tokenizer, caplog):
