@@ -84,7 +84,7 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
         seed=settings.seed,
         generation_config=settings.generation_config,
         logits_processors=settings.logits_processors or None,
-        trust_remote_code=settings.trust_remote_code,
+        trust_remote_code=_trust_remote_code(settings, model),
         download_dir=settings.download_dir,
         disable_log_stats=True,
     )
@@ -99,6 +99,19 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
     if (raised := _raised_max_pixels(settings, model)) is not None:
         kwargs["mm_processor_kwargs"] = {"max_pixels": raised}
     return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _trust_remote_code(settings: Settings, model: str) -> bool:
+    """--trust-remote-code, except for a first-generation Qwen-VL checkpoint: the server's
+    plugin implements that architecture, and with the flag on transformers would load the
+    checkpoint's own tokenizer code (its auto_map) in place of the plugin's, which has no
+    chat template (every chat request then fails). Guides for vLLM's own server ask for the
+    flag, so it is dropped with a warning rather than refused."""
+    if settings.trust_remote_code and _model_type(model) == "qwen":
+        log.warning("ignoring --trust-remote-code: Qwen-VL is served by this server's own "
+                    "implementation, not by the checkpoint's code")
+        return False
+    return settings.trust_remote_code
 
 
 #: Model types whose processors resize with `smart_resize` under a `max_pixels` bound.

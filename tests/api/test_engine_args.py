@@ -121,3 +121,18 @@ def test_log_probabilities_json_cannot_carry_become_minus_9999():
     assert _json_logprob(-1e6) == -9999.0
     assert _json_logprob(-0.25) == -0.25 and _json_logprob(0.0) == 0.0
     assert not math.isnan(_json_logprob(float("inf")))
+
+
+def test_trust_remote_code_is_dropped_for_first_generation_qwen_vl_only(tiny_model, caplog):
+    """With it, transformers loads a Qwen-VL checkpoint's own tokenizer code in place of the
+    plugin's (no chat template: every chat request fails)."""
+    import logging
+
+    qwen, qwen2 = str(tiny_model("qwen-vl")), str(tiny_model("qwen2-vl"))
+    with caplog.at_level(logging.WARNING, logger="server.engine.vllm_engine"):
+        args = engine_args_from_settings(parse_settings(["--model", qwen, "--trust-remote-code"]), qwen, "cpu")
+    assert args.trust_remote_code is False
+    assert any("ignoring --trust-remote-code" in r.getMessage() for r in caplog.records)
+    args = engine_args_from_settings(parse_settings(["--model", qwen2, "--trust-remote-code"]), qwen2, "cpu")
+    assert args.trust_remote_code is True
+    assert engine_args_from_settings(parse_settings(["--model", qwen]), qwen, "cpu").trust_remote_code is False
