@@ -5,7 +5,12 @@ in place of each piece of client text, the template's own text is tokenized with
 tokens recognised (`<|im_start|>`, image placeholders, ...), and client text is tokenized
 with special-token parsing off. A client writing `<|image_pad|>` or `<img>` therefore
 gets those characters as plain text, and cannot desynchronise images and placeholders
-(the attack behind vLLM CVE-2026-44222), nor end a turn or open a system one.
+(the attack behind vLLM CVE-2026-44222), nor end a turn or open a system one. The
+template's plain text next to client text (`user\n` after `<|im_start|>`, the `\n` after an
+image) is tokenized together with it, special-token parsing off too (it holds none), so the
+ids are those of the whole prompt tokenized at once, as the models were trained on and as
+vLLM's own server makes them: tokenized apart, `</img>\n` and a question starting with a
+blank line made two newline tokens where the whole prompt has one.
 
 The one exception is the grounding tags (`<ref>`, `<box>`, `<|box_start|>`, ...; see
 `server.chat.specials.GROUNDING_TAGS`) that the tokenizer has as single tokens: the models
@@ -134,7 +139,8 @@ class PromptRenderer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self._sentinel = re.compile("\ue000[0-9a-f]+:(\\d+)\ue001")
-        self._template_ids: dict[str, tuple[int, ...]] = {}
+        self._template_ids: dict[str, tuple[str, tuple[int, ...], str]] = {}
+        self._specials: frozenset[int] | None = None
         self._tags: Any = _UNSET
 
     def render_text(self, conv: Conversation) -> str:
@@ -144,25 +150,30 @@ class PromptRenderer:
     def render(self, conv: Conversation) -> list[int]:
         rendered = self._template(conv)
         ids: list[int] = []
+        # Plain text waiting to be tokenized as one: client text, and the template's own text
+        # beside it up to the nearest special token (module doc).
+        run: list[str] = []
+
+        def flush() -> None:
+            if run:
+                ids.extend(self._encode_plain("".join(run)))
+                run.clear()
+
+        def template(part: str) -> None:
+            head, special_ids, tail = self._split_template(part)
+            run.append(head)
+            if special_ids:
+                flush()
+                ids.extend(special_ids)
+                run.append(tail)
+
         pos = 0
-        pending_user: list[str] = []
-
-        def flush_user() -> None:
-            if pending_user:
-                ids.extend(self._encode_plain("".join(pending_user)))
-                pending_user.clear()
-
         for m in self._sentinel.finditer(rendered):
-            template_part = rendered[pos : m.start()]
-            if template_part:
-                flush_user()
-                ids.extend(self._encode_template(template_part))
-            # Adjacent pieces of client text are tokenized together, as the model saw them.
-            pending_user.append(conv.texts[int(m.group(1))])
+            template(rendered[pos : m.start()])
+            run.append(conv.texts[int(m.group(1))])
             pos = m.end()
-        flush_user()
-        if pos < len(rendered):
-            ids.extend(self._encode_template(rendered[pos:]))
+        template(rendered[pos:])
+        flush()
         return ids
 
     def _template(self, conv: Conversation) -> str:
@@ -178,18 +189,54 @@ class PromptRenderer:
                 param="messages",
             ) from exc
 
-    def _encode_template(self, text: str) -> list[int]:
-        # The template's own pieces (role headers, image placeholders, the turn's end) are
-        # the same few strings in every request; tokenizing is deterministic, so short ones
-        # are kept. Client text never reaches this method (it is cut out at the sentinels).
-        ids = self._template_ids.get(text)
-        if ids is None:
-            ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+    def _split_template(self, text: str) -> tuple[str, tuple[int, ...], str]:
+        """A piece of the template's own text as (head, ids, tail): the plain text before
+        its first special token, the ids from that token to its last, and the plain text
+        after the last. The head and tail are tokenized with the client text beside them,
+        as a tokenizer given the whole prompt would (`</img>\n` then `\n\nDescribe` makes
+        one token of the three newlines; tokenized apart, two). A piece without special
+        tokens is all head.
+
+        The template's pieces (role headers, image placeholders, the turn's end) are the
+        same few strings in every request, and tokenizing is deterministic, so short ones
+        are kept. Client text never reaches this method (it is cut out at the sentinels)."""
+        split = self._template_ids.get(text)
+        if split is None:
+            split = self._split(text)
             if len(text) <= _CACHED_PIECE_CHARS:
                 if len(self._template_ids) >= _CACHED_PIECES:
                     self._template_ids.clear()
-                self._template_ids[text] = ids
-        return list(ids)
+                self._template_ids[text] = split
+        return split
+
+    def _split(self, text: str) -> tuple[str, tuple[int, ...], str]:
+        if not text:
+            return "", (), ""
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        special = self._special_ids()
+        if not special:  # (a tokenizer that does not say which they are: the piece stays whole)
+            return "", tuple(ids), ""
+        marks = [i for i, token in enumerate(ids) if token in special]
+        if not marks:
+            return text, (), ""
+        head = self._decode(ids[: marks[0]])
+        tail = self._decode(ids[marks[-1] + 1 :])
+        if not (text.startswith(head) and text.endswith(tail) and len(head) + len(tail) < len(text)):
+            return "", tuple(ids), ""  # (text that does not decode back to itself: kept whole)
+        return head, tuple(ids[marks[0] : marks[-1] + 1]), tail
+
+    def _special_ids(self) -> frozenset[int]:
+        """Ids of the tokens the tokenizer matches whole in template text (its added and
+        special tokens: the boundaries that plain text is never tokenized across)."""
+        if self._specials is None:
+            added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+            self._specials = frozenset(added) | frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        return self._specials
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _encode_plain(self, text: str) -> list[int]:
         """Client text: special-token parsing off, except the grounding tags (module doc)."""

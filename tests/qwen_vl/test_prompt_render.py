@@ -26,8 +26,8 @@ class CountingTokenizer:
             self.template_encodes += 1
         return self.inner.encode(text, **kwargs)
 
-    def apply_chat_template(self, *args, **kwargs):
-        return self.inner.apply_chat_template(*args, **kwargs)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,34 @@ def test_grounding_tags_on_a_qwen2_vl_tokenizer(tmp_path_factory) -> None:
     assert [i for i in ids if i in tags] == tags
     assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 2  # the system and user turns' ends only
     assert tok.convert_tokens_to_ids("<|image_pad|>") not in ids
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "http://images.example/a.png"}}
+
+
+@pytest.mark.parametrize("text", [
+    "\n\nDescribe it.", " \nfoo", "foo\n", "  spaces around  ", "émoji 😀\n\n", "\n", " ", "a\r\n\r\nb", "plain",
+])
+def test_the_ids_are_those_of_the_whole_prompt_tokenized_at_once(tokenizer, text) -> None:
+    """Qwen-VL-Chat's own prompt builder tokenizes the whole query in one piece: the template's
+    text beside the client's ("</img>\\n" then "\\n\\nDescribe") must merge as it does there
+    (tokenized apart, three newlines were two tokens instead of one)."""
+    conv = collect([Message.model_validate(m) for m in (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [IMAGE, {"type": "text", "text": text}]},
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": [{"type": "text", "text": text}, IMAGE, {"type": "text", "text": text}]},
+    )])
+    renderer = PromptRenderer(tokenizer)
+    ids = renderer.render(conv)
+    assert ids == tokenizer.encode(renderer.render_text(conv), add_special_tokens=False)
+    assert ids.count(tokenizer.convert_tokens_to_ids("<img>")) == 2
+
+
+def test_pictures_stay_where_they_stand_among_the_texts(tokenizer) -> None:
+    conv = collect([Message.model_validate({"role": "user", "content": [
+        {"type": "text", "text": "First:"}, IMAGE, {"type": "text", "text": "Second:"}, IMAGE,
+        {"type": "text", "text": "What differs?"}]})])
+    assert PromptRenderer(tokenizer).render_text(conv).split("<|im_start|>user\n")[1] == (
+        "First:Picture 1: <img></img>\nSecond:Picture 2: <img></img>\nWhat differs?<|im_end|>\n"
+        "<|im_start|>assistant\n")

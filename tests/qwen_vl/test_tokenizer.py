@@ -156,8 +156,8 @@ def test_chat_template_default_system_and_picture_numbering(tokenizer) -> None:
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nPicture 1: <img></img>\nWhat is it?<|im_end|>\n"
         "<|im_start|>assistant\nA cat.<|im_end|>\n"
-        "<|im_start|>user\nPicture 2: <img></img>\nPicture 3: <img></img>\n"
-        "Compare them.<|im_end|>\n"
+        # each picture where it stands among the texts, as Qwen-VL's from_list_format has it
+        "<|im_start|>user\nCompare Picture 2: <img></img>\nthem.Picture 3: <img></img>\n<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
 
