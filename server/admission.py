@@ -103,10 +103,15 @@ class BodyBudget:
     per-request cap alone leaves the sum to the number of connections. Each request draws on
     the budget as its body arrives (not as its Content-Length declares, so a client that
     declares much and sends little holds little); a request whose next part does not fit
-    gets a 429 and loses its connection, and the others go on."""
+    gets a 429 and loses its connection, and the others go on.
 
-    def __init__(self, limit: int, metrics: Metrics, retry_after: int = 1) -> None:
+    The first `allowance` bytes of every body are free: a few clients holding the budget
+    with large bodies sent slowly (each part just inside the body timeout) must not shut
+    out the ordinary requests of everyone else, nor can queued large requests."""
+
+    def __init__(self, limit: int, metrics: Metrics, retry_after: int = 1, allowance: int = 1 << 20) -> None:
         self.limit = limit
+        self.allowance = allowance
         self.held = 0
         self._metrics = metrics
         self._retry_after = retry_after
@@ -123,17 +128,23 @@ class BodyTicket:
     def __init__(self, budget: BodyBudget) -> None:
         self._budget = budget
         self.held = 0
+        self._free = budget.allowance
 
     def take(self, n: int) -> None:
         """Count `n` more bytes; raises `BodyBudgetError` (429) and releases this request's
         share when they do not fit."""
         budget = self._budget
+        free = min(n, self._free)
+        self._free -= free
+        n -= free
+        if not n:
+            return
         if budget.held + n > budget.limit:
             self.release()
             budget._metrics.admission_refused.labels("body_budget").inc()
             raise BodyBudgetError(
-                "The server is receiving too many large request bodies at once; retry after a "
-                "short wait, or send images by URL instead of as data URLs.",
+                "The server holds too many large request bodies at once; retry after a short "
+                "wait, or send images by URL instead of as data URLs.",
                 headers={"Retry-After": str(budget._retry_after), "Connection": "close"},
             )
         budget.held += n

@@ -23,12 +23,18 @@ SERVER_COMMAND = "qwen-vl-serve"
 SERVER_MODULE = "server.cli"
 
 
-def server_argv(proc: Path = Path("/proc")) -> list[str] | None:
+def server_argv(proc: Path = Path("/proc"), uid: int | None = None) -> list[str] | None:
     """The arguments of the server process (`qwen-vl-serve ...` or `python -m server.cli
-    ...`) with the lowest pid (the one under the container's init), or None if none runs."""
+    ...`) with the lowest pid (the one under the container's init), or None if none runs.
+    Only processes of `uid` (default: this process's user) count: where processes of other
+    users are visible (a shared process namespace), one of theirs must not name the address
+    the check asks, nor receive a key."""
+    uid = os.getuid() if uid is None else uid
     pids = sorted(int(p.name) for p in proc.iterdir() if p.name.isdigit())
     for pid in pids:
         with contextlib.suppress(OSError):
+            if (proc / str(pid)).stat().st_uid != uid:
+                continue
             argv = [a.decode("utf-8", "surrogateescape")
                     for a in (proc / str(pid) / "cmdline").read_bytes().split(b"\0")]
             if argv and argv[-1] == "":

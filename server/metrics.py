@@ -54,7 +54,8 @@ class Metrics:
         self.queued = Gauge(p + "admission_queued_requests", "Requests waiting for a processing slot.",
                             registry=r)
         self.body_bytes_held = Gauge(p + "request_body_bytes_held",
-                                     "Request-body bytes being read or parsed (--max-body-bytes-held).",
+                                     "Request-body bytes being read or parsed, beyond each body's first MiB "
+                                     "(--max-body-bytes-held).",
                                      registry=r)
         # images
         self.image_fetch_seconds = Histogram(p + "image_fetch_seconds", "Time to fetch one image (URL or data:).",

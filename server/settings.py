@@ -171,8 +171,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
     max_body_bytes_held: int = Field(
         1024 * 1024 * 1024, ge=1, description="Request-body bytes read and not yet parsed, over "
-        "all requests at once; a request that would go over gets a 429. At least "
-        "--max-request-bytes.")
+        "all requests at once, beyond each body's first MiB; a request that would go over "
+        "gets a 429. At least --max-request-bytes.")
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
     max_content_parts: int = Field(
         1024, ge=1, description="Most content parts (text, image and refusal parts, and "
@@ -238,16 +238,6 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _keys_given_are_keys(self) -> Settings:
-        # An empty value (a secret's variable set without its value, `--api-key ""`) would
-        # otherwise leave the API open without a word, as an empty key file would.
-        if "api_keys" in self.model_fields_set and not self.api_keys:
-            raise ValueError("API keys were given but all of them are empty (QWENVL_API_KEYS, "
-                             "QWENVL_API_KEY or --api-key); refusing to serve without the "
-                             "authentication they ask for")
-        return self
-
-    @model_validator(mode="after")
     def _body_budget_fits_a_body(self) -> Settings:
         if self.max_body_bytes_held < self.max_request_bytes:
             raise ValueError(
@@ -274,6 +264,17 @@ class Settings(BaseSettings):
             raise ValueError(f"the API key file {path} holds no keys (only blank lines or # comments); "
                              "refusing to serve without the authentication it asks for")
         self._file_keys = keys
+        return self
+
+    @model_validator(mode="after")
+    def _keys_given_are_keys(self) -> Settings:
+        # (after the key file is read) An empty value (a secret's variable set without its
+        # value, `--api-key ""`) would otherwise leave the API open without a word, as an
+        # empty key file would.
+        if "api_keys" in self.model_fields_set and not self.all_api_keys():
+            raise ValueError("API keys were given but all of them are empty (QWENVL_API_KEYS, "
+                             "QWENVL_API_KEY or --api-key); refusing to serve without the "
+                             "authentication they ask for")
         return self
 
     def all_api_keys(self) -> list[str]:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -118,11 +119,35 @@ def _trust_remote_code(settings: Settings, model: str) -> bool:
 _SMART_RESIZE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_hub_model_types: dict[str, str | None] = {}
+
+
 def _model_type(model: str) -> str | None:
-    config = Path(model) / "config.json"
+    """The checkpoint's `model_type`, from its config.json: a local one, or for a hub id the
+    hub's (a small file vLLM fetches next anyway); None where it cannot be read."""
+    path = Path(model)
+    if not path.exists() and _HUB_ID.fullmatch(model):
+        if model not in _hub_model_types:
+            _hub_model_types[model] = _hub_model_type(model)
+        return _hub_model_types[model]
     try:
+        config = path / "config.json"
         return json.loads(config.read_text()).get("model_type") if config.is_file() else None
     except (OSError, ValueError):
+        return None
+
+
+def _hub_model_type(model: str) -> str | None:
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")  # (no network where it is cached)
+        config = cached if isinstance(cached, str) else hf_hub_download(model, "config.json")
+        return json.loads(Path(config).read_text()).get("model_type")
+    except Exception as exc:  # noqa: BLE001 - offline, no such repo, ...: the options that need it stay off
+        log.info("could not read %s's config from the hub (%s); model-specific engine options left at vLLM's",
+                 model, type(exc).__name__)
         return None
 
 

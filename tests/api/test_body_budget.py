@@ -32,6 +32,8 @@ def srv(tiny_tokenizer):
     engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer), delay=0.0)
     with scripted_server(tiny_tokenizer, engine=engine, max_request_bytes=MAX_REQUEST,
                          max_body_bytes_held=BUDGET) as server:
+        # every byte counted (the free first MiB of each body is tested on its own below)
+        server.runtime.body_budget.allowance = 0
         yield server
 
 
@@ -95,7 +97,7 @@ def test_bodies_count_as_they_arrive_and_one_that_does_not_fit_gets_a_429(srv):
     assert refused.status_code == 429
     err = refused.json()["error"]
     assert err["type"] == "rate_limit_error" and err["code"] == "server_overloaded"
-    assert "request bodies" in err["message"]
+    assert "request bodies" in err["message"] and "retry" in err["message"]
     assert refused.headers["retry-after"] == "1"
     assert refused.headers["connection"] == "close"
     assert metric(srv, "qwenvl_admission_refused_total", {"reason": "body_budget"}) == refused_before + 1
@@ -157,6 +159,26 @@ def test_refused_and_failed_requests_give_their_share_back(srv):
     wait_until(lambda: held(srv) == 400_000)
     sock.close()
     wait_until(lambda: held(srv) == 0)
+
+
+def test_small_bodies_pass_while_large_ones_hold_the_budget(srv):
+    """The first part of every body is free: clients holding the budget with large bodies
+    sent slowly shut out only other large bodies, not everyone's ordinary requests."""
+    srv.runtime.body_budget.allowance = 100_000
+    try:
+        uploads = [PartialUpload(srv, padded_body(1_000_000), sent=950_000)]
+        wait_until(lambda: held(srv) == 850_000)  # (its first 100,000 bytes free)
+        uploads.append(PartialUpload(srv, padded_body(1_000_000), sent=820_000))
+        wait_until(lambda: held(srv) == 1_570_000)  # 2,864 bytes short of the budget
+        assert post(srv, padded_body(100_000)).status_code == 200
+        assert post(srv, padded_body(105_000)).status_code == 429  # 5,000 bytes beyond the free part
+        assert held(srv) == 1_570_000
+        for upload in uploads:
+            upload.sock.close()
+        wait_until(lambda: held(srv) == 0)
+        assert post(srv, padded_body(600_000)).status_code == 200
+    finally:
+        srv.runtime.body_budget.allowance = 0
 
 
 def test_a_budget_below_the_largest_body_is_refused_at_start():

@@ -92,6 +92,12 @@ def test_api_keys_that_are_all_empty_stop_the_server(tmp_path):
         )
         assert proc.returncode == 2, (args, env, proc.stderr[-500:])
         assert "all of them are empty" in proc.stderr and "Traceback" not in proc.stderr
+    # an empty variable beside a key file that holds keys: the API is not open
+    from server.settings import Settings
+
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
+    assert Settings(api_keys=[""], api_key_file=keys).all_api_keys() == ["k1"]
 
 
 def test_the_singular_key_variable_is_read_as_the_keys(tiny_tokenizer, monkeypatch):

@@ -136,3 +136,29 @@ def test_trust_remote_code_is_dropped_for_first_generation_qwen_vl_only(tiny_mod
     args = engine_args_from_settings(parse_settings(["--model", qwen2, "--trust-remote-code"]), qwen2, "cpu")
     assert args.trust_remote_code is True
     assert engine_args_from_settings(parse_settings(["--model", qwen]), qwen, "cpu").trust_remote_code is False
+
+
+def test_hub_ids_are_known_by_their_config_too(tmp_path, monkeypatch):
+    """A hub id (no local config.json) had no model type: --trust-remote-code stayed on for
+    Qwen/Qwen-VL-Chat, and video stayed on for Qwen2-VL. The config comes from the hub cache
+    here (the network where it is not cached)."""
+    import json
+
+    import huggingface_hub.constants
+
+    import server.engine.vllm_engine as vllm_engine
+
+    for repo, model_type in (("Qwen/Qwen-VL-Chat", "qwen"), ("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl")):
+        base = tmp_path / f"models--{repo.replace('/', '--')}"
+        (base / "refs").mkdir(parents=True)
+        (base / "refs" / "main").write_text("abc")
+        (base / "snapshots" / "abc").mkdir(parents=True)
+        (base / "snapshots" / "abc" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(vllm_engine, "_hub_model_types", {})
+    qwen = engine_args_from_settings(parse_settings(["--model", "Qwen/Qwen-VL-Chat", "--trust-remote-code"]),
+                                     "Qwen/Qwen-VL-Chat", "cpu")
+    assert qwen.trust_remote_code is False and qwen.limit_mm_per_prompt == {"image": 4}
+    qwen2 = engine_args_from_settings(parse_settings(["--model", "Qwen/Qwen2-VL-2B-Instruct"]),
+                                      "Qwen/Qwen2-VL-2B-Instruct", "cpu")
+    assert qwen2.limit_mm_per_prompt == {"image": 4, "video": 0}

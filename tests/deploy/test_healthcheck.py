@@ -31,6 +31,19 @@ def test_the_servers_arguments_are_found_behind_the_containers_init(tmp_path):
     assert server_argv(proc) == ["--port", "9000", "--api-key", ""]
 
 
+def test_only_this_users_processes_count(tmp_path):
+    """In a shared process namespace, another user's process must not name the address the
+    check asks (and so receive a key)."""
+    import os
+
+    proc = fake_proc(tmp_path, {3: ["x", "qwen-vl-serve", "--port", "1"], 9: ["qwen-vl-serve", "--port", "2"]})
+    assert server_argv(proc) == ["--port", "1"]  # (the fake tree is this user's)
+    assert server_argv(proc, uid=os.getuid() + 1) is None
+    if os.getuid() == 0:
+        os.chown(proc / "3", 12345, -1)
+        assert server_argv(proc) == ["--port", "2"]
+
+
 def test_a_server_started_as_a_module_or_by_its_path_is_found(tmp_path):
     assert server_argv(fake_proc(tmp_path / "a", {
         5: ["sh", "-c", "sleep 1"],

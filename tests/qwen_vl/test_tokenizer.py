@@ -162,6 +162,17 @@ def test_chat_template_default_system_and_picture_numbering(tokenizer) -> None:
     )
 
 
+def test_a_question_listed_before_its_picture_still_follows_it(tokenizer) -> None:
+    """OpenAI's examples put the text first; Qwen-VL-Chat was trained on the picture first."""
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this image?"}, {"type": "image"}, {"type": "image"}]}]
+    assert render(tokenizer, messages) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nPicture 1: <img></img>\nPicture 2: <img></img>\nWhat is in this image?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
 def test_chat_template_given_system_and_string_content(tokenizer) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
