@@ -7,6 +7,7 @@ is checked for type and range so that a bad value becomes a 400 naming the field
 from __future__ import annotations
 
 import functools
+import json
 import re
 import typing
 from typing import Annotated, Any, Literal
@@ -139,6 +140,41 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+#: Largest JSON schema a response_format may carry, serialized: the engine turns it into a
+#: grammar on the event loop (vLLM's validation) and again in its core.
+RESPONSE_SCHEMA_MAX_BYTES = 64 * 1024
+
+
+class JSONSchemaFormat(_Lenient):
+    """`response_format.json_schema`: OpenAI's structured outputs."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # (`schema` is a BaseModel method's name; the field keeps the JSON key)
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value, ensure_ascii=False).encode()) > RESPONSE_SCHEMA_MAX_BYTES:
+            raise ValueError(f"the schema is larger than {RESPONSE_SCHEMA_MAX_BYTES} bytes")
+        return value
+
+
+class ResponseFormat(_Lenient):
+    """`response_format`: plain text, any JSON object, or JSON that follows a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object (with 'name' and 'schema')")
+        return self
+
+
 class ChatCompletionRequest(_Lenient):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -156,13 +192,13 @@ class ChatCompletionRequest(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
     # OpenAI features this server does not implement: accepted only where they ask for
     # nothing (ChatService refuses the rest), so that a client never gets a silently different answer.
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None
     web_search_options: dict[str, Any] | None = None  # (even {} asks for a search)
@@ -234,7 +270,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # ask for something, never reads their text into a prompt or a message, so the surrogate
 # walk skips them (a 50 MB `tools` array took it 10 s on the event loop, only to be refused).
 _ONLY_CHECKED_FOR_PRESENCE = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "response_format", "modalities", "audio",
+    "tools", "tool_choice", "functions", "function_call", "modalities", "audio",
     "web_search_options",
 })
 

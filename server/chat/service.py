@@ -37,6 +37,7 @@ from server.schemas import (
     Message,
     PromptTokensDetails,
     RefusalPart,
+    ResponseFormat,
     ResponseMessage,
     TextPart,
     TokenLogprobOut,
@@ -229,6 +230,7 @@ class ChatService:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=self._logit_bias(req),
+            **_json_constraint(req.response_format),
         )
 
     def _logit_bias(self, req: ChatCompletionRequest) -> dict[int, float] | None:
@@ -514,6 +516,16 @@ def _raw_texts(messages: list[Message]) -> Iterator[str]:
             yield msg.function_call.arguments
 
 
+def _json_constraint(fmt: ResponseFormat | None) -> dict[str, Any]:
+    """SamplingOptions' fields for a response_format: a schema the answer must follow, or
+    any JSON object (also for a json_schema without its schema, as OpenAI reads one)."""
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.json_schema is not None:
+        return {"json_schema": fmt.json_schema.json_schema}
+    return {"json_object": True}
+
+
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     """A 400 for OpenAI features this server does not implement, where the request asks for
     them: ignoring them would return an answer the client did not ask for (plain text where
@@ -529,8 +541,6 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         refuse("Function calling", "functions")
     if req.function_call not in (None, "none", "auto"):
         refuse("Function calling", "function_call")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        refuse("A response_format other than {'type': 'text'}", "response_format")
     if req.web_search_options is not None:
         refuse("Web search", "web_search_options")
     if (req.modalities and set(req.modalities) != {"text"}) or req.audio is not None:

@@ -61,6 +61,10 @@ class SamplingOptions:
     logprobs: int | None = None  # number of top alternatives; None: no logprobs
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    #: The answer must be JSON following this schema (OpenAI's response_format json_schema).
+    json_schema: dict[str, Any] | None = None
+    #: The answer must be a JSON object (response_format json_object).
+    json_object: bool = False
 
 
 @dataclass

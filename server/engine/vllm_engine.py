@@ -88,6 +88,7 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
         trust_remote_code=_trust_remote_code(settings, model),
         download_dir=settings.download_dir,
         disable_log_stats=True,
+        structured_outputs_config=_structured_outputs_config(),
     )
     if not on_cpu:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
@@ -113,6 +114,38 @@ def _trust_remote_code(settings: Settings, model: str) -> bool:
                     "implementation, not by the checkpoint's code")
         return False
     return settings.trust_remote_code
+
+
+def _structured_outputs(s):
+    """vLLM's structured-output constraint for a response_format, or None."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if s.json_schema is not None:
+        return StructuredOutputsParams(json=s.json_schema)
+    if s.json_object:
+        return StructuredOutputsParams(json_object=True)
+    return None
+
+
+#: xgrammar's log prefix in its messages: "[16:05:06] /project/cpp/json_schema_converter.cc:4944: "
+_NATIVE_LOG_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: ")
+
+
+def _grammar_error(exc: Exception) -> str:
+    """What vLLM (or xgrammar under it) says is wrong with a schema, without the native
+    library's time stamp and source path."""
+    return _NATIVE_LOG_PREFIX.sub("", str(exc)).strip()[:300]
+
+
+def _structured_outputs_config():
+    """JSON answers (response_format) through xgrammar, with no whitespace between JSON
+    tokens: grammars that allow any amount of it let models (small or unsure ones above all)
+    pad an answer with blank lines until max_tokens. (xgrammar: vLLM's "auto" falls back to
+    guidance, which cannot leave whitespace out and takes no slow tokenizer such as
+    Qwen-VL's.)"""
+    from vllm.config import StructuredOutputsConfig
+
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
 
 
 #: Model types whose processors resize with `smart_resize` under a `max_pixels` bound.
@@ -501,6 +534,17 @@ class VLLMEngine(Engine):
                                            stop_token_ids=() if s.ignore_eos else self.info.stop_token_ids)
         except (VLLMValidationError, ValueError) as exc:
             raise InvalidRequestError(f"Invalid sampling parameters: {str(exc)[:300]}") from exc
+        if params.structured_outputs is not None:
+            # Checked here, so that a schema the engine cannot follow is a 400, not an error
+            # event in a stream already begun (vLLM checks it again as the request is added).
+            processor = llm.input_processor
+            try:
+                params.verify(processor.model_config, processor.speculative_config,
+                              processor.structured_outputs_config, processor.tokenizer)
+            except (VLLMValidationError, ValueError) as exc:
+                raise InvalidRequestError(
+                    f"The response_format cannot be used: {_grammar_error(exc)}", param="response_format",
+                    code="invalid_response_format") from exc
         return self._stream(engine_input, params, request.request_id, copies)
 
     @staticmethod
@@ -525,6 +569,7 @@ class VLLMEngine(Engine):
             logprobs=s.logprobs,
             skip_special_tokens=s.skip_special_tokens,
             logit_bias=s.logit_bias,
+            structured_outputs=_structured_outputs(s),
             output_kind=RequestOutputKind.DELTA,
         )
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Literal
 
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from support import grounding_case
 from support.http_server import redirect, start_server, static
@@ -633,3 +635,63 @@ def test_error_max_tokens_over_context(client, server):
 def test_server_still_serves_after_errors(client, server):
     r = ask(client, server, "still there?", max_tokens=2)
     assert r.choices[0].message.content is not None
+
+
+# --- structured outputs (response_format) -------------------------------------------------
+
+class Verdict(BaseModel):
+    """An answer the random-weight model can only finish: a choice of three and a boolean."""
+
+    colour: Literal["red", "green", "blue"]
+    ok: bool
+
+
+def test_the_sdks_parse_gets_an_answer_that_follows_the_schema(client, server):
+    """`client.beta.chat.completions.parse` sends the model class as a strict json_schema and
+    reads the answer back into it; random weights could only write that under the grammar."""
+    for _ in range(3):
+        completion = client.beta.chat.completions.parse(
+            model=model_name(server), messages=[{"role": "user", "content": "Pick a colour."}],
+            response_format=Verdict, max_tokens=60, temperature=1.0)
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        assert isinstance(choice.message.parsed, Verdict)
+        assert json.loads(choice.message.content) == choice.message.parsed.model_dump()
+        assert " " not in choice.message.content and "\n" not in choice.message.content  # compact
+
+
+def test_a_streamed_answer_follows_the_schema_too(client, server):
+    schema = Verdict.model_json_schema()
+    stream = client.chat.completions.create(
+        model=model_name(server), messages=[{"role": "user", "content": "Pick a colour."}], stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}},
+        max_tokens=60)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    Verdict.model_validate_json(text)
+
+
+def test_json_object_makes_the_answer_a_json_object(client, server):
+    def answer(**kwargs) -> str:
+        return ask(client, server, "Answer in JSON.", max_tokens=24, temperature=0, **kwargs).choices[0].message.content
+
+    constrained = answer(response_format={"type": "json_object"})
+    assert constrained.startswith('{"') or constrained == "{}", constrained
+    assert not answer().startswith("{")  # (what the same greedy model writes unconstrained)
+    assert answer(response_format={"type": "text"}) == answer()
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, 'Unsupported type "nonsense"'),
+    ({"$ref": "#/definitions/missing"}, "missing"),
+])
+def test_a_schema_the_engine_cannot_follow_is_a_400_that_says_why(client, server, schema, words):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model=model_name(server), messages=[{"role": "user", "content": "x"}], max_tokens=4, stream=stream,
+                response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": schema}})
+        error = caught.value.body
+        assert error["param"] == "response_format" and error["code"] == "invalid_response_format"
+        assert words in error["message"]
+        assert ".cc" not in error["message"] and "/project" not in error["message"]  # no native source paths
+    assert ask(client, server, "still serving?").choices[0].finish_reason in ("stop", "length")

@@ -84,8 +84,6 @@ def test_the_largest_64_bit_seed_is_served(srv):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
     ({"function_call": {"name": "f"}}, "function_call"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
     ({"web_search_options": {}}, "web_search_options"),
     ({"web_search_options": {"search_context_size": "low"}}, "web_search_options"),
     ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
@@ -99,6 +97,8 @@ def test_unimplemented_openai_features_are_refused_not_ignored(srv, extra, param
     {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
     {"tools": []},
     {"response_format": {"type": "text"}},
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": True}}},
     {"logit_bias": {}},
     {"modalities": ["text"]},
 ])
@@ -159,12 +159,41 @@ def test_unknown_model_names_are_quoted_short(srv):
     assert len(r.content) < 2_000
 
 
+@pytest.mark.parametrize("response_format, param, words", [
+    ({"type": "xml"}, "response_format.type", "'json_schema'"),
+    ({"type": "json_schema"}, "response_format", "needs a 'json_schema' object"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name", "required"),
+    ({"type": "json_schema", "json_schema": {"name": "has space"}}, "response_format.json_schema.name", "pattern"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "response_format.json_schema.schema",
+     "JSON object"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["v" * 70_000]}}},
+     "response_format.json_schema.schema", "larger than 65536 bytes"),
+    ("json", "response_format", "JSON object"),
+])
+def test_a_malformed_response_format_is_a_400_naming_its_field(srv, response_format, param, words):
+    err = assert_400(post(srv, body(response_format=response_format)), words)
+    assert err["param"] == param
+
+
+def test_the_response_format_reaches_the_engine(srv):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for response_format, expected in (
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, (schema, False)),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, (None, True)),  # (no schema: any object)
+        ({"type": "json_object"}, (None, True)),
+        ({"type": "text"}, (None, False)),
+    ):
+        assert post(srv, body(response_format=response_format)).status_code == 200
+        sampling = srv.engine.history[-1].sampling
+        assert (sampling.json_schema, sampling.json_object) == expected
+
+
 def test_the_openai_sdk_sees_the_refusals_as_bad_requests(srv):
     client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
-                                       response_format={"type": "json_object"})
-    assert "response_format" in str(info.value)
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+    assert info.value.param == "tools" and info.value.code == "unsupported_parameter"
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("nope")
     assert info.value.code == "model_not_found"
