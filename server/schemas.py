@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from server.chat.json_schema import check_schema
+
 # Integers vLLM serializes as 64-bit (a larger one failed inside the engine, not here).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Counts (tokens, pixels) above this are never meaningful and still fit every C type.
@@ -157,8 +159,11 @@ class JSONSchemaFormat(_Lenient):
     @field_validator("json_schema")
     @classmethod
     def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value, ensure_ascii=False).encode()) > RESPONSE_SCHEMA_MAX_BYTES:
+        if value is None:
+            return None
+        if len(json.dumps(value, ensure_ascii=False).encode()) > RESPONSE_SCHEMA_MAX_BYTES:
             raise ValueError(f"the schema is larger than {RESPONSE_SCHEMA_MAX_BYTES} bytes")
+        check_schema(value)
         return value
 
 

@@ -230,7 +230,7 @@ class ChatService:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=self._logit_bias(req),
-            **_json_constraint(req.response_format),
+            **_json_constraint(req.response_format, req.ignore_eos),
         )
 
     def _logit_bias(self, req: ChatCompletionRequest) -> dict[int, float] | None:
@@ -516,11 +516,15 @@ def _raw_texts(messages: list[Message]) -> Iterator[str]:
             yield msg.function_call.arguments
 
 
-def _json_constraint(fmt: ResponseFormat | None) -> dict[str, Any]:
+def _json_constraint(fmt: ResponseFormat | None, ignore_eos: bool) -> dict[str, Any]:
     """SamplingOptions' fields for a response_format: a schema the answer must follow, or
     any JSON object (also for a json_schema without its schema, as OpenAI reads one)."""
     if fmt is None or fmt.type == "text":
         return {}
+    if ignore_eos:
+        # (the grammar ends with the JSON; the engine would go on writing unconstrained text)
+        raise InvalidRequestError("ignore_eos cannot be combined with a JSON response_format.",
+                                  param="ignore_eos")
     if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.json_schema is not None:
         return {"json_schema": fmt.json_schema.json_schema}
     return {"json_object": True}

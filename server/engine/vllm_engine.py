@@ -140,9 +140,9 @@ def _grammar_error(exc: Exception) -> str:
 def _structured_outputs_config():
     """JSON answers (response_format) through xgrammar, with no whitespace between JSON
     tokens: grammars that allow any amount of it let models (small or unsure ones above all)
-    pad an answer with blank lines until max_tokens. (xgrammar: vLLM's "auto" falls back to
-    guidance, which cannot leave whitespace out and takes no slow tokenizer such as
-    Qwen-VL's.)"""
+    pad an answer with blank lines until max_tokens. xgrammar alone: vLLM builds one backend
+    for all requests from the first that asks, so "auto" could end up on guidance, which
+    takes no slow tokenizer such as Qwen-VL's."""
     from vllm.config import StructuredOutputsConfig
 
     return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)

@@ -169,10 +169,41 @@ def test_unknown_model_names_are_quoted_short(srv):
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["v" * 70_000]}}},
      "response_format.json_schema.schema", "larger than 65536 bytes"),
     ("json", "response_format", "JSON object"),
+    # beyond what the engine compiles in reasonable time (2,000 optional properties: 34 s)
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}}}},
+     "response_format.json_schema.schema", "2000 properties that are not required"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": list(range(1001))}}},
+     "response_format.json_schema.schema", "at most 1000"),
+    # schemas that allow no answer (the engine would sample from a row of -inf)
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}},
+     "response_format.json_schema.schema", "leads back to itself"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$defs": {"A": {"allOf": [{"$ref": "#/$defs/B"}]}, "B": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}}},
+     "response_format.json_schema.schema", "leads back to itself"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": []}}},
+     "response_format.json_schema.schema", "empty 'anyOf'"),
 ])
 def test_a_malformed_response_format_is_a_400_naming_its_field(srv, response_format, param, words):
     err = assert_400(post(srv, body(response_format=response_format)), words)
     assert err["param"] == param
+
+
+def test_recursive_and_fully_required_schemas_are_served(srv):
+    """What the SDK's parse() sends for a tree, and objects of many required properties."""
+    tree = {"$defs": {"Node": {"type": "object", "properties": {
+        "name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}},
+        "required": ["name", "children"], "additionalProperties": False}}, "$ref": "#/$defs/Node"}
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(500)},
+            "required": [f"p{i}" for i in range(450)]}
+    for schema in (tree, wide):
+        r = post(srv, body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
+        assert r.status_code == 200, r.text
+
+
+def test_ignore_eos_with_a_json_answer_is_refused(srv):
+    err = assert_400(post(srv, body(ignore_eos=True, response_format={"type": "json_object"})), "ignore_eos")
+    assert err["param"] == "ignore_eos"
 
 
 def test_the_response_format_reaches_the_engine(srv):
