@@ -683,6 +683,7 @@ def test_json_object_makes_the_answer_a_json_object(client, server):
 @pytest.mark.parametrize("schema, words", [
     ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, 'Unsupported type "nonsense"'),
     ({"$ref": "#/definitions/missing"}, "missing"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 5}}}, "multipleOf on numbers"),
 ])
 def test_a_schema_the_engine_cannot_follow_is_a_400_that_says_why(client, server, schema, words):
     for stream in (False, True):
