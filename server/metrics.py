@@ -5,7 +5,12 @@ label values are bounded (outcomes, error codes, endpoint names), never user inp
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# Every counter and histogram would also export a `*_created` timestamp series, which
+# Prometheus stores as one more gauge per series and nobody graphs. The switch is global to
+# prometheus_client; this process exports no other registry.
+disable_created_metrics()
 
 # (up to the default --request-timeout, 600 s)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

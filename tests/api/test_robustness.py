@@ -90,6 +90,8 @@ def test_backpressure_refuses_fast_before_fetching_images(tiny_tokenizer, image_
         metrics = httpx.get(srv.base_url + "/metrics").text
         assert 'qwenvl_admission_refused_total{reason="queue_full"} 4.0' in metrics
         assert "qwenvl_admission_admitted_total 2.0" in metrics
+        # no `*_created` timestamp series beside the counters and histograms
+        assert not [line for line in metrics.splitlines() if "_created" in line.split(" ")[0]], metrics
 
 
 def test_api_keys(tiny_tokenizer, tmp_path):
