@@ -120,7 +120,7 @@ class GatewayMiddleware:
             if not message.get("more_body", False):
                 status_holder["complete"] = True  # (only once it went out: a stalled client did not get it)
 
-        receive = _body_deadline(receive, self.settings.body_read_timeout)
+        receive = _body_deadline(receive, self.settings.body_read_timeout, self.settings.body_timeout)
         ticket = self.runtime.body_budget.ticket()
         scope["state"]["body_ticket"] = ticket  # (the chat handler releases it once parsed)
         receive = _body_counted(receive, ticket)
@@ -211,7 +211,7 @@ class _SendStalled(Exception):
     """The client took no part of the response for the send timeout."""
 
 
-BODY_STALLED = "The request body stopped arriving before it was complete."
+BODY_STALLED = "The request body did not arrive in time: it stopped, or came too slowly, before it was complete."
 
 
 class _BodyStalled(StarletteHTTPException):
@@ -223,18 +223,23 @@ class _BodyStalled(StarletteHTTPException):
         super().__init__(status_code=408, headers={"connection": "close"})
 
 
-def _body_deadline(receive: Receive, timeout: float) -> Receive:
+def _body_deadline(receive: Receive, timeout: float, total: float) -> Receive:
     """`receive` that raises `_BodyStalled` when the next part of the request body takes
-    longer than `timeout`. Once the body is complete it waits as long as it takes (a streaming
-    response waits on it for the client's disconnect)."""
+    longer than `timeout`, or the whole body longer than `total` seconds from the first call
+    (a client dripping a byte now and then would otherwise hold its connection for ever).
+    Once the body is complete it waits as long as it takes (a streaming response waits on it
+    for the client's disconnect)."""
     done = False
+    deadline: float | None = None
 
     async def timed() -> Message:
-        nonlocal done
+        nonlocal done, deadline
         if done:
             return await receive()
+        now = time.monotonic()
+        deadline = deadline or now + total
         try:
-            message = await asyncio.wait_for(receive(), timeout)
+            message = await asyncio.wait_for(receive(), max(0.0, min(timeout, deadline - now)))
         except asyncio.TimeoutError:
             raise _BodyStalled() from None
         if message["type"] != "http.request" or not message.get("more_body", False):

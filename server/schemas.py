@@ -140,6 +140,8 @@ class Message(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    # vLLM's extension: with include_usage, every chunk carries the usage so far
+    continuous_usage_stats: bool = False
 
 
 #: Largest JSON schema a response_format may carry, serialized: the engine turns it into a
@@ -159,12 +161,18 @@ class JSONSchemaFormat(_Lenient):
     @field_validator("json_schema")
     @classmethod
     def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        if len(json.dumps(value, ensure_ascii=False).encode()) > RESPONSE_SCHEMA_MAX_BYTES:
-            raise ValueError(f"the schema is larger than {RESPONSE_SCHEMA_MAX_BYTES} bytes")
-        check_schema(value)
-        return value
+        return _bounded_schema(value)
+
+
+def _bounded_schema(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`value` if it is a schema within RESPONSE_SCHEMA_MAX_BYTES and `check_schema`'s
+    bounds; a ValueError saying what is wrong otherwise."""
+    if value is None:
+        return None
+    if len(json.dumps(value, ensure_ascii=False).encode()) > RESPONSE_SCHEMA_MAX_BYTES:
+        raise ValueError(f"the schema is larger than {RESPONSE_SCHEMA_MAX_BYTES} bytes")
+    check_schema(value)
+    return value
 
 
 class ResponseFormat(_Lenient):
@@ -178,6 +186,59 @@ class ResponseFormat(_Lenient):
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type 'json_schema' needs a 'json_schema' object (with 'name' and 'schema')")
         return self
+
+
+#: Entries of `structured_outputs.choice`, and characters in each (the engine compiles them
+#: into a grammar, on the event loop and again in its core).
+CHOICES_MAX, CHOICE_CHARS_MAX = 1000, 1000
+
+
+class StructuredOutputs(_Lenient):
+    """vLLM's `structured_outputs` extension: the answer follows a JSON schema (`json`, as an
+    object or as JSON text), is any JSON object (`json_object`), or is one of `choice`.
+    `regex`, `grammar` and `structural_tag` are read only to be refused (a client-written
+    regular expression or grammar can take the compiler minutes)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    choice: list[Annotated[str, Field(min_length=1, max_length=CHOICE_CHARS_MAX)]] | None = Field(
+        None, min_length=1, max_length=CHOICES_MAX)
+    regex: Any = None
+    grammar: Any = None
+    structural_tag: Any = None
+
+    @field_validator("json_")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        if isinstance(value, str):
+            if len(value.encode()) > RESPONSE_SCHEMA_MAX_BYTES:
+                raise ValueError(f"the schema is larger than {RESPONSE_SCHEMA_MAX_BYTES} bytes")
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("the schema is neither a JSON object nor JSON text of one") from None
+            if not isinstance(value, dict):
+                raise ValueError("the schema must be a JSON object")
+        return _bounded_schema(value)
+
+    @field_validator("choice")
+    @classmethod
+    def _choices_bounded(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and sum(len(c.encode()) for c in value) > RESPONSE_SCHEMA_MAX_BYTES:
+            raise ValueError(f"the choices hold more than {RESPONSE_SCHEMA_MAX_BYTES} bytes in all")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredOutputs:
+        kinds = [k for k in ("json", "json_object", "choice", "regex", "grammar", "structural_tag")
+                 if getattr(self, "json_" if k == "json" else k) not in (None, False)]
+        if len(kinds) > 1:
+            raise ValueError(f"give one kind of constraint, not several ({', '.join(kinds)})")
+        return self
+
+
+#: Most `stop_token_ids` a request may give.
+STOP_TOKEN_IDS_MAX = 1024
 
 
 class ChatCompletionRequest(_Lenient):
@@ -217,6 +278,31 @@ class ChatCompletionRequest(_Lenient):
     min_tokens: int = Field(0, ge=0, le=COUNT_MAX)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=COUNT_MAX)]] | None = Field(
+        None, max_length=STOP_TOKEN_IDS_MAX)
+    include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None
+    # variables of the chat template (Qwen2-VL's `add_vision_id`, Qwen3's `enable_thinking`):
+    # flags and numbers only, so that no client text reaches the prompt as template text
+    chat_template_kwargs: dict[str, bool | int | float] | None = None
+    # vLLM extras not implemented: accepted only where they ask for nothing (ChatService
+    # refuses the rest), as the OpenAI features above
+    echo: bool = False
+    prompt_logprobs: int | None = None
+    use_beam_search: bool = False
+    best_of: int | None = None
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+    chat_template: Any = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    # (vLLM's own server ignores these since structured_outputs replaced them; an answer
+    # that silently lacks the constraint is worse than a 400 that names the new field)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
     # our extensions
     grounding: bool | None = Field(
         None, description="Parse grounding boxes into choices[].message.grounding (default on)."
@@ -276,7 +362,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # walk skips them (a 50 MB `tools` array took it 10 s on the event loop, only to be refused).
 _ONLY_CHECKED_FOR_PRESENCE = frozenset({
     "tools", "tool_choice", "functions", "function_call", "modalities", "audio",
-    "web_search_options",
+    "web_search_options", "chat_template", "mm_processor_kwargs", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar",
 })
 
 
@@ -346,11 +433,13 @@ class TokenLogprobOut(TopLogprob):
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobOut] | None = None
+    refusal: list[TokenLogprobOut] | None = None  # (OpenAI's field; this server writes no refusals)
 
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None  # (OpenAI's field, null here as in its answers without a refusal)
     grounding: list[dict[str, Any]] | None = None
 
 

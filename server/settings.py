@@ -187,6 +187,10 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Longest wait, in seconds, for the next part of a request body "
         "(a client that stops sending one gets a 408 and loses the connection)."
     )
+    body_timeout: float = Field(
+        300.0, gt=0, description="Longest time, in seconds, a whole request body may take to arrive "
+        "(the largest body at 0.2 MB/s; a client still sending then gets a 408 and loses the connection)."
+    )
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest request head (request line and headers), in bytes; "
         "a larger one gets a 431 and loses the connection."

@@ -28,6 +28,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
+import jinja2.meta
+
 from server.chat.specials import GROUNDING_TAGS
 from server.errors import InvalidRequestError
 from server.schemas import ImagePart, Message, RefusalPart, TextPart
@@ -132,6 +135,13 @@ _CACHED_PIECES = 1024
 _UNSET = object()
 
 
+#: Template variables the renderer sets or that hold the conversation: never a client's.
+_RENDERER_VARIABLES = frozenset({
+    "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
+    "tokenize", "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception", "strftime_now",
+})
+
+
 class PromptRenderer:
     """Renders conversations with a tokenizer's chat template into token ids."""
 
@@ -142,13 +152,17 @@ class PromptRenderer:
         self._template_ids: dict[str, tuple[str, tuple[int, ...], str]] = {}
         self._specials: frozenset[int] | None = None
         self._tags: Any = _UNSET
+        self._variables: frozenset[str] | None = None  # the template's own, settable ones
 
     def render_text(self, conv: Conversation) -> str:
         """The prompt as text, client text substituted back (for logs and tests)."""
         return self._sentinel.sub(lambda m: conv.texts[int(m.group(1))], self._template(conv))
 
-    def render(self, conv: Conversation) -> list[int]:
-        rendered = self._template(conv)
+    def render(self, conv: Conversation, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """The prompt's token ids. `template_kwargs`: values for the chat template's own
+        variables (as `chat_template_kwargs`); names the template does not read, and the
+        ones the renderer sets itself, are left out."""
+        rendered = self._template(conv, self._template_variables(template_kwargs))
         ids: list[int] = []
         # Plain text waiting to be tokenized as one: client text, and the template's own text
         # beside it up to the nearest special token (module doc).
@@ -176,8 +190,21 @@ class PromptRenderer:
         flush()
         return ids
 
-    def _template(self, conv: Conversation) -> str:
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    def _template_variables(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        if not given:
+            return {}
+        if self._variables is None:
+            source = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+            try:
+                names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source)) \
+                    if isinstance(source, str) else set()
+            except jinja2.TemplateError:
+                names = set()
+            self._variables = frozenset(names - _RENDERER_VARIABLES)
+        return {k: v for k, v in given.items() if k in self._variables}
+
+    def _template(self, conv: Conversation, variables: dict[str, Any] | None = None) -> str:
+        kwargs: dict[str, Any] = {**(variables or {}), "tokenize": False, "add_generation_prompt": True}
         if self.chat_template is not None:
             kwargs["chat_template"] = self.chat_template
         try:

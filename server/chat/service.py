@@ -6,14 +6,16 @@ happens there, before any response byte is sent) and then `complete` or `stream`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.chat.prompt import PromptRenderer, collect
+from server.chat.prompt import Conversation, PromptRenderer, collect
 from server.chat.specials import SpecialTokenFilter
 from server.chat.sse import sse_done, sse_event
 from server.engine.base import Engine, GenerationChunk, GenerationRequest, SamplingOptions, TokenLogprob
@@ -37,7 +39,6 @@ from server.schemas import (
     Message,
     PromptTokensDetails,
     RefusalPart,
-    ResponseFormat,
     ResponseMessage,
     TextPart,
     TokenLogprobOut,
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 # runs of one character, which single tokens cover. More text than max_model_len * 32 is
 # refused without tokenizing it.
 MAX_CHARS_PER_TOKEN = 32
+# Prompts with less text than this are tokenized on the event loop (2-5 ms at worst, for
+# emoji and grounding tags, on the 2-core CI machine); longer ones on a thread (ChatService._render).
+RENDER_INLINE_CHARS = 2048
 
 GROUNDING_FAMILIES = ("qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
@@ -75,6 +79,9 @@ class Prepared:
     stats: dict[str, Any] = field(default_factory=dict)
     # Removes special tokens from the text (whole, or across deltas with `pieces()`).
     clean: SpecialTokenFilter | None = None  # None: the engine skips special tokens itself
+    #: The request field that constrains the answer's shape (response_format,
+    #: structured_outputs), if one does.
+    constraint: str | None = None
 
 
 class ChatService:
@@ -85,6 +92,8 @@ class ChatService:
         self.metrics = metrics
         self.model_names = model_names
         self.renderer = PromptRenderer(engine.info.tokenizer)
+        # one thread: tokenizers are not all safe to call from several at once
+        self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="prompt")
         self.specials = SpecialTokenFilter(engine.info.tokenizer)
 
     # --- preparation --------------------------------------------------------------------
@@ -111,6 +120,8 @@ class ChatService:
         conv = collect(req.messages)
         self._check_text_size(conv.texts)
         self.images.check_count(len(conv.images))
+        # (before any image is fetched: a request refused for its sampling fields costs nothing)
+        sampling = self._sampling(req)
         loaded = []
         if conv.images:
             loaded = await self.images.load_all(
@@ -119,9 +130,8 @@ class ChatService:
                 details=[ref.detail for ref in conv.images],
                 max_pixels=req.max_pixels,
             )
-        prompt_ids = self.renderer.render(conv)
+        prompt_ids = await self._render(conv, req.chat_template_kwargs)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        sampling = self._sampling(req)
         clean = None
         if req.skip_special_tokens and self.specials.active:
             sampling.skip_special_tokens = False
@@ -149,7 +159,18 @@ class ChatService:
             grounding=grounding and self.engine.info.family in GROUNDING_FAMILIES,
             started=started,
             clean=clean,
+            constraint=sampling.constraint_param
+            if sampling.json_schema is not None or sampling.json_object or sampling.choice is not None else None,
         )
+
+    async def _render(self, conv: Conversation, template_kwargs: dict[str, Any] | None) -> list[int]:
+        """The prompt's token ids. Long texts are rendered and tokenized on a thread of their
+        own: at the size limit (about 32 characters per context token) one request took the
+        event loop 0.5 s at a 4,096-token context, and every other client with it."""
+        if sum(map(len, conv.texts)) < RENDER_INLINE_CHARS:
+            return self.renderer.render(conv, template_kwargs)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._render_thread, self.renderer.render, conv, template_kwargs)
 
     def check_message_count(self, count: int, parts: int = 0) -> None:
         """A 400 if a request holds more messages, or more content parts over all of its
@@ -184,7 +205,7 @@ class ChatService:
             )
 
     def _check_model(self, name: str | None) -> str:
-        if name is None or name in self.model_names:
+        if not name or name in self.model_names:  # (vLLM too takes "" for the default)
             return self.model_names[0]
         raise ModelNotFoundError(
             f"The model '{shown(name)}' does not exist on this server; available: "
@@ -230,15 +251,20 @@ class ChatService:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=self._logit_bias(req),
-            **_json_constraint(req.response_format, req.ignore_eos),
+            stop_token_ids=self._stop_token_ids(req),
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            **_output_constraint(req),
         )
+
+    def _vocabulary(self) -> int:
+        info = self.engine.info
+        return info.vocab_size or len(info.tokenizer)
 
     def _logit_bias(self, req: ChatCompletionRequest) -> dict[int, float] | None:
         """`logit_bias` by integer token id; a 400 for an id the model has no logit for."""
         if not req.logit_bias:
             return None
-        info = self.engine.info
-        vocab = info.vocab_size or len(info.tokenizer)
+        vocab = self._vocabulary()
         bias = {int(key): value for key, value in req.logit_bias.items()}
         outside = sorted(t for t in bias if t >= vocab)
         if outside:
@@ -247,6 +273,18 @@ class ChatService:
                 param="logit_bias",
             )
         return bias
+
+    def _stop_token_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """`stop_token_ids`, each one checked against the model's vocabulary."""
+        ids = list(dict.fromkeys(req.stop_token_ids or ()))
+        vocab = self._vocabulary()
+        outside = [t for t in ids if t >= vocab]
+        if outside:
+            raise InvalidRequestError(
+                f"stop_token_ids names token id {outside[0]}, but this model's vocabulary has ids 0 to {vocab - 1}.",
+                param="stop_token_ids",
+            )
+        return ids
 
     # --- responses ----------------------------------------------------------------------
 
@@ -270,7 +308,7 @@ class ChatService:
                     if c.logprobs:
                         logprobs[c.index].extend(c.logprobs)
                     if c.finish_reason:
-                        finish[c.index] = _finish_reason(c.finish_reason)
+                        finish[c.index] = _finish_reason(c.finish_reason, p.constraint)
         finally:  # (tokens the engine made count whether or not the answer is whole)
             tracker.record_tokens(prompt_tokens)
             p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
@@ -297,7 +335,10 @@ class ChatService:
         (carrying the grounding boxes), an optional usage chunk, then `[DONE]`. An error
         after the first byte becomes an error event followed by `[DONE]`."""
         n = p.request.n
-        include_usage = bool(p.request.stream_options and p.request.stream_options.include_usage)
+        options = p.request.stream_options
+        include_usage = bool(options and options.include_usage)
+        # (vLLM's extension: every chunk carries the usage so far)
+        continuous = include_usage and options.continuous_usage_stats
         tracker = _Timing(self.metrics, p.started)
         texts = [[] for _ in range(n)]
         tokens = [0] * n
@@ -305,7 +346,12 @@ class ChatService:
         pieces = [p.clean.pieces() if p.clean else None for _ in range(n)]
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+            if usage is None and continuous:
+                usage = _usage(prompt_tokens, sum(tokens), cached)
             return sse_event(_chunk_json(p, choices, usage))
+
+        def roles() -> list[str]:
+            return [chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(n)]
 
         # The events of one engine output go out as one write (one send per output, not per
         # event): the role chunks with the first output, and the events of the output that
@@ -313,7 +359,8 @@ class ChatService:
         # a pass through the ASGI stack; on a busy front end they were a third of its event
         # loop's time (text only, 64 streams). The response headers still go out at once.
         unfinished = n
-        held = [chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(n)]
+        # (with usage in every chunk, the role chunks are made once the prompt's size is known)
+        held = [] if continuous else roles()
         waiting_roles = n  # role chunks held until there is a first event to send with them
         # (the finally also runs when the stream is closed early: a deadline, a drain, the
         # client gone; tokens the engine made count, and the access log names them)
@@ -325,6 +372,8 @@ class ChatService:
                         held = []
                     prompt_tokens = out.prompt_tokens or prompt_tokens
                     cached = max(cached, out.cached_tokens)
+                    if continuous and waiting_roles and not held:
+                        held = roles()
                     for c in out.choices:
                         tracker.tokens(len(c.token_ids), c.index)
                         tokens[c.index] += len(c.token_ids)
@@ -339,7 +388,7 @@ class ChatService:
                             unfinished -= 1
                             boxes = self._grounding(p, "".join(texts[c.index]))
                             held.append(chunk([ChunkChoice(index=c.index, delta=DeltaMessage(grounding=boxes),
-                                                           finish_reason=_finish_reason(c.finish_reason))]))
+                                                           finish_reason=_finish_reason(c.finish_reason, p.constraint))]))
                     if len(held) > waiting_roles and unfinished > 0:
                         yield "".join(held)
                         held, waiting_roles = [], 0
@@ -429,14 +478,25 @@ def stream_ended_with(log_fields: dict[str, Any], err: APIError) -> None:
     log_fields.update(error=err.code or err.type, error_status=err.status)
 
 
-def _finish_reason(reason: str) -> str:
+def _finish_reason(reason: str, constraint: str | None = None) -> str:
     """The OpenAI finish_reason for an engine's, or the error for a choice that did not end.
 
     An answer the engine gave up on must not reach the client as a complete one: "error"
     (vLLM's retryable request-level failure, which its own server answers with a 500) is a
     500, and "abort" (the engine cancelled the request itself: it is shutting down or paused
     generation; our own aborts have no one left to read them) a 503. The official OpenAI SDKs
-    retry both. Other reasons (vLLM's "repetition") end the answer as a stop would."""
+    retry both. Other reasons (vLLM's "repetition") end the answer as a stop would.
+
+    `constraint`: the request field that constrains the answer's shape, if any. vLLM ends
+    such a request with "error" when its grammar reaches a point where no token may follow
+    (a string pattern that matches nothing, say): sending it again cannot help, so that is
+    the client's 400, naming the field."""
+    if reason == "error" and constraint:
+        log.info("the engine ended a constrained answer with an error: the %s allows no answer", constraint)
+        raise InvalidRequestError(
+            f"The {constraint} allows no answer: generation reached a point where the grammar lets no "
+            f"token follow (for example a string pattern that matches nothing). Check the schema.",
+            param=constraint, code=f"invalid_{constraint}")
     if reason == "error":
         log.error("the engine failed a request during generation")
         raise InternalError("The engine failed while generating this answer; send the request again.",
@@ -516,18 +576,55 @@ def _raw_texts(messages: list[Message]) -> Iterator[str]:
             yield msg.function_call.arguments
 
 
-def _json_constraint(fmt: ResponseFormat | None, ignore_eos: bool) -> dict[str, Any]:
-    """SamplingOptions' fields for a response_format: a schema the answer must follow, or
-    any JSON object (also for a json_schema without its schema, as OpenAI reads one)."""
-    if fmt is None or fmt.type == "text":
-        return {}
-    if ignore_eos:
-        # (the grammar ends with the JSON; the engine would go on writing unconstrained text)
-        raise InvalidRequestError("ignore_eos cannot be combined with a JSON response_format.",
-                                  param="ignore_eos")
-    if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.json_schema is not None:
-        return {"json_schema": fmt.json_schema.json_schema}
-    return {"json_object": True}
+def _output_constraint(req: ChatCompletionRequest) -> dict[str, Any]:
+    """SamplingOptions' fields for the shape the answer must take: from `response_format`
+    (a schema, or any JSON object, also for a json_schema without its schema, as OpenAI
+    reads one) or from vLLM's `structured_outputs` (a schema, any JSON object, one of a
+    list of strings); not both."""
+    fmt, so = req.response_format, req.structured_outputs
+    constraint: dict[str, Any] = {}
+    if fmt is not None and fmt.type != "text":
+        if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.json_schema is not None:
+            constraint = {"json_schema": fmt.json_schema.json_schema}
+        else:
+            constraint = {"json_object": True}
+    if so is not None:
+        for name in ("regex", "grammar", "structural_tag"):
+            if getattr(so, name) is not None:
+                raise InvalidRequestError(
+                    f"structured_outputs.{name} is not supported by this server (json, json_object and "
+                    f"choice are).", param=f"structured_outputs.{name}", code="unsupported_parameter")
+        asked = ({"json_schema": so.json_} if so.json_ is not None else {"json_object": True} if so.json_object
+                 else {"choice": so.choice} if so.choice is not None else {})
+        if asked and constraint:
+            raise InvalidRequestError("Give response_format or structured_outputs, not both.",
+                                      param="structured_outputs")
+        if asked:
+            constraint = {**asked, "constraint_param": "structured_outputs"}
+    if constraint and req.ignore_eos:
+        # (the grammar ends with the answer; the engine would go on writing unconstrained text)
+        what = "structured_outputs" if "constraint_param" in constraint else "a JSON response_format"
+        raise InvalidRequestError(f"ignore_eos cannot be combined with {what}.", param="ignore_eos")
+    return constraint
+
+
+#: vLLM's own extensions this server does not implement: (field, what it is, whether a
+#: request asks for it).
+_VLLM_NOT_IMPLEMENTED: tuple[tuple[str, str, Any], ...] = (
+    ("echo", "echo (the last message repeated before the answer)", lambda r: r.echo),
+    ("prompt_logprobs", "prompt_logprobs", lambda r: r.prompt_logprobs is not None),
+    ("use_beam_search", "Beam search", lambda r: r.use_beam_search),
+    ("best_of", "best_of above n", lambda r: r.best_of is not None and r.best_of > r.n),
+    ("continue_final_message", "continue_final_message (continuing the last assistant message)",
+     lambda r: r.continue_final_message),
+    ("add_generation_prompt", "add_generation_prompt: false", lambda r: not r.add_generation_prompt),
+    ("chat_template", "A chat template in the request (the server uses the model's own)",
+     lambda r: r.chat_template is not None),
+    ("mm_processor_kwargs", "mm_processor_kwargs (image size is set with max_pixels or image_url.detail)",
+     lambda r: bool(r.mm_processor_kwargs)),
+    ("truncate_prompt_tokens", "truncate_prompt_tokens", lambda r: r.truncate_prompt_tokens is not None),
+    ("priority", "Request priority", lambda r: bool(r.priority)),
+)
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
@@ -551,6 +648,14 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         refuse("Output other than text", "modalities")
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError("stream_options is only allowed when stream is true.", param="stream_options")
+    for name, what, asks in _VLLM_NOT_IMPLEMENTED:
+        if asks(req):
+            refuse(what, name)
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(req, name) is not None:
+            raise InvalidRequestError(
+                f"{name} is not supported (vLLM replaced it); use response_format, or structured_outputs "
+                f"with json, json_object or choice.", param=name, code="unsupported_parameter")
 
 
 def _bytes(token: str, raw: bytes | None) -> list[int]:

@@ -65,6 +65,14 @@ class SamplingOptions:
     json_schema: dict[str, Any] | None = None
     #: The answer must be a JSON object (response_format json_object).
     json_object: bool = False
+    #: The answer must be one of these strings (vLLM's structured_outputs.choice).
+    choice: list[str] | None = None
+    #: The request field the constraint above came from, for error messages.
+    constraint_param: str = "response_format"
+    #: Token ids that end the answer, besides the model's own.
+    stop_token_ids: list[int] = field(default_factory=list)
+    #: A matched stop string stays at the end of the answer (vLLM's extension).
+    include_stop_str_in_output: bool = False
 
 
 @dataclass

@@ -117,13 +117,15 @@ def _trust_remote_code(settings: Settings, model: str) -> bool:
 
 
 def _structured_outputs(s):
-    """vLLM's structured-output constraint for a response_format, or None."""
+    """vLLM's structured-output constraint for the answer's shape, or None."""
     from vllm.sampling_params import StructuredOutputsParams
 
     if s.json_schema is not None:
         return StructuredOutputsParams(json=s.json_schema)
     if s.json_object:
         return StructuredOutputsParams(json_object=True)
+    if s.choice is not None:
+        return StructuredOutputsParams(choice=list(s.choice))
     return None
 
 
@@ -540,8 +542,9 @@ class VLLMEngine(Engine):
         try:
             # (ignore_eos: the turn-ending tokens do not stop it either, as vLLM leaves out a
             # checkpoint's extra EOS ids then)
+            turn_end = () if s.ignore_eos else self.info.stop_token_ids
             params = self._sampling_params(s, max_tokens, n=1 if copies > 1 else s.n,
-                                           stop_token_ids=() if s.ignore_eos else self.info.stop_token_ids)
+                                           stop_token_ids=(*turn_end, *s.stop_token_ids))
         except (VLLMValidationError, ValueError) as exc:
             raise InvalidRequestError(f"Invalid sampling parameters: {str(exc)[:300]}") from exc
         if params.structured_outputs is not None:
@@ -553,8 +556,8 @@ class VLLMEngine(Engine):
                               processor.structured_outputs_config, processor.tokenizer)
             except (VLLMValidationError, ValueError) as exc:
                 raise InvalidRequestError(
-                    f"The response_format cannot be used: {_grammar_error(exc)}", param="response_format",
-                    code="invalid_response_format") from exc
+                    f"The {s.constraint_param} cannot be used: {_grammar_error(exc)}", param=s.constraint_param,
+                    code=f"invalid_{s.constraint_param}") from exc
         return self._stream(engine_input, params, request.request_id, copies)
 
     @staticmethod
@@ -569,7 +572,8 @@ class VLLMEngine(Engine):
             top_k=s.top_k,
             min_p=s.min_p,
             stop=s.stop or None,
-            stop_token_ids=list(stop_token_ids) or None,
+            stop_token_ids=list(dict.fromkeys(stop_token_ids)) or None,
+            include_stop_str_in_output=s.include_stop_str_in_output,
             seed=s.seed,
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,

@@ -696,3 +696,97 @@ def test_a_schema_the_engine_cannot_follow_is_a_400_that_says_why(client, server
         assert words in error["message"]
         assert ".cc" not in error["message"] and "/project" not in error["message"]  # no native source paths
     assert ask(client, server, "still serving?").choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_schema_no_answer_can_follow_is_a_400_not_a_server_error(client, server):
+    """A string pattern that matches nothing passes the grammar compiler; vLLM then ends the
+    request with an error at the first token the grammar cannot take. Sending it again can
+    never help: a 400 naming the field (an error event once the stream has begun)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "none", "schema": {"type": "string", "pattern": "[^\\s\\S]"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, server, "x", max_tokens=4, response_format=fmt)
+    assert caught.value.body["param"] == "response_format" and caught.value.body["code"] == "invalid_response_format"
+    stream = client.chat.completions.create(model=model_name(server), messages=[{"role": "user", "content": "x"}],
+                                            max_tokens=4, stream=True, response_format=fmt)
+    with pytest.raises(openai.APIError) as caught:
+        for _ in stream:
+            pass
+    assert caught.value.body["code"] == "invalid_response_format", caught.value.body
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'qwenvl_requests_total{outcome="server_error"} 0.0' in metrics
+    assert ask(client, server, "still serving?").choices[0].finish_reason in ("stop", "length")
+
+
+# --- vLLM's request extensions --------------------------------------------------------------
+
+def test_structured_outputs_choice_and_json(client, server):
+    """vLLM's `structured_outputs` (json, choice) constrains the answer as response_format does."""
+    for _ in range(3):
+        r = ask(client, server, "Pick one.", max_tokens=16, temperature=1.0,
+                extra_body={"structured_outputs": {"choice": ["alpha", "beta gamma", "42"]}})
+        assert r.choices[0].message.content in ("alpha", "beta gamma", "42"), r.choices[0].message.content
+    schema = Verdict.model_json_schema()
+    for spelled in (schema, json.dumps(schema)):  # an object, or JSON text of one, as vLLM takes it
+        r = ask(client, server, "Pick a colour.", max_tokens=60, temperature=1.0,
+                extra_body={"structured_outputs": {"json": spelled}})
+        Verdict.model_validate_json(r.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, server, "x", extra_body={"structured_outputs": {"json": {"$ref": "#/definitions/missing"}}})
+    assert caught.value.body["param"] == "structured_outputs"
+    assert caught.value.body["code"] == "invalid_structured_outputs"
+
+
+def test_stop_token_ids_end_the_answer(client, server):
+    """Token 300, made near certain by its bias, ends the answer when it is a stop token; its
+    text is left out, as vLLM does."""
+    forced = {"logit_bias": {"300": 100}, "max_tokens": 8}
+    free = ask(client, server, "Write a long sentence.", **forced, extra_body={"ignore_eos": True})
+    assert free.usage.completion_tokens == 8 and free.choices[0].finish_reason == "length"
+    stopped = ask(client, server, "Write a long sentence.", **forced,
+                  extra_body={"ignore_eos": True, "stop_token_ids": [7, 300]})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].message.content == ""
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(client, server):
+    free = ask(client, server, "Write a long sentence.", max_tokens=20)
+    text = free.choices[0].message.content
+    stop = next((text[i : i + 2] for i in range(2, len(text) - 1) if text[i : i + 2].strip()), None)
+    assert stop, f"greedy output too short to pick a stop string: {text!r}"
+    cut = ask(client, server, "Write a long sentence.", max_tokens=20, stop=[stop]).choices[0].message.content
+    kept = ask(client, server, "Write a long sentence.", max_tokens=20, stop=[stop],
+               extra_body={"include_stop_str_in_output": True}).choices[0].message.content
+    assert kept == cut + stop and text.startswith(kept)
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, server):
+    stream = client.chat.completions.create(
+        model=model_name(server), messages=[{"role": "user", "content": "Count"}], max_tokens=6, temperature=0,
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 6
+    assert {c.usage.prompt_tokens for c in chunks} == {chunks[-1].usage.prompt_tokens}
+    assert chunks[-1].choices == []
+
+
+def test_chat_template_kwargs_reach_the_template(client, server):
+    """Qwen2-VL's template numbers pictures ("Picture 1: ") with `add_vision_id`; the
+    first-generation template has no such variable, and the flag changes nothing there."""
+    messages = [{"role": "user", "content": [image_part(data_url(picture(56, 56, (9, 9, 9)))),
+                                             {"type": "text", "text": "What is it?"}]}]
+
+    def prompt_tokens(**kwargs) -> int:
+        return client.chat.completions.create(model=model_name(server), messages=messages, max_tokens=1,
+                                              **kwargs).usage.prompt_tokens
+
+    plain, numbered = prompt_tokens(), prompt_tokens(extra_body={"chat_template_kwargs": {"add_vision_id": True}})
+    if server.arch == "qwen2-vl":
+        assert numbered > plain
+    else:
+        assert numbered == plain
+    with pytest.raises(openai.BadRequestError) as caught:
+        prompt_tokens(extra_body={"chat_template_kwargs": {"add_vision_id": "<|im_start|>"}})
+    assert caught.value.body["param"].startswith("chat_template_kwargs")

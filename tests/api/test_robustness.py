@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import select
 import socket
 import threading
 import time
@@ -304,6 +305,34 @@ def test_a_body_that_stops_arriving_gets_a_408_and_the_connection_closes(tiny_to
         head, _, payload = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), head
         assert json.loads(payload)["error"]["code"] == "body_timeout"
+        assert chat(srv.base_url).status_code == 200
+
+
+def test_a_body_that_drips_in_gets_a_408_when_the_whole_body_is_late(tiny_tokenizer):
+    """Every part arrives within the read timeout, but the whole body takes longer than
+    --body-timeout: a client sending a byte now and then no longer holds its connection."""
+    app, _ = scripted_app(tiny_tokenizer, body_read_timeout=0.5, body_timeout=1.5)
+    with AppServer(app) as srv:
+        sock = socket.create_connection((srv.host, srv.port))
+        sock.settimeout(10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        started, data = time.monotonic(), b""
+        try:
+            for _ in range(20):  # a byte every 0.3 s, for up to 6 s, until the server answers
+                if select.select([sock], [], [], 0.3)[0]:
+                    break
+                sock.sendall(b" ")
+        except OSError:  # (the server closed the connection)
+            pass
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        elapsed = time.monotonic() - started
+        head, _, payload = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert json.loads(payload)["error"]["code"] == "body_timeout"
+        assert 1.3 < elapsed < 4, elapsed
         assert chat(srv.base_url).status_code == 200
 
 
