@@ -27,14 +27,21 @@ class UnsupportedMediaTypeError(APIError):
     code = "unsupported_media_type"
 
 
-def check_media_type(content_type: str | None, content_encoding: str | None) -> None:
+def check_media_type(content_type: str | None, content_encoding: str | None,
+                     transfer_encoding: str | None = None) -> None:
     """Refuse bodies that are not `application/json` (or `application/*+json`), or that are
-    compressed. A JSON body under another type is refused, not guessed at: a browser page
-    may POST `text/plain` to a server on a private address without asking it first (CORS
-    preflight), and this keeps such pages from spending its compute."""
+    compressed (by a content or a transfer coding: the HTTP layer takes off only `chunked`).
+    A JSON body under another type is refused, not guessed at: a browser page may POST
+    `text/plain` to a server on a private address without asking it first (CORS preflight),
+    and this keeps such pages from spending its compute."""
     if content_encoding and content_encoding.strip().lower() not in ("", "identity"):
         raise UnsupportedMediaTypeError(
             f"Content-Encoding '{_short(content_encoding)}' is not supported; send the body uncompressed.")
+    codings = [c.strip().lower() for c in (transfer_encoding or "").split(",")]
+    if any(c not in ("", "chunked", "identity") for c in codings):
+        raise UnsupportedMediaTypeError(
+            f"Transfer-Encoding '{_short(transfer_encoding)}' is not supported; send the body uncompressed "
+            f"(chunked alone is fine).")
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         shown = f"'{_short(content_type)}'" if content_type else "none"

@@ -77,7 +77,8 @@ async def _read_body(request: Request, rt) -> ChatCompletionRequest:
     """The request's body, read (drawing on the server's body budget as it arrives), parsed
     and validated. Read from the stream rather than `request.body()`, which would keep the
     raw bytes on the request for as long as the response lasts."""
-    check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
+    check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"),
+                     request.headers.get("transfer-encoding"))
     try:
         raw = b"".join([chunk async for chunk in request.stream()])
     except ClientDisconnect:  # gone before the whole body arrived: nobody to answer

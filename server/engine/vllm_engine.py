@@ -133,6 +133,10 @@ def _structured_outputs(s):
 _NATIVE_LOG_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: ")
 
 
+#: xgrammar's assertion text before its own message: "Check failed: (val >= MIN_INT64_AS_DOUBLE) is false: "
+_NATIVE_ASSERTION = re.compile(r"Check failed: \(.*?\) is false: ?")
+
+
 #: What vLLM's check for "features not supported by xgrammar" looks for (vLLM 0.32,
 #: has_xgrammar_unsupported_json_features), for a message that says which.
 _XGRAMMAR_UNSUPPORTED = ("multipleOf on numbers; uniqueItems, contains, minContains or maxContains on "
@@ -143,7 +147,7 @@ _XGRAMMAR_UNSUPPORTED = ("multipleOf on numbers; uniqueItems, contains, minConta
 def _grammar_error(exc: Exception) -> str:
     """What vLLM (or xgrammar under it) says is wrong with a schema, without the native
     library's time stamp and source path."""
-    text = _NATIVE_LOG_PREFIX.sub("", str(exc)).strip()[:300]
+    text = _NATIVE_ASSERTION.sub("", _NATIVE_LOG_PREFIX.sub("", str(exc))).strip()[:300]
     if "not supported by xgrammar" in text:
         text += f" (these are: {_XGRAMMAR_UNSUPPORTED})"
     return text

@@ -684,6 +684,7 @@ def test_json_object_makes_the_answer_a_json_object(client, server):
     ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, 'Unsupported type "nonsense"'),
     ({"$ref": "#/definitions/missing"}, "missing"),
     ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 5}}}, "multipleOf on numbers"),
+    ({"type": "integer", "minimum": -1e30}, "Integer exceeds minimum limit"),
 ])
 def test_a_schema_the_engine_cannot_follow_is_a_400_that_says_why(client, server, schema, words):
     for stream in (False, True):
@@ -695,6 +696,7 @@ def test_a_schema_the_engine_cannot_follow_is_a_400_that_says_why(client, server
         assert error["param"] == "response_format" and error["code"] == "invalid_response_format"
         assert words in error["message"]
         assert ".cc" not in error["message"] and "/project" not in error["message"]  # no native source paths
+        assert "Check failed" not in error["message"]  # nor the native library's assertions
     assert ask(client, server, "still serving?").choices[0].finish_reason in ("stop", "length")
 
 

@@ -5,7 +5,9 @@ real tokenizer, scripted engine (the real engine's side is in test_chat_engine.p
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
 import time
 
 import httpx
@@ -315,6 +317,26 @@ def test_bodies_that_are_not_plain_json_get_a_415(srv, headers, words):
         r = httpx.post(srv.base_url + "/v1/chat/completions", content=json.dumps(body()).encode(),
                        headers={"content-type": ok})
         assert r.status_code == 200, (ok, r.text)
+
+
+@pytest.mark.parametrize("coding, status", [("gzip, chunked", 415), ("chunked", 200), ("identity, chunked", 200)])
+def test_a_body_under_a_transfer_coding_other_than_chunked_gets_a_415(srv, coding, status):
+    """The HTTP layer takes off `chunked` only: a gzipped body under `Transfer-Encoding: gzip,
+    chunked` reached the JSON parser compressed (a 400 about UTF-8)."""
+    payload = json.dumps(body()).encode()
+    if "gzip" in coding:
+        payload = gzip.compress(payload)
+    chunked = f"{len(payload):x}\r\n".encode() + payload + b"\r\n0\r\n\r\n"
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nTransfer-Encoding: " + coding.encode() + b"\r\n\r\n" + chunked)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(f"HTTP/1.1 {status}".encode()), data[:300]
+    if status == 415:
+        assert b"Transfer-Encoding 'gzip, chunked'" in data
+    still_serves(srv)
 
 
 def test_the_message_count_is_checked_before_the_messages(srv, monkeypatch):
