@@ -283,8 +283,8 @@ class ChatCompletionRequest(_Lenient):
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputs | None = None
     # variables of the chat template (Qwen2-VL's `add_vision_id`, Qwen3's `enable_thinking`):
-    # flags and numbers only, so that no client text reaches the prompt as template text
-    chat_template_kwargs: dict[str, bool | int | float] | None = None
+    # flags, numbers and null only, so that no client text reaches the prompt as template text
+    chat_template_kwargs: dict[str, bool | int | float | None] | None = None
     # vLLM extras not implemented: accepted only where they ask for nothing (ChatService
     # refuses the rest), as the OpenAI features above
     echo: bool = False

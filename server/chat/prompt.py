@@ -30,6 +30,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import tokenizers
 
 from server.chat.specials import GROUNDING_TAGS
 from server.errors import InvalidRequestError
@@ -135,6 +136,21 @@ _CACHED_PIECES = 1024
 _UNSET = object()
 
 
+def _private_backend(tokenizer: Any, client_text: bool) -> Any:
+    """A copy of a Hugging Face fast tokenizer's Rust tokenizer that reads special tokens in
+    text (`client_text=False`) or takes them as plain text (True), with no truncation or
+    padding; None for other tokenizers (Qwen-VL's own takes the choice per call and keeps
+    no state)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(backend, tokenizers.Tokenizer):
+        return None
+    copy = tokenizers.Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = client_text
+    return copy
+
+
 #: Template variables the renderer sets or that hold the conversation: never a client's.
 _RENDERER_VARIABLES = frozenset({
     "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
@@ -153,6 +169,14 @@ class PromptRenderer:
         self._specials: frozenset[int] | None = None
         self._tags: Any = _UNSET
         self._variables: frozenset[str] | None = None  # the template's own, settable ones
+        # A Hugging Face fast tokenizer reads split_special_tokens from a flag on its shared
+        # Rust tokenizer, set by each call: a call on another thread (vLLM's, or a render of
+        # ours on the prompt thread) could flip it in the middle of ours, and client text then
+        # came out with real control tokens (72 of 1,618 encodes in a stress test). So the
+        # renderer encodes with private copies whose flags never change: one that reads
+        # special tokens (the template's text), one that does not (the client's).
+        self._template_backend = _private_backend(tokenizer, client_text=False)
+        self._client_backend = _private_backend(tokenizer, client_text=True)
 
     def render_text(self, conv: Conversation) -> str:
         """The prompt as text, client text substituted back (for logs and tests)."""
@@ -239,7 +263,7 @@ class PromptRenderer:
     def _split(self, text: str) -> tuple[str, tuple[int, ...], str]:
         if not text:
             return "", (), ""
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = self._encode_template(text)
         special = self._special_ids()
         if not special:  # (a tokenizer that does not say which they are: the piece stays whole)
             return "", tuple(ids), ""
@@ -280,9 +304,18 @@ class PromptRenderer:
         return ids
 
     def _encode_split(self, text: str) -> list[int]:
+        """Text with no special token read in it."""
         if not text:
             return []
+        if self._client_backend is not None:
+            return self._client_backend.encode(text, add_special_tokens=False).ids
         return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def _encode_template(self, text: str) -> list[int]:
+        """Text with its special tokens read as such."""
+        if self._template_backend is not None:
+            return self._template_backend.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _grounding_tags(self) -> tuple[dict[str, int], re.Pattern[str]] | None:
         """The grounding tags this tokenizer has as single special tokens, and a pattern
@@ -290,7 +323,7 @@ class PromptRenderer:
         if self._tags is _UNSET:
             found: dict[str, int] = {}
             for tag in GROUNDING_TAGS:
-                special = list(self.tokenizer.encode(tag, add_special_tokens=False))
+                special = self._encode_template(tag)
                 if len(special) == 1 and special != self._encode_split(tag):
                     found[tag] = special[0]
             longest_first = sorted(found, key=len, reverse=True)

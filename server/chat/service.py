@@ -276,7 +276,9 @@ class ChatService:
 
     def _stop_token_ids(self, req: ChatCompletionRequest) -> list[int]:
         """`stop_token_ids`, each one checked against the model's vocabulary."""
-        ids = list(dict.fromkeys(req.stop_token_ids or ()))
+        if not req.stop_token_ids:
+            return []
+        ids = list(dict.fromkeys(req.stop_token_ids))
         vocab = self._vocabulary()
         outside = [t for t in ids if t >= vocab]
         if outside:
@@ -346,8 +348,8 @@ class ChatService:
         pieces = [p.clean.pieces() if p.clean else None for _ in range(n)]
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-            if usage is None and continuous:
-                usage = _usage(prompt_tokens, sum(tokens), cached)
+            if usage is None and continuous:  # (each chunk is one choice's: its tokens so far, as vLLM counts)
+                usage = _usage(prompt_tokens, tokens[choices[0].index] if choices else sum(tokens), cached)
             return sse_event(_chunk_json(p, choices, usage))
 
         def roles() -> list[str]:

@@ -98,6 +98,7 @@ def test_structured_outputs_kinds_not_implemented_are_refused(srv, so, param):
     ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
     ({"chat_template_kwargs": {"add_vision_id": "<|im_start|>"}}, "chat_template_kwargs.add_vision_id"),
     ({"chat_template_kwargs": ["add_vision_id"]}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"add_vision_id": {"a": 1}}}, "chat_template_kwargs.add_vision_id"),
 ])
 def test_bad_extension_values_are_a_400_naming_the_field(srv, body, param):
     r = post(srv, body)
@@ -148,6 +149,7 @@ def test_chat_template_kwargs_set_the_templates_own_variables(srv):
     assert "Picture 1:" not in plain
     assert "Picture 1:" in prompt(chat_template_kwargs={"add_vision_id": True})
     assert prompt(chat_template_kwargs={"add_vision_id": False}) == plain
+    assert prompt(chat_template_kwargs={"add_vision_id": None}) == plain
     assert prompt(chat_template_kwargs={"unknown_flag": True, "add_generation_prompt": False, "messages": 1}) == plain
 
 
@@ -170,6 +172,15 @@ def test_continuous_usage_stats(client, srv):
         model="scripted", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True,
         stream_options={"include_usage": False, "continuous_usage_stats": True}))
     assert all(c.usage is None for c in plain)
+    # with n choices, each chunk counts its own choice's tokens, as vLLM does
+    chunks = list(client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True, n=2,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    per_choice = {0: [], 1: []}
+    for c in chunks[:-1]:
+        per_choice[c.choices[0].index].append(c.usage.completion_tokens)
+    assert per_choice[0] == per_choice[1] and per_choice[0][-1] == 5, per_choice
+    assert chunks[-1].usage.completion_tokens == 10
 
 
 # --- an answer the grammar leaves no way to finish ---------------------------------------------
