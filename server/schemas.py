@@ -343,6 +343,14 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("a token id is given more than once (as different strings, e.g. '15' and '015')")
         return value
 
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _integral_ids(cls, value: Any) -> Any:
+        # (as for the integer fields: `5.0` is an integer to JSON Schema)
+        if isinstance(value, list):
+            return [int(v) if type(v) is float and v.is_integer() else v for v in value]
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:

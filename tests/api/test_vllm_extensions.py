@@ -94,6 +94,8 @@ def test_structured_outputs_kinds_not_implemented_are_refused(srv, so, param):
     ({"stop_token_ids": [-1]}, "stop_token_ids[0]"),
     ({"stop_token_ids": [10**6]}, "stop_token_ids"),
     ({"stop_token_ids": "5"}, "stop_token_ids"),
+    ({"stop_token_ids": [5.5]}, "stop_token_ids[0]"),
+    ({"stop_token_ids": [True]}, "stop_token_ids[0]"),
     ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
     ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
     ({"chat_template_kwargs": {"add_vision_id": "<|im_start|>"}}, "chat_template_kwargs.add_vision_id"),
@@ -123,7 +125,7 @@ def test_structured_outputs_reach_the_engine(srv):
 
 
 def test_stop_token_ids_and_include_stop_str_reach_the_engine(srv):
-    assert post(srv, {"stop_token_ids": [5, 7, 5], "include_stop_str_in_output": True, "stop": ["x"]}).status_code == 200
+    assert post(srv, {"stop_token_ids": [5, 7.0, 5], "include_stop_str_in_output": True, "stop": ["x"]}).status_code == 200
     s = sampling(srv)
     assert s.stop_token_ids == [5, 7] and s.include_stop_str_in_output and s.stop == ["x"]
     assert post(srv, {}).status_code == 200
