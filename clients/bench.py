@@ -30,6 +30,7 @@ from clients.report import format_summary, make_progress, write_json
 from clients.sse import open_session, stream_chat
 from clients.stats import RequestResult, Summary, summarize
 from clients.workload import IMAGE_MODES, WorkloadSpec, build_workload
+from server.help_format import DefaultsHelpFormatter
 
 #: Per-request client timeout in seconds.
 DEFAULT_TIMEOUT = 120.0
@@ -139,6 +140,7 @@ def _image_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwen-vl-bench",
+        formatter_class=DefaultsHelpFormatter,
         description="Load generator for OpenAI-compatible chat completions (streaming). "
         "`qwen-vl-bench compare --help`: side by side with vLLM's server.",
     )

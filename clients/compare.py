@@ -59,6 +59,7 @@ from clients.servers import (
     vllm_spec,
 )
 from clients.workload import WorkloadSpec
+from server.help_format import DefaultsHelpFormatter
 
 SERVED_NAME = "tiny"
 
@@ -337,7 +338,8 @@ def write_outputs(out_dir: Path, cells: list[Cell], cfg: MatrixConfig, info: dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-vl-bench compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="qwen-vl-bench compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: build a tiny one)")
     p.add_argument("--tiny-arch", default="qwen2-vl", help="architecture of the built tiny checkpoint")
     p.add_argument("--quick", action="store_true", help="fewer requests and shorter cells (a few minutes)")

@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from server.help_format import DefaultsHelpFormatter
 
 #: Bytes per weight file (the last one may be smaller).
 SHARD_BYTES = 2 << 30
@@ -185,7 +186,8 @@ def write_random_checkpoint(arch: str, out: Path, size: str = "7b", seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clients.random_checkpoint", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m clients.random_checkpoint", description=__doc__.split("\n\n")[0],
+                        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--arch", choices=("qwen-vl", "qwen2-vl"), default="qwen2-vl")
     p.add_argument("--size", choices=tuple(QWEN2_VL), default="7b", help="qwen2-vl only")
     p.add_argument("--out", type=Path, required=True)

@@ -1,8 +1,8 @@
 """Soak test: many concurrent streaming clients with images against a running server, a
 share of them hanging up mid-stream, bursts beyond the queue limit.
 
-Loopback only and bounded: it stops after `--requests` requests or `--max-seconds`,
-whichever comes first. It prints one JSON object; the exit status is 1 when a promise was
+Loopback only and bounded: it stops after `--requests` requests (not counting a short
+warm-up and the bursts' requests) or `--max-seconds`, whichever comes first. It prints one JSON object; the exit status is 1 when a promise was
 broken (a 5xx, an invalid response, a refusal that is not 429, an engine still busy at the
 end, or memory growth beyond `--max-rss-growth-mb`).
 
@@ -27,6 +27,7 @@ import aiohttp
 import httpx
 
 from clients.sse import open_session
+from server.help_format import DefaultsHelpFormatter
 
 
 def _images(count: int, seed: int) -> list[str]:
@@ -206,20 +207,22 @@ async def run_soak(url: str, *, model: str, clients: int, requests: int, hang_up
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qwen-vl-soak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p = argparse.ArgumentParser(prog="python -m clients.soak", description=__doc__,
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server root (loopback only)")
     p.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
-    p.add_argument("--clients", type=int, default=200)
-    p.add_argument("--requests", type=int, default=3000)
-    p.add_argument("--hang-up-share", type=float, default=0.2)
+    p.add_argument("--clients", type=int, default=200, help="streams in flight at once")
+    p.add_argument("--requests", type=int, default=3000,
+                   help="requests, besides the warm-up's and the bursts'")
+    p.add_argument("--hang-up-share", type=float, default=0.2, help="share of clients that hang up mid-stream")
     p.add_argument("--burst-every", type=int, default=250, help="a burst after every N-th request (0: none)")
-    p.add_argument("--burst-size", type=int, default=300)
+    p.add_argument("--burst-size", type=int, default=300, help="requests sent at once in a burst")
     p.add_argument("--images", type=int, default=50, help="distinct images in the pool")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-seconds", type=float, default=900)
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens per answer")
+    p.add_argument("--max-seconds", type=float, default=900, help="stop issuing after this many seconds")
     p.add_argument("--pid", type=int, default=None, help="server process id, for the memory figures")
-    p.add_argument("--max-rss-growth-mb", type=float, default=200)
+    p.add_argument("--max-rss-growth-mb", type=float, default=200,
+                   help="server memory growth (MB) that fails the run")
     args = p.parse_args(argv)
     if not re.match(r"^https?://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?$", args.url):
         p.error("the soak test only targets loopback addresses")

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, field in Settings.model_fields.items():
         flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        help_text = (field.description or "") + f" [env QWENVL_{name.upper()}]"
+        help_text = (field.description or "") + _default_text(field) + f" [env QWENVL_{name.upper()}]"
         ann = _unwrap_optional(field.annotation)
         origin = typing.get_origin(ann)
         if ann is bool:
@@ -51,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
     return parser
+
+
+def _default_text(field) -> str:
+    """' (default: X)' for help; nothing where the default is "unset" (None, empty), which
+    each such field's description explains (device-dependent values, no key, ...)."""
+    default = field.get_default(call_default_factory=True)
+    if default is None or default == [] or default == "":
+        return ""
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    elif isinstance(default, list):
+        default = ",".join(map(str, default))
+    return f" (default: {default})"
 
 
 def _unwrap_optional(ann: Any) -> Any:

@@ -46,7 +46,8 @@ class Settings(BaseSettings):
         "checkpoint is generated and served on CPU (a demo, its output is gibberish).",
     )
     served_model_name: str | None = Field(
-        None, description="Model name clients send and /v1/models lists (default: --model)."
+        None, description="Model name clients send and /v1/models lists (default: --model; "
+        "qwen-vl-tiny for the generated demo model)."
     )
     tokenizer: str | None = Field(None, description="Tokenizer path or id (default: the model).")
     revision: str | None = Field(None, description="Model revision on the hub.")
@@ -85,7 +86,8 @@ class Settings(BaseSettings):
         "see docs/benchmarks.md).",
     )
     kv_cache_space_gib: int = Field(
-        1, ge=1, description="CPU only: paged KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+        1, ge=1, description="CPU only: paged KV-cache size in GiB. Sets vLLM's "
+        "VLLM_CPU_KVCACHE_SPACE when given, or when that variable is not set."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (vLLM tensor parallelism).")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (vLLM pipeline parallelism).")
@@ -197,10 +199,12 @@ class Settings(BaseSettings):
     )
     header_timeout: float = Field(
         30.0, gt=0, description="Longest time, in seconds, a request's headers may take to arrive "
-        "(and a new connection to start sending them); then a 408 and the connection closes."
+        "(and a new connection to start sending them); then the connection closes, with a 408 "
+        "if any of them had arrived."
     )
     sse_keepalive_interval: float = Field(
-        15.0, gt=0, description="Seconds between SSE comments while a stream waits."
+        15.0, gt=0, description="Seconds between SSE comments while a stream waits for tokens (from when "
+        "the request leaves the admission queue)."
     )
     cors_allow_origins: CSVList = Field(default_factory=list, description="CORS origins (off when empty).")
     docs: bool = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from server.help_format import DefaultsHelpFormatter
 
 ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen-vl")
 
@@ -28,7 +29,8 @@ def write_tiny_model(arch: str, out: Path, seed: int = 0, max_pixels: int | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen-vl-tiny-model", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qwen-vl-tiny-model", description=__doc__,
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--arch", choices=ARCHS, default="qwen2-vl")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -431,6 +431,15 @@ class _Closed:
         raise EngineDeadError("the inference engine was shut down")
 
 
+def set_cpu_kv_cache_space(settings: Settings, environ: MutableMapping[str, str]) -> None:
+    """Size vLLM's CPU KV cache: `--kv-cache-space-gib` (or QWENVL_KV_CACHE_SPACE_GIB) wins
+    when given; otherwise an operator's own VLLM_CPU_KVCACHE_SPACE stays; else the default."""
+    if "kv_cache_space_gib" in settings.model_fields_set:
+        environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
+    else:
+        environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+
+
 class VLLMEngine(Engine):
     """`AsyncLLM` behind the `Engine` interface. Build with `VLLMEngine.load(...)`."""
 
@@ -445,7 +454,7 @@ class VLLMEngine(Engine):
         """Load the model and start the engine core (blocking: tens of seconds to minutes)."""
         device = detect_device(settings.device)
         if device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+            set_cpu_kv_cache_space(settings, os.environ)
         # AsyncLLM hands engine outputs to the request streams in chunks, yielding to the
         # event loop between chunks. vLLM's 128 keeps the loop busy for a whole batch;
         # 8 lets probes and new requests in between (measured, workload (b) at 64 streams

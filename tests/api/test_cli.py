@@ -132,3 +132,15 @@ def test_the_log_level_is_one_of_the_known_ones(monkeypatch, capsys):
     monkeypatch.setenv("QWENVL_LOG_LEVEL", "verbose")
     with pytest.raises(SystemExit):
         parse_settings([])
+
+
+def test_help_shows_each_default_that_has_a_value():
+    from server.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for shown in ("--port PORT Bind port. (default: 8000)", "Largest n. (default: 8)",
+                  "(default: 1073741824)", "--docs, --no-docs", "(default: on) [env QWENVL_DOCS]",
+                  "Image fetches in flight at once. (default: 32)"):
+        assert shown in text, shown
+    # No "(default: None)": unset defaults are explained by their description instead.
+    assert "default: None" not in text and "(default: )" not in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.cli import parse_settings
-from server.engine.vllm_engine import engine_args_from_settings
+from server.engine.vllm_engine import engine_args_from_settings, set_cpu_kv_cache_space
 
 
 def test_engine_options_reach_vllm_and_unset_ones_keep_vllms_defaults(tmp_path):
@@ -162,3 +162,19 @@ def test_hub_ids_are_known_by_their_config_too(tmp_path, monkeypatch):
     qwen2 = engine_args_from_settings(parse_settings(["--model", "Qwen/Qwen2-VL-2B-Instruct"]),
                                       "Qwen/Qwen2-VL-2B-Instruct", "cpu")
     assert qwen2.limit_mm_per_prompt == {"image": 4, "video": 0}
+
+
+def test_the_kv_cache_flag_wins_over_vllms_variable_only_when_given(monkeypatch):
+    monkeypatch.delenv("QWENVL_KV_CACHE_SPACE_GIB", raising=False)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "7"}
+    set_cpu_kv_cache_space(parse_settings([]), env)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "7"  # the operator's own setting stays
+    set_cpu_kv_cache_space(parse_settings(["--kv-cache-space-gib", "3"]), env)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    monkeypatch.setenv("QWENVL_KV_CACHE_SPACE_GIB", "2")
+    set_cpu_kv_cache_space(parse_settings([]), env)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    empty: dict[str, str] = {}
+    monkeypatch.delenv("QWENVL_KV_CACHE_SPACE_GIB")
+    set_cpu_kv_cache_space(parse_settings([]), empty)
+    assert empty == {"VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -140,3 +140,16 @@ def test_cli_json_to_stdout(server, capsys):
     assert json.loads(out.out)["summary"]["requests"] == 2
     assert "TTFT" in out.err
 
+
+
+def test_help_states_the_defaults(capsys):
+    from server.tiny_model import main as tiny_main
+
+    text = " ".join(build_parser().format_help().split())
+    for shown in ("--image-size WxH (default: 448x448)", "output tokens per request (default: 16)",
+                  "(default: 0.0)", "--seed SEED seed of pictures, prompts and arrivals (default: 0)"):
+        assert shown in text, shown
+    assert "default: None" not in text and "default: False" not in text
+    with pytest.raises(SystemExit):
+        tiny_main(["--help"])
+    assert "(default: qwen2-vl)" in " ".join(capsys.readouterr().out.split())
