@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import signal
 import sys
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from clients.image_server import DEFAULT_HOST, ImageServer, free_port
-from clients.loadgen import DEFAULT_GRACE, LoadPlan, run_load
+from clients.loadgen import DEFAULT_GRACE, LoadOutcome, LoadPlan, run_load
 from clients.probe import DEFAULT_INTERVAL, HealthProbe
 from clients.report import format_summary, make_progress, write_json
 from clients.sse import open_session, stream_chat
@@ -64,11 +67,23 @@ class BenchRun:
     health: list[float] = field(default_factory=list)
     health_errors: int = 0
 
+    interrupted: bool = False  # stopped early (SIGINT or SIGTERM): the figures cover what ran
+
     def to_dict(self, with_requests: bool = False) -> dict:
-        data = {"label": self.options.label, "options": asdict(self.options), "summary": self.summary.to_dict()}
+        options = asdict(self.options)
+        if options["api_key"]:
+            options["api_key"] = "(set)"  # the file may be shared; the key must not be
+        data = {"label": self.options.label, "units": UNITS, "interrupted": self.interrupted,
+                "options": options, "summary": self.summary.to_dict()}
         if with_requests:
             data["requests"] = [asdict(r) for r in self.results]
         return data
+
+
+#: The units of the JSON output's figures.
+UNITS = {"times": "seconds (time.perf_counter() for a request's timestamps)",
+         "requests_per_s": "successful requests per second of the summary's duration",
+         "output_tokens_per_s": "output tokens of successful requests per second of the duration"}
 
 
 class BenchError(RuntimeError):
@@ -84,12 +99,13 @@ async def resolve_model(session: aiohttp.ClientSession, base_url: str, headers: 
         raise BenchError(f"could not list models at {base_url}/v1/models: {exc!r}") from exc
 
 
-async def run_bench(opts: BenchOptions) -> BenchRun:
-    """Build the workload, warm up, run the plan while probing /health, summarize.
-    Raises BenchError when the server cannot be asked for its model, RuntimeError when
-    the image server or the probe cannot start. The probe and the image server are child
-    processes started with `spawn`: a script calling this needs the
-    `if __name__ == "__main__":` guard."""
+async def run_bench(opts: BenchOptions, stop: asyncio.Event | None = None) -> BenchRun:
+    """Build the workload, warm up, run the plan while probing /health, summarize. Setting
+    `stop` ends the run early, with the figures of what ran (`interrupted`). The run's
+    options come back with the model that was used. Raises BenchError when the server
+    cannot be asked for its model, RuntimeError when the image server or the probe cannot
+    start. The probe and the image server are child processes started with `spawn`: a
+    script calling this needs the `if __name__ == "__main__":` guard."""
     base = opts.base_url.rstrip("/")
     url = f"{base}/v1/chat/completions"
     headers = {"authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
@@ -101,26 +117,41 @@ async def run_bench(opts: BenchOptions) -> BenchRun:
         image_port = free_port(opts.image_host) if spec.images == "http" else None
         image_base = f"http://{opts.image_host}:{image_port}" if image_port else None
         count = opts.warmup + opts.plan.num_requests
+        if opts.progress and spec.images != "none" and count * spec.images_per_request >= 200:
+            print(f"{opts.label}: encoding the pictures of {count} requests before the run",
+                  file=sys.stderr, flush=True)
         built = await asyncio.to_thread(build_workload, spec, count, image_base)
+        expected = spec.max_tokens if spec.fixed_output else None
+
+        def send(bodies: list[bytes]):
+            return lambda i: stream_chat(session, url, bodies[i], headers, expected)
+
         probe = HealthProbe(f"{base}/health", opts.health_interval or DEFAULT_INTERVAL)
+        warm_outcome = LoadOutcome()
         with ExitStack() as stack:
             if image_port:
                 stack.enter_context(ImageServer(built.files, opts.image_host, image_port))
             if opts.warmup:
-                warm = LoadPlan(num_requests=opts.warmup, concurrency=min(opts.warmup, in_flight or 4))
-                await run_load(lambda i: stream_chat(session, url, built.bodies[i], headers), warm)
+                # At most one request timeout in all, however the server behaves.
+                warm = LoadPlan(num_requests=opts.warmup, concurrency=min(opts.warmup, in_flight or 4),
+                                duration=opts.timeout, grace=0.0)
+                warm_outcome = await run_load(send(built.bodies), warm, stop=stop)
             bodies = built.bodies[opts.warmup :]
-            update, close = make_progress(opts.plan.num_requests, opts.label, opts.progress)
-            stack.callback(close)
-            if opts.health_interval:
-                stack.enter_context(probe)
-            outcome = await run_load(lambda i: stream_chat(session, url, bodies[i], headers), opts.plan, update)
-    summary = summarize(outcome.results, outcome.duration, probe.result.latencies, probe.result.errors)
-    return BenchRun(opts, summary, outcome.results, list(probe.result.latencies), probe.result.errors)
+            outcome = LoadOutcome(interrupted=True)
+            if not warm_outcome.interrupted:
+                update, close = make_progress(opts.plan.num_requests, opts.label, opts.progress)
+                stack.callback(close)
+                if opts.health_interval:
+                    stack.enter_context(probe)
+                outcome = await run_load(send(bodies), opts.plan, update, stop=stop)
+    summary = summarize(outcome.results, outcome.duration, probe.result.latencies, probe.result.errors,
+                        unsent=outcome.unsent, warmup=warm_outcome.results)
+    return BenchRun(replace(opts, workload=spec), summary, outcome.results, list(probe.result.latencies),
+                    probe.result.errors, interrupted=outcome.interrupted)
 
 
 def _with_model(spec: WorkloadSpec, model: str) -> WorkloadSpec:
-    return WorkloadSpec(**{**asdict(spec), "model": model})
+    return replace(spec, model=model)
 
 
 # --- command line -------------------------------------------------------------------------
@@ -214,8 +245,11 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         grace=args.grace,
         seed=args.seed,
     )
-    if args.warmup < 0 or args.timeout <= 0 or args.health_interval < 0:
-        raise ValueError("warmup, timeout and health interval must not be negative")
+    if args.warmup < 0 or not (0 < args.timeout < math.inf) or not (0 <= args.health_interval < math.inf):
+        raise ValueError("warmup, timeout and health interval must be numbers, not negative")
+    if args.seed < 0:
+        raise ValueError("seed must not be negative")
+    _check_base_url(args.base_url)
     return BenchOptions(
         base_url=args.base_url,
         workload=workload,
@@ -230,7 +264,54 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
+def _check_base_url(url: str) -> None:
+    """Raises ValueError unless `url` is an http(s) URL with a host (and a valid port)."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError:
+        raise ValueError(f"--base-url {url!r} has an invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--base-url {url!r} is not an http:// or https:// URL")
+
+
+def _check_writable(parser: argparse.ArgumentParser, path: Path | None, what: str) -> None:
+    """Fail before the run, not after it, when an output file cannot be written."""
+    if path is None or str(path) == "-":
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        parser.error(f"{what} {path}: {exc.strerror or exc}")
+
+
+async def _run_until_signalled(opts: BenchOptions) -> BenchRun:
+    """`run_bench`, ended early with the figures so far on the first SIGINT or SIGTERM;
+    a second one cancels at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    task = asyncio.current_task()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            task.cancel()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await run_bench(opts, stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when every measured request succeeded (requests cancelled at the
+    end of `--duration` + `--grace` aside), 1 otherwise or when the run could not start,
+    2 for bad arguments, 130 when interrupted before any figure."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         from clients.compare import main as compare_main
@@ -242,13 +323,19 @@ def main(argv: list[str] | None = None) -> int:
         opts = options_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    _check_writable(parser, args.json, "--json")
+    _check_writable(parser, args.plot, "--plot")
     try:
-        run = asyncio.run(run_bench(opts))
-    except BenchError as exc:
+        run = asyncio.run(_run_until_signalled(opts))
+    except (BenchError, RuntimeError, OSError) as exc:  # unreachable server, image server not started
         print(f"qwen-vl-bench: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("qwen-vl-bench: interrupted", file=sys.stderr)
+        return 130
     to_stdout = args.json is not None and str(args.json) == "-"
-    print(format_summary(run.summary, opts.label), file=sys.stderr if to_stdout else sys.stdout)
+    title = opts.label + (" (interrupted: the figures cover what ran)" if run.interrupted else "")
+    print(format_summary(run.summary, title), file=sys.stderr if to_stdout else sys.stdout)
     if args.json is not None:
         data = run.to_dict(with_requests=args.save_requests)
         if to_stdout:
@@ -263,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         except PlotUnavailableError as exc:
             print(f"qwen-vl-bench: {exc}", file=sys.stderr)
             return 1
-    return 0 if run.summary.succeeded else 1
+    failed = sum(n for kind, n in run.summary.errors.items() if kind != "cancelled")
+    return 0 if run.summary.succeeded and not failed and not run.interrupted else 1
 
 
 if __name__ == "__main__":

@@ -155,14 +155,19 @@ class RunCost:
     wall: float
 
 
-async def measure(server: ManagedServer, opts: BenchOptions) -> RunCost:
-    """Run `opts` against `server`, and account the CPU that processes outside this one's
-    tree (which holds the servers, the probe and the image server) used meanwhile."""
+#: Seconds of `--max-wall` kept for stopping both servers at the end.
+STOP_RESERVE = 20.0
+
+
+async def measure(server: ManagedServer, opts: BenchOptions, stop: asyncio.Event | None = None) -> RunCost:
+    """Run `opts` against `server` (ended early when `stop` is set), and account the CPU
+    that processes outside this one's tree (which holds the servers, the probe and the
+    image server) used meanwhile."""
     me = os.getpid()
     ours_before = process_tree_cpu(me)
     api_before, engine_before = server.cpu_split()
     busy_before, wall_before = busy_cpu_seconds(), time.monotonic()
-    run = await run_bench(opts)
+    run = await run_bench(opts, stop)
     wall = time.monotonic() - wall_before
     api, engine = (a - b for a, b in zip(server.cpu_split(), (api_before, engine_before)))
     ours = process_tree_cpu(me) - ours_before
@@ -206,7 +211,7 @@ def cell_options(server: ManagedServer, wl: Workload, conc: int, cfg: MatrixConf
 
 
 async def warm_up(servers: dict[str, ManagedServer], cfg: MatrixConfig,
-                  log: Callable[[str], None]) -> None:
+                  log: Callable[[str], None], stop: asyncio.Event | None = None) -> None:
     """Load each server, unmeasured, for `cfg.warmup_seconds` in all: every workload of
     the run in turn, for an equal share of the time, at the highest concurrency."""
     if cfg.warmup_seconds <= 0 or not cfg.workloads:
@@ -221,19 +226,22 @@ async def warm_up(servers: dict[str, ManagedServer], cfg: MatrixConfig,
             # before the clock starts, and unique pictures take ~15 ms each to make
             count = max(conc, round(cfg.num_requests(conc, wl.unique_images) * share / cfg.cell_duration))
             opts = cell_options(server, wl, conc, cfg, WARMUP_INDEX + k, count, share)
-            run = await run_bench(opts)
+            run = await run_bench(opts, stop)
             done += run.summary.succeeded
+            if run.interrupted:
+                return
         log(f"warm-up of {name}: {done} requests in {time.monotonic() - began:.0f} s")
 
 
 async def run_matrix(servers: dict[str, ManagedServer], cfg: MatrixConfig, started: float,
-                     log: Callable[[str], None]) -> list[Cell]:
+                     log: Callable[[str], None], stop: asyncio.Event | None = None) -> list[Cell]:
     """Every workload x concurrency cell on both servers, in `cfg.rounds` rounds. In each
     round the first server runs for up to `cfg.cell_duration / cfg.rounds` seconds and the
     second gets exactly as many (byte-identical) requests, with three times the duration as
     a safety bound, so both figures cover the same requests; which server goes first
     alternates between rounds and between cells. Stops before a cell that might not finish
-    within `cfg.max_wall` of `started`."""
+    within `cfg.max_wall` of `started`, and when `stop` is set (a cell then cut short is
+    left out)."""
     cells: list[Cell] = []
     index = 0
     for wl_key in cfg.workloads:
@@ -253,7 +261,10 @@ async def run_matrix(servers: dict[str, ManagedServer], cfg: MatrixConfig, start
                 duration = cfg.cell_duration / cfg.rounds
                 for name in order:
                     opts = cell_options(servers[name], wl, conc, cfg, index + r * ROUND_INDEX, count, duration)
-                    cost = await measure(servers[name], opts)
+                    cost = await measure(servers[name], opts, stop)
+                    if cost.run.interrupted:
+                        log(f"stopping: --max-wall reached during {opts.label}; that cell is left out")
+                        return cells
                     parts[name].append(cost)
                     s = cost.run.summary
                     count, duration = s.requests, 3 * cfg.cell_duration / cfg.rounds
@@ -269,8 +280,16 @@ async def run_matrix(servers: dict[str, ManagedServer], cfg: MatrixConfig, start
 
 async def warm_up_then_measure(servers: dict[str, ManagedServer], cfg: MatrixConfig, started: float,
                                log: Callable[[str], None]) -> list[Cell]:
-    await warm_up(servers, cfg, log)
-    return await run_matrix(servers, cfg, started, log)
+    """The warm-up, then the cells, all ended by `cfg.max_wall` (less the time the servers
+    take to stop) even where a server stops answering."""
+    stop = asyncio.Event()
+    left = cfg.max_wall - STOP_RESERVE - (time.monotonic() - started)
+    timer = asyncio.get_running_loop().call_later(max(0.0, left), stop.set)
+    try:
+        await warm_up(servers, cfg, log, stop)
+        return await run_matrix(servers, cfg, started, log, stop)
+    finally:
+        timer.cancel()
 
 
 def machine_info() -> dict[str, str]:

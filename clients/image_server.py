@@ -7,6 +7,7 @@ Files are held in memory and served with Content-Length; anything else is a 404.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,7 +43,10 @@ def _serve(host: str, port: int, files: dict[str, tuple[bytes, str]], ready, sto
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     ready.send(httpd.server_address[1])
-    stop.wait()
+    parent = os.getppid()
+    while not stop.wait(0.5):
+        if os.getppid() != parent:  # the load generator was killed: nobody will say stop
+            break
     httpd.shutdown()
     httpd.server_close()
 

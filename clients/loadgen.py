@@ -8,6 +8,7 @@ collects the `RequestResult`s, so it can be driven by a fake sender in tests.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -48,21 +49,25 @@ class LoadPlan:
             raise ValueError("give a concurrency or a rate")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if self.rate is not None and self.rate <= 0:
-            raise ValueError("rate must be positive")
-        if self.duration is not None and self.duration <= 0:
-            raise ValueError("duration must be positive")
-        if self.grace < 0:
-            raise ValueError("grace must not be negative")
+        if self.rate is not None and not (0 < self.rate < math.inf):
+            raise ValueError("rate must be a positive number")
+        if self.duration is not None and not (0 < self.duration < math.inf):
+            raise ValueError("duration must be a positive number")
+        if not (0 <= self.grace < math.inf):
+            raise ValueError("grace must be a number, not negative")
 
 
 @dataclass
 class LoadOutcome:
     """Results in completion order, and the measured window in seconds (first request
-    sent to last result in)."""
+    sent to last result in). `unsent`: requests of a rate-driven plan that were due before
+    the duration ran out but found no free slot under the cap by then. `interrupted`: the
+    `stop` event ended the run early."""
 
     results: list[RequestResult] = field(default_factory=list)
     duration: float = 0.0
+    unsent: int = 0
+    interrupted: bool = False
 
 
 def arrival_offsets(plan: LoadPlan) -> list[float]:
@@ -77,10 +82,13 @@ def arrival_offsets(plan: LoadPlan) -> list[float]:
     return out
 
 
-async def run_load(send: Sender, plan: LoadPlan, progress: Progress | None = None) -> LoadOutcome:
+async def run_load(send: Sender, plan: LoadPlan, progress: Progress | None = None,
+                   stop: asyncio.Event | None = None) -> LoadOutcome:
     """Run `plan`, calling `send(i)` once for each issued index i (in increasing order of
-    issue), and `progress(result)` after each result. Never raises for a failed request;
-    an exception raised by `send` itself propagates."""
+    issue), and `progress(result)` after each result. Setting `stop` ends the run early:
+    requests in flight are cancelled (recorded as `cancelled`) and the outcome says
+    `interrupted`. Never raises for a failed request; an exception raised by `send`
+    itself propagates."""
     outcome = LoadOutcome()
     start = time.perf_counter()
     deadline = start + plan.duration if plan.duration is not None else None
@@ -93,32 +101,37 @@ async def run_load(send: Sender, plan: LoadPlan, progress: Progress | None = Non
     if plan.rate is None:
         tasks = _fixed_concurrency(send, plan, deadline, record)
     else:
-        tasks = _fixed_rate(send, plan, start, deadline, record)
+        tasks = _fixed_rate(send, plan, start, deadline, record, outcome)
     runner = asyncio.ensure_future(tasks)
+    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
     try:
-        if deadline is None:
-            await runner
-        else:
-            await asyncio.wait_for(asyncio.shield(runner), deadline + plan.grace - time.perf_counter())
-    except asyncio.TimeoutError:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
+        limit = None if deadline is None else max(0.0, deadline + plan.grace - time.perf_counter())
+        await asyncio.wait([f for f in (runner, stopped) if f is not None], timeout=limit,
+                           return_when=asyncio.FIRST_COMPLETED)
+        outcome.interrupted = not runner.done() and stop is not None and stop.is_set()
     finally:
-        if not runner.done():
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
+        for future in (runner, stopped):
+            if future is not None and not future.done():
+                future.cancel()
+        await asyncio.gather(*(f for f in (runner, stopped) if f is not None), return_exceptions=True)
+    if not runner.cancelled() and runner.exception() is not None:
+        raise runner.exception()
     outcome.duration = (max(r.finished for r in outcome.results) - start) if outcome.results else 0.0
     return outcome
 
 
-async def _guarded(send: Sender, index: int, record: Callable[[RequestResult], None]) -> None:
-    """Send one request; a cancellation (grace ran out) is recorded as `cancelled`."""
+async def _guarded(send: Sender, index: int, record: Callable[[RequestResult], None],
+                   due: float | None = None) -> None:
+    """Send one request; a cancellation (grace ran out) is recorded as `cancelled`. With
+    `due` (its planned send time), the result records how late it went out."""
     started = time.perf_counter()
+    lag = None if due is None else max(0.0, started - due)
     try:
         result = await send(index)
     except asyncio.CancelledError:
-        record(RequestResult(started, time.perf_counter(), error="cancelled"))
+        record(RequestResult(started, time.perf_counter(), error="cancelled", send_lag=lag))
         raise
+    result.send_lag = lag
     record(result)
 
 
@@ -135,16 +148,22 @@ async def _fixed_concurrency(send: Sender, plan: LoadPlan, deadline: float | Non
     await _gather_all(workers)
 
 
-async def _fixed_rate(send: Sender, plan: LoadPlan, start: float, deadline: float | None, record) -> None:
+async def _fixed_rate(send: Sender, plan: LoadPlan, start: float, deadline: float | None, record,
+                      outcome: LoadOutcome) -> None:
     cap = asyncio.Semaphore(plan.concurrency) if plan.concurrency else None
     tasks: list[asyncio.Task] = []
 
-    async def one(index: int) -> None:
+    async def one(index: int, due: float) -> None:
         if cap is None:
-            await _guarded(send, index, record)
+            await _guarded(send, index, record, due)
             return
         async with cap:
-            await _guarded(send, index, record)
+            # A request that waited for a slot past the duration is not sent ("stop
+            # issuing after --duration"), but counted, so that the cap's effect shows.
+            if deadline is not None and time.perf_counter() >= deadline:
+                outcome.unsent += 1
+                return
+            await _guarded(send, index, record, due)
 
     try:
         for index, offset in enumerate(arrival_offsets(plan)):
@@ -154,7 +173,7 @@ async def _fixed_rate(send: Sender, plan: LoadPlan, start: float, deadline: floa
             delay = at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(index)))
+            tasks.append(asyncio.create_task(one(index, at)))
     except BaseException:
         await _cancel_all(tasks)
         raise

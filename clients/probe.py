@@ -36,10 +36,12 @@ class ProbeResult:
     own_session: bool = False  # whether the probe ran in a session (scheduling group) of its own
 
 
-def probe_once(host: str, port: int, path: str, timeout: float) -> float | None:
-    """One GET on a new connection; its latency in seconds, or None unless it was a 200."""
+def probe_once(host: str, port: int, path: str, timeout: float, tls: bool = False) -> float | None:
+    """One GET on a new connection (HTTPS with `tls`, the certificate checked); its latency
+    in seconds, or None unless it was a 200."""
     started = time.perf_counter()
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    kind = http.client.HTTPSConnection if tls else http.client.HTTPConnection
+    conn = kind(host, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         response = conn.getresponse()
@@ -53,7 +55,9 @@ def probe_once(host: str, port: int, path: str, timeout: float) -> float | None:
 
 def _loop(url: str, interval: float, timeout: float, max_seconds: float, stop, out) -> None:
     parts = urlsplit(url)
-    host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
+    tls = parts.scheme == "https"
+    host, port, path = parts.hostname or "127.0.0.1", parts.port or (443 if tls else 80), parts.path or "/"
+    parent = os.getppid()  # the loop ends when it changes: the load generator was killed
     result = ProbeResult()
     try:
         os.setsid()
@@ -62,9 +66,9 @@ def _loop(url: str, interval: float, timeout: float, max_seconds: float, stop, o
         pass
     out.send("started")
     end = time.perf_counter() + max_seconds
-    while not stop.is_set() and time.perf_counter() < end:
+    while not stop.is_set() and time.perf_counter() < end and os.getppid() == parent:
         started = time.perf_counter()
-        latency = probe_once(host, port, path, timeout)
+        latency = probe_once(host, port, path, timeout, tls)
         if latency is None:
             result.errors += 1
         else:

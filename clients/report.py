@@ -23,14 +23,17 @@ def _ms(d: Distribution | None) -> list[str]:
 def format_summary(s: Summary, title: str = "qwen-vl-bench") -> str:
     """A fixed-width table of the figures of `s` (latencies in milliseconds)."""
     prompt = "-" if s.mean_prompt_tokens is None else f"{s.mean_prompt_tokens:.1f}"
+    unsent = f" ({s.unsent} more were due but found no free slot before the duration ran out)" if s.unsent else ""
     lines = [
         title,
-        f"  requests        {s.requests} sent, {s.succeeded} succeeded, in {s.duration:.2f} s",
-        f"  throughput      {s.requests_per_s:.2f} req/s, {s.output_tokens_per_s:.1f} output tok/s",
+        f"  requests        {s.requests} sent, {s.succeeded} succeeded, in {s.duration:.2f} s{unsent}",
+        f"  throughput      {s.requests_per_s:.2f} req/s, {s.output_tokens_per_s:.1f} output tok/s (succeeded)",
         f"  tokens/request  {s.mean_output_tokens:.1f} output, {prompt} prompt",
         f"  {'latency (ms)':<14}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}",
     ]
     rows = [("TTFT", s.ttft), ("TPOT", s.tpot), ("E2E", s.e2e)]
+    if s.send_lag is not None:
+        rows.append(("send lag", s.send_lag))  # due time to sending: the client's own queue
     if s.health is not None or s.health_errors:
         rows.append(("/health", s.health))
     for name, dist in rows:
@@ -39,6 +42,11 @@ def format_summary(s: Summary, title: str = "qwen-vl-bench") -> str:
         lines.append(f"  /health failures {s.health_errors}")
     errors = ", ".join(f"{k}: {v}" for k, v in s.errors.items()) or "none"
     lines.append(f"  errors          {errors}")
+    if s.warmup_errors:
+        lines.append("  warm-up errors  " + ", ".join(f"{k}: {v}" for k, v in s.warmup_errors.items()))
+    if s.tokens_estimated:
+        lines.append(f"  note            {s.tokens_estimated} responses had no usage chunk: their tokens "
+                     "were counted as content chunks (an undercount when a chunk holds several)")
     return "\n".join(lines)
 
 

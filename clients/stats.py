@@ -29,6 +29,11 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
+    #: False when the stream sent no usage chunk and its tokens were counted as chunks
+    tokens_from_usage: bool = True
+    #: rate-driven runs: seconds from the request's due time to its sending (waiting for
+    #: a free slot under the concurrency cap, or for the event loop); None otherwise
+    send_lag: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -88,8 +93,12 @@ class Distribution:
 
 @dataclass
 class Summary:
-    """The figures of one run. Rates are per second of `duration` (the measured window:
-    first request sent to last response finished); latencies are in seconds."""
+    """The figures of one run. Rates count successful requests (and their tokens) per
+    second of `duration` (the measured window: first request sent to last response
+    finished); latencies are in seconds. `unsent`: requests a rate-driven run had due
+    before `--duration` ran out but could not send (every slot under the cap busy).
+    `tokens_estimated`: successful requests without a usage chunk, whose tokens were
+    counted as content chunks. `send_lag`: how late rate-driven requests went out."""
 
     requests: int
     succeeded: int
@@ -104,6 +113,10 @@ class Summary:
     errors: dict[str, int] = field(default_factory=dict)
     health: Distribution | None = None
     health_errors: int = 0
+    unsent: int = 0
+    tokens_estimated: int = 0
+    send_lag: Distribution | None = None
+    warmup_errors: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +125,7 @@ class Summary:
     def from_dict(cls, data: dict) -> "Summary":
         """Inverse of `to_dict` (for reading saved results)."""
         data = dict(data)
-        for key in ("ttft", "tpot", "e2e", "health"):
+        for key in ("ttft", "tpot", "e2e", "health", "send_lag"):
             if data.get(key) is not None:
                 data[key] = Distribution(**data[key])
         return cls(**data)
@@ -123,10 +136,13 @@ def summarize(
     duration: float,
     health: Sequence[float] = (),
     health_errors: int = 0,
+    unsent: int = 0,
+    warmup: Sequence[RequestResult] = (),
 ) -> Summary:
     """Summarize `results` measured over `duration` seconds; failed requests count in
     `errors` (by kind) and in no latency figure. `health` holds probe latencies in
-    seconds. Raises ValueError for a negative duration."""
+    seconds; `warmup`, the unmeasured requests, count only in `warmup_errors`. Raises
+    ValueError for a negative duration."""
     if duration < 0:
         raise ValueError("duration must not be negative")
     good = [r for r in results if r.ok]
@@ -144,7 +160,15 @@ def summarize(
         ttft=Distribution.of(r.ttft for r in good if r.ttft is not None),
         tpot=Distribution.of(r.tpot for r in good if r.tpot is not None),
         e2e=Distribution.of(r.e2e for r in good),
-        errors=dict(sorted(Counter(r.error for r in results if r.error is not None).items())),
+        errors=_error_counts(results),
         health=Distribution.of(health),
         health_errors=health_errors,
+        unsent=unsent,
+        tokens_estimated=sum(not r.tokens_from_usage for r in good),
+        send_lag=Distribution.of(r.send_lag for r in results if r.send_lag is not None),
+        warmup_errors=_error_counts(warmup),
     )
+
+
+def _error_counts(results: Iterable[RequestResult]) -> dict[str, int]:
+    return dict(sorted(Counter(r.error for r in results if r.error is not None).items()))

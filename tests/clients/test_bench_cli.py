@@ -52,7 +52,10 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
     assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("argv", [["--repeat-share", "2"], ["--num-requests", "0"], ["--timeout", "0"]])
+@pytest.mark.parametrize("argv", [["--repeat-share", "2"], ["--num-requests", "0"], ["--timeout", "0"],
+                                  ["--rate", "nan"], ["--timeout", "nan"], ["--duration", "inf"], ["--seed", "-1"],
+                                  ["--base-url", "127.0.0.1:8000"], ["--base-url", "http://127.0.0.1:99999"],
+                                  ["--base-url", "ftp://127.0.0.1"], ["--json", "/proc/no-such-dir/x.json"]])
 def test_inconsistent_values_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -128,7 +131,8 @@ def test_cli_writes_json_and_plot(server, tmp_path, capsys):
     assert "live" in capsys.readouterr().out
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["summary"]["succeeded"] == 6 and len(data["requests"]) == 6
-    assert data["options"]["workload"]["model"] == ""  # resolved at run time
+    assert data["options"]["workload"]["model"] == "scripted"  # the one /v1/models listed
+    assert data["units"]["times"].startswith("seconds") and data["interrupted"] is False
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -139,7 +143,6 @@ def test_cli_json_to_stdout(server, capsys):
     out = capsys.readouterr()
     assert json.loads(out.out)["summary"]["requests"] == 2
     assert "TTFT" in out.err
-
 
 
 def test_help_states_the_defaults(capsys):
@@ -153,3 +156,101 @@ def test_help_states_the_defaults(capsys):
     with pytest.raises(SystemExit):
         tiny_main(["--help"])
     assert "(default: qwen2-vl)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_json_keeps_no_api_key(server, tmp_path):
+    base, _ = server
+    assert main(["--base-url", base, "--num-requests", "2", "--images", "none", "--api-key", "sk-SECRET-123",
+                 "--json", str(tmp_path / "r.json"), "--no-progress", "--health-interval", "0"]) == 0
+    text = (tmp_path / "r.json").read_text()
+    assert "sk-SECRET" not in text and json.loads(text)["options"]["api_key"] == "(set)"
+
+
+def test_failed_requests_make_the_exit_status_1(tmp_path, capsys):
+    """One slot and no queue against 4 streams: some requests get a 429, and the run says so
+    in its exit status as well as in its table."""
+    with scripted_server(delay=0.01, max_concurrent_requests=1, max_queued_requests=0) as (base, _):
+        code = main(["--base-url", base, "--num-requests", "12", "--concurrency", "4", "--images", "none",
+                     "--max-tokens", "8", "--warmup", "0", "--no-progress", "--health-interval", "0"])
+    out = capsys.readouterr().out
+    assert code == 1 and "http_429" in out and "succeeded" in out
+
+
+def _bench_process(base: str, *extra: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "clients.bench", "--base-url", base, "--images", "http", "--image-size", "32x32",
+         "--num-requests", "400", "--concurrency", "2", "--max-tokens", "200", "--warmup", "0",
+         "--no-progress", "--health-interval", "0.05", *extra],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _children_once_running(proc, count: int) -> list:
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        if len(kids) >= count:
+            return kids
+        time.sleep(0.2)
+    raise AssertionError("the bench did not start its image server and probe")
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    """Each answer takes seconds: a run is always mid-flight when it is signalled."""
+    with scripted_server(delay=0.03, image_allow_networks=["127.0.0.2/32"]) as (base, engine):
+        yield base
+
+
+def test_sigint_ends_the_run_with_its_figures_and_stops_the_children(slow_server):
+    import signal
+    import time
+
+    import psutil
+
+    proc = _bench_process(slow_server)
+    # the image server, the /health probe and multiprocessing's resource tracker
+    kids = _children_once_running(proc, 2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "interrupted" in out and "sent" in out and "cancelled: 2" in out
+    assert "Traceback" not in err
+    _, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive
+
+
+def test_children_end_when_the_bench_is_killed(slow_server):
+    import signal
+    import time
+
+    import psutil
+
+    proc = _bench_process(slow_server)
+    kids = _children_once_running(proc, 2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    _, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive, [k.cmdline() for k in alive]
+
+
+def test_table_shows_the_clients_own_queue_the_unsent_requests_and_estimated_tokens():
+    results = [RequestResult(0.0, 1.0, 0.2, 0.8, 4, 30, send_lag=0.5, tokens_from_usage=False),
+               RequestResult(0.0, 1.0, 0.2, 0.8, 4, 30, send_lag=1.5)]
+    s = summarize(results, 1.0, unsent=7, warmup=[RequestResult(0.0, 4.0, error="timeout")])
+    assert s.tokens_estimated == 1 and s.send_lag.max == 1.5 and s.warmup_errors == {"timeout": 1}
+    table = format_summary(s, "t")
+    assert "7 more were due" in table and "send lag" in table and "1000.0" in table  # its mean
+    assert "warm-up errors  timeout: 1" in table and "1 responses had no usage chunk" in table
+    assert "(succeeded)" in table
+    plain = format_summary(summarize(results[1:2], 1.0), "t")
+    assert "more were due" not in plain and "no usage chunk" not in plain and "warm-up" not in plain

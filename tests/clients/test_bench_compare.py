@@ -186,3 +186,38 @@ def test_warm_up_defaults_and_flag():
     assert config_from_args(build_parser().parse_args([])).warmup_seconds == 20.0
     assert config_from_args(build_parser().parse_args(["--quick"])).warmup_seconds == 8.0
     assert config_from_args(build_parser().parse_args(["--warmup-seconds", "0"])).warmup_seconds == 0.0
+
+
+def test_the_stop_event_ends_the_matrix_mid_cell_and_leaves_that_cell_out(tmp_path, monkeypatch):
+    """--max-wall is a hard bound: the cell running when it passes is cut short and left
+    out, however slowly the servers answer."""
+    import asyncio
+    from contextlib import ExitStack
+
+    from bench_scripted_server import MODEL, scripted_server
+
+    import clients.compare
+    from clients.compare import MatrixConfig, run_matrix
+    from clients.servers import ManagedServer, ServerSpec
+
+    monkeypatch.setattr(clients.compare, "SERVED_NAME", MODEL)
+    cfg = MatrixConfig(workloads=("d",), concurrencies=(1,), requests={1: 50}, cell_duration=60.0,
+                       max_wall=900.0, warmup_seconds=0.0, max_tokens=200, prompt_words=4)
+    with ExitStack() as stack:
+        servers = {}
+        for name in (OURS, THEIRS):
+            base, _ = stack.enter_context(scripted_server(delay=0.05))  # 10 s per request
+            host, port = base.removeprefix("http://").split(":")
+            servers[name] = ManagedServer(ServerSpec(name, [], host, int(port)), tmp_path / f"{name}.log")
+        lines: list[str] = []
+
+        async def main():
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(2.0, stop.set)
+            return await run_matrix(servers, cfg, time.monotonic(), lines.append, stop)
+
+        began = time.monotonic()
+        cells = asyncio.run(main())
+        took = time.monotonic() - began
+    assert cells == [] and took < 10, took
+    assert any("left out" in line for line in lines), lines

@@ -118,3 +118,47 @@ def test_sender_exception_propagates():
 def test_plan_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         LoadPlan(**kwargs)
+
+
+def test_a_capped_rate_sends_nothing_after_the_duration_and_counts_what_it_could_not_send():
+    # 50 requests/s due, 1 slot, each request 0.1 s: most arrivals wait for the slot.
+    sender = FakeSender(0.1)
+    started = time.perf_counter()
+    out = run(sender, LoadPlan(num_requests=500, rate=50, constant_rate=True, concurrency=1,
+                               duration=0.5, grace=2.0))
+    assert all(t - started < 0.5 + 0.02 for t in sender.sent_at)  # none issued after the duration
+    assert 3 <= len(out.results) <= 6
+    assert out.unsent >= 15  # ~25 were due in 0.5 s: the rest are counted, not dropped silently
+    lags = [r.send_lag for r in out.results]
+    assert all(lag is not None for lag in lags) and max(lags) > 0.2  # the client's queue shows
+
+
+def test_an_uncapped_rate_reports_a_small_send_lag_and_no_unsent():
+    out = run(FakeSender(0.01), LoadPlan(num_requests=20, rate=100, constant_rate=True))
+    assert out.unsent == 0 and max(r.send_lag for r in out.results) < 0.05
+
+
+def test_fixed_concurrency_has_no_send_lag():
+    out = run(FakeSender(0.0), LoadPlan(num_requests=5, concurrency=2))
+    assert all(r.send_lag is None for r in out.results)
+
+
+def test_the_stop_event_ends_the_run_with_what_ran():
+    async def main():
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, stop.set)
+        return await run_load(FakeSender(0.2), LoadPlan(num_requests=1000, concurrency=2), stop=stop)
+
+    started = time.perf_counter()
+    out = asyncio.run(main())
+    assert time.perf_counter() - started < 1.0
+    assert out.interrupted
+    kinds = [r.error for r in out.results]
+    assert kinds.count(None) >= 2 and kinds.count("cancelled") == 2  # the two in flight
+
+
+def test_non_finite_numbers_are_refused():
+    for bad in ({"rate": float("nan")}, {"rate": float("inf")}, {"duration": float("nan"), "concurrency": 1},
+                {"grace": float("nan"), "concurrency": 1}):
+        with pytest.raises(ValueError):
+            LoadPlan(num_requests=1, **bad)

@@ -268,3 +268,53 @@ def test_session_caps_connections():
     results, server = asyncio.run(_serve(slowish, client))
     assert all(r.ok for r in results)
     assert server.most_open <= 4 and len(server.requests) == 40
+
+
+# --- chunks a server should not send: each is the request's own error, never the run's ---
+
+
+def test_an_error_event_is_a_stream_error_and_a_null_error_field_is_not():
+    r, _ = run(answer(sse(ROLE, content("a"), 'event: error\ndata: {"message": "boom"}', content("b"), USAGE,
+                          "data: [DONE]")))
+    assert r.error == "stream_error"
+    r, _ = run(answer(sse(ROLE, {**content("a"), "error": None}, content("b"), USAGE, "data: [DONE]")))
+    assert r.ok, r.error
+
+
+@pytest.mark.parametrize("chunk", [
+    {"choices": [None]},
+    {"choices": [{"delta": "x"}]},
+    {"choices": {"0": {"delta": {"content": "x"}}}},
+    {"choices": [{"delta": {"content": 5}}]},
+    {"choices": [], "usage": "many"},
+    {"choices": [], "usage": {"completion_tokens": None}},
+    {"choices": [], "usage": {"completion_tokens": "7"}},
+    {"choices": [], "usage": {"completion_tokens": -1}},
+    {"choices": [], "usage": {"completion_tokens": 3, "prompt_tokens": "x"}},
+])
+def test_a_malformed_chunk_is_a_bad_chunk_for_its_request(chunk):
+    r, _ = run(answer(sse(ROLE, content("a"), chunk, content("b"), "data: [DONE]")))
+    assert r.error == "bad_chunk"
+
+
+def test_tokens_without_a_usage_chunk_are_marked_as_counted_from_chunks():
+    r, _ = run(answer(sse(ROLE, content("ab"), content("cd"), "data: [DONE]")))
+    assert r.ok and r.output_tokens == 2 and r.tokens_from_usage is False
+    r, _ = run(answer(sse(ROLE, content("ab"), USAGE, "data: [DONE]")))
+    assert r.ok and r.output_tokens == 7 and r.tokens_from_usage is True
+
+
+def test_text_with_a_usage_of_no_tokens_is_bad_usage():
+    zero = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 0}}
+    r, _ = run(answer(sse(ROLE, content("a"), zero, "data: [DONE]")))
+    assert r.error == "bad_usage"
+
+
+def test_a_fixed_output_length_the_server_did_not_keep_is_an_error():
+    async def client(server: Server):
+        async with open_session(4, 10, 10) as session:
+            return [await stream_chat(session, server.url, b"{}", expected_tokens=n) for n in (7, 16)]
+
+    (right, short), _ = asyncio.run(_serve(answer(sse(ROLE, content("a"), content("b"), USAGE, "data: [DONE]")),
+                                           client))
+    assert right.ok and short.error == "output_length"
