@@ -141,6 +141,10 @@ def _decode(
     if orientation in _TRANSPOSE:
         out = out.transpose(_TRANSPOSE[orientation])
     out.load()
+    # The pixels are upright now, but Pillow carried the file's metadata along; vLLM applies
+    # any EXIF (or XMP) orientation it finds to every image it is handed, which would turn
+    # the picture a second time. Nothing downstream needs the metadata.
+    out.info.clear()
     return out, (width, height)
 
 

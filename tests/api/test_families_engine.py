@@ -140,3 +140,29 @@ def test_streamed_boxes_arrive_in_the_choices_last_chunk(client, server):
 
 def test_grounding_off_leaves_the_text_alone(client, server):
     grounding_case.check_grounding_off_leaves_the_text_alone(client, server, "tiny")
+
+
+def test_a_photo_with_an_exif_orientation_reaches_the_model_upright_once(client):
+    """A phone photo stored sideways with EXIF orientation 6 must give the model exactly the
+    pixels of the same photo stored upright (vLLM turns any image still tagged, so the
+    server's upright copy must carry no tag)."""
+    upright = Image.open(io.BytesIO(picture(96, 64))).convert("RGB")
+
+    def png(im: Image.Image, orientation: int | None = None) -> str:
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        buf = io.BytesIO()
+        im.save(buf, "PNG", exif=exif.tobytes())
+        return data_url(buf.getvalue())
+
+    def logprobs(url: str) -> list[float]:
+        r = ask(client, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe."}],
+                max_tokens=4, logprobs=True, top_logprobs=3)
+        return [t.logprob for c in r.choices[0].logprobs.content for t in c.top_logprobs]
+
+    reference = logprobs(png(upright))
+    # stored turned 90 degrees counter-clockwise; orientation 6 says "turn it clockwise"
+    assert logprobs(png(upright.transpose(Image.Transpose.ROTATE_90), 6)) == reference
+    # the check can fail: the model does see which way up a picture is
+    assert logprobs(png(upright.transpose(Image.Transpose.ROTATE_180))) != reference

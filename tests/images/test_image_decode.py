@@ -197,6 +197,28 @@ def test_exif_orientation_is_applied():
     assert image.tobytes() == expected.tobytes()
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("max_pixels", [None, 3136])
+def test_the_engine_sees_the_picture_upright_once(orientation, max_pixels):
+    """vLLM applies EXIF orientation to every image it is handed (its `normalize_image`);
+    the decoded image must carry none, or the engine turns it a second time."""
+    from vllm.multimodal.image import normalize_image
+
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 10))  # a quadrant, so every transpose shows
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = samples.encode(stored, "PNG", exif=exif.tobytes())  # lossless: pixels compare exactly
+    for family in ("qwen-vl", "qwen2-vl"):
+        image, size = decode(data, family=family, max_pixels=max_pixels)
+        upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        assert size == upright.size
+        seen = normalize_image(image)
+        assert seen.size == image.size and seen.tobytes() == image.tobytes()
+        if image.size == upright.size:
+            assert image.tobytes() == upright.tobytes()
+
+
 def test_rotated_jpeg_is_resized_in_display_orientation():
     image, size = decode(samples.rotated_jpeg(), family="qwen2-vl", max_pixels=3136)
     assert size == (20, 40)
