@@ -19,6 +19,7 @@ import json
 import math
 import signal
 import sys
+import threading
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -120,7 +121,17 @@ async def run_bench(opts: BenchOptions, stop: asyncio.Event | None = None) -> Be
         if opts.progress and spec.images != "none" and count * spec.images_per_request >= 200:
             print(f"{opts.label}: encoding the pictures of {count} requests before the run",
                   file=sys.stderr, flush=True)
-        built = await asyncio.to_thread(build_workload, spec, count, image_base)
+        cancel = threading.Event()  # a signal must not wait for thousands of pictures
+        watcher = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        if watcher is not None:
+            watcher.add_done_callback(lambda _: cancel.set())
+        try:
+            built = await asyncio.to_thread(build_workload, spec, count, image_base, cancel)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if stop is not None and stop.is_set():
+            return BenchRun(replace(opts, workload=spec), summarize([], 0.0), interrupted=True)
         expected = spec.max_tokens if spec.fixed_output else None
 
         def send(bodies: list[bytes]):
@@ -281,8 +292,11 @@ def _check_writable(parser: argparse.ArgumentParser, path: Path | None, what: st
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
         with open(path, "a"):
             pass
+        if not existed:  # no empty file left behind should the run fail
+            path.unlink()
     except OSError as exc:
         parser.error(f"{what} {path}: {exc.strerror or exc}")
 
@@ -311,7 +325,7 @@ async def _run_until_signalled(opts: BenchOptions) -> BenchRun:
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0 when every measured request succeeded (requests cancelled at the
     end of `--duration` + `--grace` aside), 1 otherwise or when the run could not start,
-    2 for bad arguments, 130 when interrupted before any figure."""
+    2 for bad arguments, 130 when interrupted before any measured request."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         from clients.compare import main as compare_main
@@ -332,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("qwen-vl-bench: interrupted", file=sys.stderr)
+        return 130
+    if run.interrupted and not run.summary.requests:
+        print("qwen-vl-bench: interrupted before any measured request", file=sys.stderr)
         return 130
     to_stdout = args.json is not None and str(args.json) == "-"
     title = opts.label + (" (interrupted: the figures cover what ran)" if run.interrupted else "")

@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer requests and shorter cells (a few minutes)")
     p.add_argument("--workloads", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated concurrencies")
-    p.add_argument("--cell-duration", type=float, default=None, help="seconds each measurement may issue requests")
-    p.add_argument("--max-wall", type=float, default=None, help="overall wall-clock cap in seconds")
+    p.add_argument("--cell-duration", type=float, default=None, help="seconds each cell may issue requests (default: 30; 10 with --quick)")
+    p.add_argument("--max-wall", type=float, default=None, help="overall wall-clock cap in seconds (default: 1500; 900 with --quick)")
     p.add_argument("--rounds", type=int, default=2,
                    help="rounds per cell, the server going first alternating (1-9)")
     p.add_argument("--warmup-seconds", type=float, default=None,

@@ -90,6 +90,9 @@ async def run_load(send: Sender, plan: LoadPlan, progress: Progress | None = Non
     `interrupted`. Never raises for a failed request; an exception raised by `send`
     itself propagates."""
     outcome = LoadOutcome()
+    if stop is not None and stop.is_set():
+        outcome.interrupted = True
+        return outcome
     start = time.perf_counter()
     deadline = start + plan.duration if plan.duration is not None else None
 
@@ -152,17 +155,20 @@ async def _fixed_rate(send: Sender, plan: LoadPlan, start: float, deadline: floa
                       outcome: LoadOutcome) -> None:
     cap = asyncio.Semaphore(plan.concurrency) if plan.concurrency else None
     tasks: list[asyncio.Task] = []
+    sent = 0
 
     async def one(index: int, due: float) -> None:
+        nonlocal sent
         if cap is None:
+            sent += 1
             await _guarded(send, index, record, due)
             return
-        async with cap:
+        async with cap:  # a cancellation while waiting here leaves the request unsent
             # A request that waited for a slot past the duration is not sent ("stop
             # issuing after --duration"), but counted, so that the cap's effect shows.
             if deadline is not None and time.perf_counter() >= deadline:
-                outcome.unsent += 1
                 return
+            sent += 1
             await _guarded(send, index, record, due)
 
     try:
@@ -174,10 +180,14 @@ async def _fixed_rate(send: Sender, plan: LoadPlan, start: float, deadline: floa
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(index, at)))
+        await _gather_all(tasks)
     except BaseException:
         await _cancel_all(tasks)
         raise
-    await _gather_all(tasks)
+    finally:
+        # Due (before the duration ran out) but never sent: still waiting for a slot when
+        # the duration ended, or when the grace ran out or the run was stopped.
+        outcome.unsent = len(tasks) - sent
 
 
 async def _gather_all(tasks: list[asyncio.Task]) -> None:

@@ -23,7 +23,7 @@ def _ms(d: Distribution | None) -> list[str]:
 def format_summary(s: Summary, title: str = "qwen-vl-bench") -> str:
     """A fixed-width table of the figures of `s` (latencies in milliseconds)."""
     prompt = "-" if s.mean_prompt_tokens is None else f"{s.mean_prompt_tokens:.1f}"
-    unsent = f" ({s.unsent} more were due but found no free slot before the duration ran out)" if s.unsent else ""
+    unsent = f" ({s.unsent} more were due but never sent: no free slot under the cap in time)" if s.unsent else ""
     lines = [
         title,
         f"  requests        {s.requests} sent, {s.succeeded} succeeded, in {s.duration:.2f} s{unsent}",

@@ -68,7 +68,7 @@ class _Stream:
             return
         try:
             event = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
             self._fail("bad_chunk")
             return
         if not isinstance(event, dict):
@@ -90,10 +90,11 @@ class _Stream:
         whose parts have the wrong types."""
         usage = event.get("usage")
         if usage is not None:
-            if not isinstance(usage, dict) or not _count(usage.get("completion_tokens")) \
+            if not isinstance(usage, dict) or not _count(usage.get("completion_tokens"), optional=True) \
                     or not _count(usage.get("prompt_tokens"), optional=True):
                 raise ValueError("malformed usage")
-            self.usage = usage
+            if usage.get("completion_tokens") is not None:  # `{}` counts nothing: not a usage chunk
+                self.usage = usage
         choices = event.get("choices")
         if choices is None:
             return
@@ -153,7 +154,8 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: bytes,
     """POST `body` (a JSON chat-completions request with `"stream": true`) to `url` and
     time the answer. Token counts come from the usage chunk when the server sends one
     (`stream_options.include_usage`), else from the number of content chunks; with
-    `expected_tokens`, a usage count other than that is an `output_length` error. Timeouts
+    `expected_tokens`, a usage count other than that is an `output_length` error (the
+    usage sums all choices: with `n` choices, expect n times each one's length). Timeouts
     are the session's (`aiohttp.ClientTimeout`)."""
     hdrs = {"content-type": "application/json", "accept": "text/event-stream", **(headers or {})}
     started = time.perf_counter()

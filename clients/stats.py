@@ -96,7 +96,8 @@ class Summary:
     """The figures of one run. Rates count successful requests (and their tokens) per
     second of `duration` (the measured window: first request sent to last response
     finished); latencies are in seconds. `unsent`: requests a rate-driven run had due
-    before `--duration` ran out but could not send (every slot under the cap busy).
+    (before `--duration` ran out) but never sent: every slot under the cap stayed busy
+    until the duration, the grace or the run ended.
     `tokens_estimated`: successful requests without a usage chunk, whose tokens were
     counted as content chunks. `send_lag`: how late rate-driven requests went out."""
 

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -113,10 +114,12 @@ class BuiltWorkload:
     unique_images: int = 0
 
 
-def build_workload(spec: WorkloadSpec, count: int, image_base_url: str | None = None) -> BuiltWorkload:
+def build_workload(spec: WorkloadSpec, count: int, image_base_url: str | None = None,
+                   cancel: threading.Event | None = None) -> BuiltWorkload:
     """`count` request bodies for `spec`. With `images="http"`, `image_base_url` (e.g.
-    `http://127.0.0.2:8123`) is where the files will be served. Raises ValueError when it
-    is missing for http images."""
+    `http://127.0.0.2:8123`) is where the files will be served. Setting `cancel` (from
+    another thread) stops the work early: fewer bodies come back. Raises ValueError when
+    the base URL is missing for http images."""
     if spec.images == "http" and not image_base_url:
         raise ValueError("http images need image_base_url")
     rng = random.Random(spec.seed)
@@ -136,6 +139,8 @@ def build_workload(spec: WorkloadSpec, count: int, image_base_url: str | None = 
     next_unique = base + spec.pool_size
     bodies = []
     for i in range(count):
+        if cancel is not None and cancel.is_set():
+            break
         parts: list[dict] = []
         if spec.images != "none":
             for _ in range(spec.images_per_request):

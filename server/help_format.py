@@ -33,4 +33,6 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         return bool(action.option_strings) and "default" not in (action.help or "").lower() \
             and default is not argparse.SUPPRESS and default is not None and default is not False \
-            and default != "" and default != [] and not isinstance(action, argparse._StoreTrueAction)
+            and default != "" and default != [] \
+            and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                        argparse._StoreConstAction))

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     )
     dtype: str = Field("auto", description="Weights and activations dtype (auto, bfloat16, float16, float32).")
     max_model_len: int | None = Field(None, ge=16, description="Context length (default: from the model config).")
-    max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once by the engine.")
-    max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once by the engine (default: vLLM's).")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step (default: vLLM's).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may use.")
     engine_nice: int | None = Field(
         None, ge=0, le=19,
@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     enforce_eager: bool | None = Field(
         None, description="Disable CUDA graphs / compilation (default: on for CPU, off for GPU)."
     )
-    enable_prefix_caching: bool | None = Field(None, description="vLLM automatic prefix caching.")
+    enable_prefix_caching: bool | None = Field(None, description="vLLM automatic prefix caching (default: vLLM's).")
     limit_mm_per_prompt: int = Field(4, ge=0, description="Most images in one request.")
     mm_processor_cache_type: Literal["lru", "shm"] | None = Field(
         None, description="vLLM's cache of preprocessed images: lru (vLLM's default) or shm.",

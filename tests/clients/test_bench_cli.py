@@ -153,9 +153,31 @@ def test_help_states_the_defaults(capsys):
                   "(default: 0.0)", "--seed SEED seed of pictures, prompts and arrivals (default: 0)"):
         assert shown in text, shown
     assert "default: None" not in text and "default: False" not in text
+    assert "--no-progress (default" not in text  # a flag that turns something off has no "default: True"
     with pytest.raises(SystemExit):
         tiny_main(["--help"])
     assert "(default: qwen2-vl)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_run_that_cannot_start_leaves_no_empty_output_files(tmp_path):
+    out = tmp_path / "new" / "r.json"
+    assert main(["--base-url", "http://127.0.0.1:9", "--num-requests", "1", "--no-progress",
+                 "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 1
+    assert not out.exists() and not (tmp_path / "p.png").exists()
+
+
+def test_a_signal_while_pictures_are_encoded_ends_the_bench_at_once(slow_server):
+    import signal
+    import time
+
+    proc = _bench_process(slow_server, "--num-requests", "20000", "--images", "data", "--image-size", "448x448")
+    time.sleep(4.0)  # encoding 20,000 pictures takes minutes
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - began < 10
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted before any measured request" in err and "Traceback" not in err
 
 
 def test_the_json_keeps_no_api_key(server, tmp_path):
@@ -249,7 +271,7 @@ def test_table_shows_the_clients_own_queue_the_unsent_requests_and_estimated_tok
     s = summarize(results, 1.0, unsent=7, warmup=[RequestResult(0.0, 4.0, error="timeout")])
     assert s.tokens_estimated == 1 and s.send_lag.max == 1.5 and s.warmup_errors == {"timeout": 1}
     table = format_summary(s, "t")
-    assert "7 more were due" in table and "send lag" in table and "1000.0" in table  # its mean
+    assert "7 more were due but never sent" in table and "send lag" in table and "1000.0" in table  # its mean
     assert "warm-up errors  timeout: 1" in table and "1 responses had no usage chunk" in table
     assert "(succeeded)" in table
     plain = format_summary(summarize(results[1:2], 1.0), "t")

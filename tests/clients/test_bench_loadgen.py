@@ -162,3 +162,23 @@ def test_non_finite_numbers_are_refused():
                 {"grace": float("nan"), "concurrency": 1}):
         with pytest.raises(ValueError):
             LoadPlan(num_requests=1, **bad)
+
+
+def test_requests_still_waiting_for_a_slot_when_the_grace_runs_out_are_counted_unsent():
+    # 50/s due for 1 s, 2 slots, each request 5 s, 0.2 s of grace: 2 sent (then cancelled),
+    # the ~48 others were due and never sent.
+    out = run(FakeSender(5.0), LoadPlan(num_requests=500, rate=50, constant_rate=True, concurrency=2,
+                                        duration=1.0, grace=0.2))
+    assert [r.error for r in out.results] == ["cancelled", "cancelled"]
+    assert len(out.results) + out.unsent == 50
+
+
+def test_a_stop_already_set_sends_nothing():
+    async def main():
+        stop = asyncio.Event()
+        stop.set()
+        return await run_load(sender, LoadPlan(num_requests=10, concurrency=2), stop=stop)
+
+    sender = FakeSender(0.0)
+    out = asyncio.run(main())
+    assert out.interrupted and not out.results and not sender.indices

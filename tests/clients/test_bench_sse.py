@@ -287,7 +287,6 @@ def test_an_error_event_is_a_stream_error_and_a_null_error_field_is_not():
     {"choices": {"0": {"delta": {"content": "x"}}}},
     {"choices": [{"delta": {"content": 5}}]},
     {"choices": [], "usage": "many"},
-    {"choices": [], "usage": {"completion_tokens": None}},
     {"choices": [], "usage": {"completion_tokens": "7"}},
     {"choices": [], "usage": {"completion_tokens": -1}},
     {"choices": [], "usage": {"completion_tokens": 3, "prompt_tokens": "x"}},
@@ -318,3 +317,15 @@ def test_a_fixed_output_length_the_server_did_not_keep_is_an_error():
     (right, short), _ = asyncio.run(_serve(answer(sse(ROLE, content("a"), content("b"), USAGE, "data: [DONE]")),
                                            client))
     assert right.ok and short.error == "output_length"
+
+
+def test_a_chunk_nested_deeper_than_json_parses_is_a_bad_chunk():
+    deep = "data: " + "[" * 100_000 + "]" * 100_000
+    r, _ = run(answer(sse(ROLE, content("a"), deep, content("b"), USAGE, "data: [DONE]")))
+    assert r.error == "bad_chunk"
+
+
+@pytest.mark.parametrize("usage", [{}, {"completion_tokens": None}])
+def test_a_usage_without_a_count_counts_nothing_and_fails_nothing(usage):
+    r, _ = run(answer(sse(ROLE, content("ab"), {"choices": [], "usage": usage}, "data: [DONE]")))
+    assert r.ok and r.tokens_from_usage is False and r.output_tokens == 1
