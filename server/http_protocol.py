@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import uuid
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+
+access_log = logging.getLogger("qwenvl.access")
 
 #: How long a refused connection is kept reading (and dropping) input after its answer.
 _LINGER_SECONDS = 2.0
@@ -26,9 +30,15 @@ def _error_body(message: str, code: str) -> bytes:
 
 
 def _framed(status: int, reason: str, body: bytes) -> bytes:
-    """A whole HTTP/1.1 response carrying `body` (JSON), after which the connection ends."""
+    """A whole HTTP/1.1 response carrying `body` (JSON), after which the connection ends.
+
+    It carries a fresh X-Request-Id, as every answer of the app does, and the refusal gets
+    an access-log line under that id (the app never sees these requests, so its access log
+    would not), so that a client's report of one can be found in the log."""
+    rid = uuid.uuid4().hex
+    access_log.info(json.dumps({"request_id": rid, "status": status, "error": json.loads(body)["error"]["code"]}))
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+            f"content-length: {len(body)}\r\nx-request-id: {rid}\r\nconnection: close\r\n\r\n").encode() + body
 
 
 def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpToolsProtocol]:
@@ -41,9 +51,9 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
       the connection is closed. Idle keep-alive connections keep uvicorn's own timeout.
     - Bytes that are not HTTP get a JSON 400 like every other refusal (uvicorn's is text).
     """
-    too_large = _framed(431, "Request Header Fields Too Large", _error_body(
+    too_large = (431, "Request Header Fields Too Large", _error_body(
         f"The request's headers exceed this server's limit of {max_header_bytes} bytes.", "headers_too_large"))
-    too_slow = _framed(408, "Request Timeout", _error_body(
+    too_slow = (408, "Request Timeout", _error_body(
         f"The request's headers did not arrive within {header_timeout:g} seconds.", "header_timeout"))
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -146,7 +156,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
         def send_400_response(self, msg: str) -> None:
             # uvicorn's answer to bytes its parser refuses (a bad request line, header or
             # framing): the same words, as the JSON error every other refusal is.
-            self._refuse(_framed(400, "Bad Request", _error_body(
+            self._refuse((400, "Bad Request", _error_body(
                 "The request is not valid HTTP/1.1 (a malformed request line, header or body framing).",
                 "invalid_http")))
 
@@ -167,7 +177,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
             else:  # connected and never sent a request, or idle after stray bytes
                 self.transport.close()
 
-        def _refuse(self, response: bytes) -> None:
+        def _refuse(self, response: tuple[int, str, bytes]) -> None:
             """Answer and end the connection. Closing a socket with unread input makes the
             kernel reset it, and a reset can discard the answer before the client reads it
             (a client still sending a huge header would see only "connection reset"). So,
@@ -182,7 +192,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
             if self.cycle is not None and not self.cycle.response_complete:
                 self.transport.close()
                 return
-            self.transport.write(response)
+            self.transport.write(_framed(*response))
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(_LINGER_SECONDS, self.transport.close)

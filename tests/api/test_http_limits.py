@@ -61,6 +61,8 @@ def error_of(response: bytes) -> tuple[int, dict]:
     head, _, body = response.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     assert b"connection: close" in head.lower()
+    # every answer, the protocol's own refusals too, names itself for the logs
+    assert re.search(rb"(?im)^x-request-id: [0-9a-f]{32}\r?$", head), head
     return status, json.loads(body)["error"]
 
 
@@ -109,6 +111,7 @@ def test_a_head_over_the_limit_that_arrives_whole_gets_a_431(srv, method):
                        json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 431, r.text
     assert r.json()["error"]["code"] == "headers_too_large"
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
     assert len(srv.engine.history) == before  # the app never saw it
     assert healthy(srv)
 
