@@ -12,7 +12,9 @@ class APIError(Exception):
     """An error that becomes `{"error": {"message", "type", "param", "code"}}` with `status`."""
 
     status: int = 500
-    type: str = "internal_error"
+    #: OpenAI's types: "invalid_request_error" and the like for 4xx, "server_error" for
+    #: every 5xx (the `code` tells them apart).
+    type: str = "server_error"
     code: str | None = None
 
     def __init__(
@@ -125,7 +127,7 @@ class ServiceUnavailableError(APIError):
     """503: not ready, draining, or the engine is dead."""
 
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
     code = "service_unavailable"
 
 
@@ -145,7 +147,7 @@ class RequestTimeoutError(APIError):
     run the full deadline again each time, tripling the load it puts on a busy server."""
 
     status = 504
-    type = "timeout_error"
+    type = "server_error"
     code = "request_timeout"
 
     def __init__(self, message: str, **kwargs) -> None:
@@ -157,5 +159,5 @@ class InternalError(APIError):
     """500: a real fault on our side. The message stays generic; details go to the log."""
 
     status = 500
-    type = "internal_error"
+    type = "server_error"
     code = "internal_error"

@@ -438,13 +438,13 @@ def test_error_after_stream_started(tiny_tokenizer):
         lines = sse_lines(srv.base_url)
         assert lines[-1] == "data: [DONE]"
         err = json.loads(lines[-2][6:])["error"]
-        assert err["type"] == "internal_error"
+        assert err["type"] == "server_error"
         assert "deadbeef" not in lines[-2] and "secret" not in lines[-2]
         with httpx.Client(timeout=30) as client:
             payload = {"messages": [{"role": "user", "content": "hi"}]}
             r = client.post(srv.base_url + "/v1/chat/completions", json=payload)  # non-streaming: a clean 500
             assert r.status_code == 500 and "secret" not in r.text
-            assert r.json()["error"]["type"] == "internal_error"
+            assert r.json()["error"]["type"] == "server_error"
             assert r.headers.get("connection") != "close"
             metrics = client.get(srv.base_url + "/metrics").text
             # both counted as the server's failures (the stream's error event too), not as a
