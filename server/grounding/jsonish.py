@@ -45,9 +45,11 @@ LABEL_KEYS = (
 # Strings stop at a line break: JSON forbids raw newlines in strings, and this keeps an
 # unbalanced quote in prose from swallowing the rest of the answer. A single-quoted string only
 # counts where JSON punctuation follows it, so apostrophes in prose ("it's") are not strings.
+# An escaped quote (\') never starts one: a failed attempt reads to the end of its line, so a
+# line of N escaped quotes would cost N such reads (quadratic; 100 s for 100 KB).
 _TOKEN = re.compile(
     r"""(?P<dq>"(?:[^"\\\n]|\\.)*(?P<dq_end>")?)"""
-    r"""|(?P<sq>'(?:[^'\\\n]|\\.)*'(?=\s*[:,}\]]))"""
+    r"""|(?P<sq>(?<!\\)'(?:[^'\\\n]|\\.)*'(?=\s*[:,}\]]))"""
     r"""|(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"""
     r"""|(?P<punct>[{}\[\]:,])"""
     r"""|(?P<word>[A-Za-z_]\w*)"""

@@ -257,6 +257,8 @@ HOSTILE = {
     "open brackets": lambda n: "[" * n,
     "quotes": lambda n: '"' * n,
     "apostrophes": lambda n: "'a" * (n // 2),
+    "escaped apostrophes": lambda n: "{'" + "\\'" * (n // 2),
+    "escaped apostrophes in prose": lambda n: "[{'label': 'it\\'s " + "don\\'t " * (n // 7),
     "backslashes in a string": lambda n: '{"label": "' + "\\" * n,
     "repeated keys": lambda n: '{"bbox_2d": [' * (n // 13),
     "points elements": lambda n: "<points " * (n // 8),
