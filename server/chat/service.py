@@ -653,6 +653,13 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     for name, what, asks in _VLLM_NOT_IMPLEMENTED:
         if asks(req):
             refuse(what, name)
+    # (vLLM's server lets chat_template_kwargs override these two, so asking there asks too)
+    template_kwargs = req.chat_template_kwargs or {}
+    if template_kwargs.get("continue_final_message"):
+        refuse("continue_final_message (continuing the last assistant message)",
+               "chat_template_kwargs.continue_final_message")
+    if template_kwargs.get("add_generation_prompt", True) is False:
+        refuse("add_generation_prompt: false", "chat_template_kwargs.add_generation_prompt")
     for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
         if getattr(req, name) is not None:
             raise InvalidRequestError(

@@ -152,7 +152,20 @@ def test_chat_template_kwargs_set_the_templates_own_variables(srv):
     assert "Picture 1:" in prompt(chat_template_kwargs={"add_vision_id": True})
     assert prompt(chat_template_kwargs={"add_vision_id": False}) == plain
     assert prompt(chat_template_kwargs={"add_vision_id": None}) == plain
-    assert prompt(chat_template_kwargs={"unknown_flag": True, "add_generation_prompt": False, "messages": 1}) == plain
+    assert prompt(chat_template_kwargs={"unknown_flag": True, "add_generation_prompt": True, "messages": 1,
+                                        "continue_final_message": False}) == plain
+
+
+@pytest.mark.parametrize("name, value", [("add_generation_prompt", False), ("continue_final_message", True)])
+def test_chat_template_kwargs_that_ask_for_what_the_fields_would_are_refused_as_they_are(srv, name, value):
+    """vLLM's server lets chat_template_kwargs set these; ignoring them here would answer a
+    request the client did not make."""
+    before = len(srv.engine.history)
+    r = post(srv, {"chat_template_kwargs": {name: value}})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == f"chat_template_kwargs.{name}" and error["code"] == "unsupported_parameter", error
+    assert len(srv.engine.history) == before
 
 
 # (a 1x1 PNG)
