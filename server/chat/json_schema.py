@@ -19,11 +19,25 @@ MAX_OPTIONAL_PROPERTIES = 100  # per object: (beyond a few hundred the compile t
 MAX_PROPERTIES = 5000  # over the whole schema
 MAX_ENUM_VALUES = 1000  # over the whole schema
 _BRANCHES = ("allOf", "anyOf", "oneOf")
+#: Keywords xgrammar (0.2.8) compiles as if they were absent: the answer could break them and
+#: still end with "stop". OpenAI's structured outputs refuse them too.
+IGNORED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies")
+# Where a schema holds subschemas: under a name each, as one value or a list, as a list.
+_NAMED_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_ONE_SUBSCHEMA = ("items", "additionalItems", "additionalProperties", "unevaluatedItems",
+                  "unevaluatedProperties", "contains", "propertyNames", "not", "if", "then", "else")
+_LIST_SUBSCHEMAS = _BRANCHES + ("prefixItems",)
 
 
 def check_schema(schema: dict[str, Any]) -> None:
-    """Raise `ValueError` (its text for the client) if `schema` is beyond the bounds above,
-    or has a branch list that is empty or a `$ref` cycle that writes nothing."""
+    """Raise `ValueError` (its text for the client) if `schema` uses a keyword the grammar
+    ignores (`IGNORED_KEYWORDS`), is beyond the bounds above, or has a branch list that is
+    empty or a `$ref` cycle that writes nothing."""
+    for node in _schema_nodes(schema):
+        for keyword in IGNORED_KEYWORDS:
+            if keyword in node:
+                raise ValueError(f"'{keyword}' is not supported: the grammar that shapes the answer cannot "
+                                 "enforce it, so an answer could break the schema")
     nodes = _subschemas(schema)
     properties = enum_values = 0
     for node in nodes:
@@ -62,6 +76,28 @@ def _subschemas(schema: dict[str, Any]) -> list[dict[str, Any]]:
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
+    return found
+
+
+def _schema_nodes(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The schema and its subschemas, only where keywords are read: a property named "not"
+    (a key of `properties`) or an enum value is not one."""
+    found: list[dict[str, Any]] = []
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        found.append(node)
+        for key in _NAMED_SUBSCHEMAS:
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        for key in _ONE_SUBSCHEMA:
+            value = node.get(key)
+            stack.extend(value if isinstance(value, list) else [value])
+        for key in _LIST_SUBSCHEMAS:
+            if isinstance(node.get(key), list):
+                stack.extend(node[key])
     return found
 
 

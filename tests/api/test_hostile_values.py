@@ -185,6 +185,16 @@ def test_unknown_model_names_are_quoted_short(srv):
      "response_format.json_schema.schema", "leads back to itself"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": []}}},
      "response_format.json_schema.schema", "empty 'anyOf'"),
+    # keywords the grammar compiles as if absent (answers broke them and ended with "stop")
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "not": {"enum": [1]}}}},
+     "response_format.json_schema.schema", "'not' is not supported"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+        "a": {"type": "boolean"}, "b": {"type": "integer"}}, "dependentRequired": {"a": ["b"]}}}},
+     "response_format.json_schema.schema", "'dependentRequired' is not supported"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$defs": {"A": {"type": "object", "properties": {
+        "a": {"anyOf": [{"type": "integer"}, {"if": {"type": "integer"}, "then": {"minimum": 1}}]}}}},
+        "$ref": "#/$defs/A"}}},
+     "response_format.json_schema.schema", "'if' is not supported"),
 ])
 def test_a_malformed_response_format_is_a_400_naming_its_field(srv, response_format, param, words):
     err = assert_400(post(srv, body(response_format=response_format)), words)
@@ -198,7 +208,10 @@ def test_recursive_and_fully_required_schemas_are_served(srv):
         "required": ["name", "children"], "additionalProperties": False}}, "$ref": "#/$defs/Node"}
     wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(500)},
             "required": [f"p{i}" for i in range(450)]}
-    for schema in (tree, wide):
+    # keyword names as property names and in enum values are not keywords
+    names = {"type": "object", "properties": {k: {"type": "string", "enum": [{"not": 1}, "if"]} for k in
+                                              ("not", "if", "then", "else", "dependentRequired")}}
+    for schema in (tree, wide, names):
         r = post(srv, body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
         assert r.status_code == 200, r.text
 
