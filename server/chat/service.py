@@ -82,6 +82,9 @@ class Prepared:
     #: The request field that constrains the answer's shape (response_format,
     #: structured_outputs), if one does.
     constraint: str | None = None
+    #: The prompt ends inside an open `<think>` block (a thinking model's template opens it):
+    #: the answer begins with reasoning, and has none until the model writes `</think>`.
+    reasoning_open: bool = False
 
 
 class ChatService:
@@ -95,6 +98,7 @@ class ChatService:
         # one thread: tokenizers are not all safe to call from several at once
         self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="prompt")
         self.specials = SpecialTokenFilter(engine.info.tokenizer)
+        self._think_ids = _think_token_ids(engine.info.tokenizer)
 
     # --- preparation --------------------------------------------------------------------
 
@@ -161,7 +165,20 @@ class ChatService:
             clean=clean,
             constraint=sampling.constraint_param
             if sampling.json_schema is not None or sampling.json_object or sampling.choice is not None else None,
+            reasoning_open=self._opens_reasoning(prompt_ids),
         )
+
+    def _opens_reasoning(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt's generation prompt opened a `<think>` block and left it open
+        (Qwen3-VL Thinking's does; with `enable_thinking: false` it closes it again)."""
+        if self._think_ids is None:
+            return False
+        opening, closing = self._think_ids
+        tail = prompt_ids[-8:]  # ("<|im_start|>assistant\n<think>\n": the open tag is near the end)
+        if opening not in tail:
+            return False
+        last_open = len(tail) - 1 - tail[::-1].index(opening)
+        return closing not in tail[last_open:]
 
     async def _render(self, conv: Conversation, template_kwargs: dict[str, Any] | None) -> list[int]:
         """The prompt's token ids. Long texts are rendered and tokenized on a thread of their
@@ -433,6 +450,8 @@ class ChatService:
         except ImportError:  # grounding package not installed in this build
             return None
         info = self.engine.info
+        if p.reasoning_open:  # the answer's own text lacks the opening tag the prompt holds
+            text = "<think>" + text
         boxes = parse_grounding(
             text,
             info.family,
@@ -627,6 +646,16 @@ _VLLM_NOT_IMPLEMENTED: tuple[tuple[str, str, Any], ...] = (
     ("truncate_prompt_tokens", "truncate_prompt_tokens", lambda r: r.truncate_prompt_tokens is not None),
     ("priority", "Request priority", lambda r: bool(r.priority)),
 )
+
+
+def _think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of `<think>` and `</think>` where the tokenizer has both as single tokens."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # (a tokenizer without a readable vocabulary has no such tokens to find)
+        return None
+    opening, closing = vocab.get("<think>"), vocab.get("</think>")
+    return (opening, closing) if isinstance(opening, int) and isinstance(closing, int) else None
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:

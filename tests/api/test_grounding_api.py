@@ -157,3 +157,49 @@ def test_escaped_emoji_in_a_json_label_is_served_whole(tiny_tokenizer, stream):
         else:
             boxes = r.json()["choices"][0]["message"]["grounding"]
         assert [b["phrase"] for b in boxes] == ["smiley \U0001f600"]
+
+
+@pytest.fixture(scope="module")
+def thinking_tokenizer(tiny_model):
+    """The tiny tokenizer as a thinking model's: `<think>` and `</think>` tokens, and a
+    template whose generation prompt opens the reasoning (as Qwen3-VL Thinking's does),
+    unless `enable_thinking` is false (then it writes an empty, closed block)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("qwen2-vl"))
+    tok.add_tokens(["<think>", "</think>"])
+    ending = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    assert tok.chat_template.endswith(ending)
+    tok.chat_template = tok.chat_template[: -len(ending)] + (
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+        "enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
+    return tok
+
+
+DRAFT = 'A first guess: {"bbox_2d": [10, 20, 900, 950], "label": "dog"}, but that looks too big, the dog is'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("reply, thinking, phrases", [
+    (DRAFT, True, []),  # cut off by max_tokens while reasoning: no answer yet
+    (DRAFT + ' really small.</think>{"bbox_2d": [100, 100, 200, 200], "label": "cat"}', True, ["cat"]),
+    (DRAFT, False, ["dog"]),  # thinking switched off: the text is the answer
+])
+def test_a_reasoning_draft_cut_off_before_its_end_gives_no_boxes(thinking_tokenizer, reply, thinking, phrases, stream):
+    engine = engine_for(thinking_tokenizer, "qwen3-vl", reply)
+    app, _ = scripted_app(thinking_tokenizer, engine=engine, family="qwen3-vl")
+    body = {"messages": image_message(), "stream": stream}
+    if not thinking:
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+    with AppServer(app) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    prompt = thinking_tokenizer.decode(engine.history[-1].prompt_token_ids)
+    assert prompt.endswith("<think>\n") == thinking
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {") and '"grounding"' in line]
+        [boxes] = [e["choices"][0]["delta"]["grounding"] for e in events]
+    else:
+        boxes = r.json()["choices"][0]["message"]["grounding"]
+    assert [b["phrase"] for b in boxes] == phrases
