@@ -169,35 +169,44 @@ _SMART_RESIZE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-_hub_model_types: dict[str, str | None] = {}
+_hub_files: dict[tuple[str, str], dict[str, Any] | None] = {}
 
 
-def _model_type(model: str) -> str | None:
-    """The checkpoint's `model_type`, from its config.json: a local one, or for a hub id the
-    hub's (a small file vLLM fetches next anyway); None where it cannot be read."""
+def _checkpoint_json(model: str, name: str) -> dict[str, Any] | None:
+    """The checkpoint's JSON file `name` (config.json, preprocessor_config.json): a local
+    one, or for a hub id the hub's (small files vLLM fetches anyway); None where there is
+    none or it cannot be read."""
     path = Path(model)
     if not path.exists() and _HUB_ID.fullmatch(model):
-        if model not in _hub_model_types:
-            _hub_model_types[model] = _hub_model_type(model)
-        return _hub_model_types[model]
+        if (model, name) not in _hub_files:
+            _hub_files[model, name] = _hub_json(model, name)
+        return _hub_files[model, name]
     try:
-        config = path / "config.json"
-        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        data = json.loads((path / name).read_text()) if (path / name).is_file() else None
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def _hub_model_type(model: str) -> str | None:
+def _hub_json(model: str, name: str) -> dict[str, Any] | None:
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model, "config.json")  # (no network where it is cached)
-        config = cached if isinstance(cached, str) else hf_hub_download(model, "config.json")
-        return json.loads(Path(config).read_text()).get("model_type")
-    except Exception as exc:  # noqa: BLE001 - offline, no such repo, ...: the options that need it stay off
-        log.info("could not read %s's config from the hub (%s); model-specific engine options left at vLLM's",
-                 model, type(exc).__name__)
+        cached = try_to_load_from_cache(model, name)  # (no network where it is cached)
+        if cached is not None and not isinstance(cached, str):
+            return None  # (the cache records that the repository has no such file)
+        data = json.loads(Path(cached if cached else hf_hub_download(model, name)).read_text())
+        return data if isinstance(data, dict) else None
+    except Exception as exc:  # noqa: BLE001 - offline, no such repo or file, ...
+        log.info("could not read %s's %s from the hub (%s); what it would set stays at vLLM's defaults",
+                 model, name, type(exc).__name__)
         return None
+
+
+def _model_type(model: str) -> str | None:
+    """The checkpoint's `model_type`, from its config.json; None where it cannot be read."""
+    config = _checkpoint_json(model, "config.json")
+    return config.get("model_type") if config else None
 
 
 def _raised_max_pixels(settings: Settings, model: str) -> int | None:
@@ -230,24 +239,23 @@ def _chat_stop_ids(family: str) -> tuple[int, ...]:
     return ()
 
 
-def _image_processor_config(model_dir: str) -> dict[str, Any]:
-    """min/max pixels and patch geometry of the checkpoint's image processor, if local."""
-    path = Path(model_dir)
+def _image_processor_config(model: str) -> dict[str, Any]:
+    """min/max pixels and patch geometry of the checkpoint's image processor (local or hub
+    cache), or {} where it has none."""
     for name in ("preprocessor_config.json", "processor_config.json"):
-        f = path / name
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            data = data.get("image_processor", data)
-            size = data.get("size") or {}
-            return {
-                "min_pixels": data.get("min_pixels") or size.get("shortest_edge"),
-                "max_pixels": data.get("max_pixels") or size.get("longest_edge"),
-                "patch_size": data.get("patch_size"),
-                "merge_size": data.get("merge_size"),
-            }
+        data = _checkpoint_json(model, name)
+        if data is None:
+            continue
+        data = data.get("image_processor", data)
+        if not isinstance(data, dict):
+            continue
+        size = data.get("size") if isinstance(data.get("size"), dict) else {}
+        return {
+            "min_pixels": data.get("min_pixels") or size.get("shortest_edge"),
+            "max_pixels": data.get("max_pixels") or size.get("longest_edge"),
+            "patch_size": data.get("patch_size"),
+            "merge_size": data.get("merge_size"),
+        }
     return {}
 
 

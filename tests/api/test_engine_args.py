@@ -154,8 +154,13 @@ def test_hub_ids_are_known_by_their_config_too(tmp_path, monkeypatch):
         (base / "refs" / "main").write_text("abc")
         (base / "snapshots" / "abc").mkdir(parents=True)
         (base / "snapshots" / "abc" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    # a fine-tune's own pixel bounds (the grounding of Qwen2.5-VL's pixel boxes depends on them)
+    (tmp_path / "models--Qwen--Qwen2-VL-2B-Instruct" / "snapshots" / "abc" / "preprocessor_config.json").write_text(
+        json.dumps({"min_pixels": 1024, "max_pixels": 1003520, "patch_size": 14, "merge_size": 2}))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(vllm_engine, "_hub_model_types", {})
+    monkeypatch.setattr(vllm_engine, "_hub_files", {})
+    assert vllm_engine._image_processor_config("Qwen/Qwen2-VL-2B-Instruct") == {
+        "min_pixels": 1024, "max_pixels": 1003520, "patch_size": 14, "merge_size": 2}
     qwen = engine_args_from_settings(parse_settings(["--model", "Qwen/Qwen-VL-Chat", "--trust-remote-code"]),
                                      "Qwen/Qwen-VL-Chat", "cpu")
     assert qwen.trust_remote_code is False and qwen.limit_mm_per_prompt == {"image": 4}
