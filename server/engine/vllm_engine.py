@@ -139,9 +139,12 @@ _NATIVE_ASSERTION = re.compile(r"Check failed: \(.*?\) is false: ?")
 
 #: What vLLM's check for "features not supported by xgrammar" looks for (vLLM 0.32,
 #: has_xgrammar_unsupported_json_features), for a message that says which.
+# (vLLM's has_xgrammar_unsupported_json_features; its message names none of them)
 _XGRAMMAR_UNSUPPORTED = ("multipleOf on numbers; uniqueItems, contains, minContains or maxContains on "
                          "arrays; string formats xgrammar does not know; a pattern or format together "
-                         "with minLength or maxLength")
+                         "with minLength or maxLength; an allOf of two or more schemas; propertyNames "
+                         "with properties, patternProperties, unevaluatedProperties or a bounded "
+                         "pattern; patternProperties with properties, or with more than one pattern")
 
 
 def _grammar_error(exc: Exception) -> str:
@@ -149,7 +152,7 @@ def _grammar_error(exc: Exception) -> str:
     library's time stamp and source path."""
     text = _NATIVE_ASSERTION.sub("", _NATIVE_LOG_PREFIX.sub("", str(exc))).strip()[:300]
     if "not supported by xgrammar" in text:
-        text += f" (these are: {_XGRAMMAR_UNSUPPORTED})"
+        text += f" (one of: {_XGRAMMAR_UNSUPPORTED})"
     return text
 
 
