@@ -58,11 +58,18 @@ class Conversation:
 _TEMPLATE_ROLE = {"developer": "system", "function": "tool"}
 
 
-def collect(messages: list[Message]) -> Conversation:
+def collect(messages: list[Message], split_reasoning: bool = False) -> Conversation:
     """Validate roles and content parts and gather images in the order the model sees them.
 
     A conversation may end with any role: as with OpenAI's API and vLLM's server, the model
-    then writes a new assistant turn after it."""
+    then writes a new assistant turn after it.
+
+    `split_reasoning` (for templates that read a thinking model's reasoning, see
+    `PromptRenderer.splits_reasoning`): an assistant turn whose text holds `</think>` is
+    handed to the template as `reasoning_content` and the answer after it, split as Qwen3's
+    templates split it. Those templates look for `</think>` in the turn's text, which here is
+    a sentinel, so they would keep an earlier turn's whole reasoning in the prompt where the
+    model's own template drops it."""
     texts: list[str] = []
     images: list[ImageRef] = []
     nonce = secrets.token_hex(4)
@@ -82,6 +89,13 @@ def collect(messages: list[Message]) -> Conversation:
                 param=f"messages[{i}].content",
             )
         calls = _calls_as_text(msg) if msg.role == "assistant" else ""
+        if split_reasoning and msg.role == "assistant" and (split := _reasoning_split(content, calls)):
+            reasoning, answer = split
+            out.append({"role": role, "content": [{"type": "text", "text": sentinel(answer)}] if answer else [],
+                        # (an empty one stays empty: the template tests it for truth, and a
+                        # sentinel is never empty)
+                        "reasoning_content": sentinel(reasoning) if reasoning else ""})
+            continue
         if content is None or (isinstance(content, str)):
             text = "\n".join(t for t in (content, calls) if t) if calls else (content or "")
             out.append({"role": role, "content": [{"type": "text", "text": sentinel(text)}]})
@@ -108,6 +122,23 @@ def collect(messages: list[Message]) -> Conversation:
             parts.append({"type": "text", "text": sentinel("\n" + calls if parts else calls)})
         out.append({"role": role, "content": parts})
     return Conversation(messages=out, texts=texts, images=images)
+
+
+def _reasoning_split(content: str | list[Any] | None, calls: str) -> tuple[str, str] | None:
+    """(reasoning, answer) of an assistant turn whose text holds `</think>`, else None: the
+    text before the last `</think>` from after its `<think>`, and the text after, with the
+    newlines around them trimmed as Qwen3's templates trim them."""
+    if isinstance(content, list):
+        text = "".join(part.text if isinstance(part, TextPart) else part.refusal for part in content
+                       if isinstance(part, (TextPart, RefusalPart)))
+    else:
+        text = content or ""
+    text = "\n".join(t for t in (text, calls) if t)
+    if "</think>" not in text:
+        return None
+    before, _, after = text.rpartition("</think>")
+    reasoning = before.split("</think>")[0].rstrip("\n").split("<think>")[-1].strip("\n")
+    return reasoning, after.lstrip("\n")
 
 
 def _calls_as_text(msg: Message) -> str:
@@ -177,6 +208,14 @@ class PromptRenderer:
         # special tokens (the template's text), one that does not (the client's).
         self._template_backend = _private_backend(tokenizer, client_text=False)
         self._client_backend = _private_backend(tokenizer, client_text=True)
+
+    @property
+    def splits_reasoning(self) -> bool:
+        """Whether the template reads a thinking model's reasoning out of assistant turns
+        (Qwen3-VL Thinking's: it takes `reasoning_content`, else splits the text at
+        `</think>`), so that `collect` must split it (see there)."""
+        source = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        return isinstance(source, str) and "reasoning_content" in source and "</think>" in source
 
     def render_text(self, conv: Conversation) -> str:
         """The prompt as text, client text substituted back (for logs and tests)."""

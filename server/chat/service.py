@@ -121,7 +121,7 @@ class ChatService:
         # The text as sent, before collect() decodes and re-encodes each tool call's arguments
         # on the event loop (a 54 MB history of calls took 16 s there before this check).
         self._check_text_size(_raw_texts(req.messages))
-        conv = collect(req.messages)
+        conv = collect(req.messages, split_reasoning=self.renderer.splits_reasoning)
         self._check_text_size(conv.texts)
         self.images.check_count(len(conv.images))
         # (before any image is fetched: a request refused for its sampling fields costs nothing)

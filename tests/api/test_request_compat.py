@@ -293,3 +293,24 @@ def test_the_answer_carries_openais_null_refusal_fields(srv):
     choice = r.json()["choices"][0]
     assert "refusal" in choice["message"] and choice["message"]["refusal"] is None
     assert "refusal" in choice["logprobs"] and choice["logprobs"]["refusal"] is None
+
+
+def test_a_thinking_models_earlier_reasoning_leaves_the_prompt_as_its_template_drops_it(tiny_model):
+    """Qwen3-VL Thinking's template drops an earlier answer's `<think>` block from the
+    history; through the server too (its template saw only a sentinel for the text)."""
+    from transformers import AutoTokenizer
+
+    from support.thinking import thinking
+
+    tok = thinking(AutoTokenizer.from_pretrained(tiny_model("qwen2-vl")))
+    history = [{"role": "user", "content": "q1"},
+               {"role": "assistant", "content": "<think>\nlots of private reasoning\n</think>\n\nanswer one"},
+               {"role": "user", "content": "q2"}]
+    with scripted_server(tok) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        answer = client.chat.completions.create(model="scripted", messages=history, max_tokens=2)
+        ids = server.engine.history[-1].prompt_token_ids
+    expected = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    assert "private reasoning" not in expected
+    assert ids == tok.encode(expected, add_special_tokens=False)
+    assert answer.usage.prompt_tokens == len(ids)

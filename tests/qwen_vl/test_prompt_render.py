@@ -10,6 +10,7 @@ import pytest
 from server.chat.prompt import PromptRenderer, collect
 from server.qwen_vl.tokenizer import QWenTokenizer
 from server.schemas import Message
+from support.thinking import thinking
 
 IM_START, IM_END = 151644, 151645
 
@@ -168,3 +169,38 @@ def test_another_threads_calls_on_a_fast_tokenizer_change_nothing(tmp_path_facto
         flipper.join()
         tok._tokenizer.encode_special_tokens = False
     assert all(ids == want for ids in renders), sum(ids != want for ids in renders)
+
+
+@pytest.mark.parametrize("history", [
+    # an earlier answer's reasoning: the template drops it
+    [{"role": "user", "content": "q1"},
+     {"role": "assistant", "content": "<think>\nlots of private reasoning\n</think>\n\nanswer one"},
+     {"role": "user", "content": "q2"}],
+    # the same as parts, with only the closing tag (the prompt opened the block)
+    [{"role": "user", "content": "q1"},
+     {"role": "assistant", "content": [{"type": "text", "text": "draft\n\n</thi"}, {"type": "text", "text": "nk>\nanswer"}]},
+     {"role": "user", "content": "q2"}],
+    # a tool loop in progress: the reasoning after the last question is kept, newlines trimmed
+    [{"role": "user", "content": "q1"},
+     {"role": "assistant", "content": "<think>\n\nwhich tool?\n\n</think>\n\n\ncalling it"},
+     {"role": "tool", "content": "result", "tool_call_id": "c1"}],
+    # an empty reasoning, and a turn without one
+    [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think></think>short"},
+     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "plain"}, {"role": "user", "content": "q3"}],
+])
+def test_a_thinking_templates_reasoning_split_gives_its_own_prompt(tmp_path_factory, history) -> None:
+    """Our render of the history equals the template's own on the texts as sent: the
+    template's split at `</think>` cannot see client text, which reaches it as sentinels."""
+    from transformers import AutoTokenizer
+
+    from server.tiny_model import write_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(write_tiny_model("qwen2-vl", tmp_path_factory.mktemp("think")))
+    tok = thinking(tok)
+    renderer = PromptRenderer(tok)
+    assert renderer.splits_reasoning
+    conv = collect([Message.model_validate(m) for m in history], split_reasoning=renderer.splits_reasoning)
+    expected = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    assert renderer.render_text(conv) == expected
+    assert renderer.render(conv) == tok.encode(expected, add_special_tokens=False)
+    assert "private reasoning" not in expected  # (the case the split is for)
