@@ -176,6 +176,15 @@ def test_replica_error_passes_through_unchanged(cluster):
     assert error["code"] != "bad_request"  # nginx's own 400 code
 
 
+def test_a_header_the_replicas_accept_passes_the_balancer(cluster):
+    """A 20 KB header line (a long token, a trace header) is within a replica's head limit:
+    nginx's default buffers (8 KiB a line) refused it with a 400."""
+    cluster.ensure_up()
+    response = HTTP.get(f"{cluster.nginx.url}/v1/models", headers={"X-Big": "a" * 20_000}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["data"][0]["id"] == cluster.served_model
+
+
 def test_the_containers_healthcheck_finds_a_replica_and_asks_it(cluster):
     """`qwen-vl-healthcheck` as the image's HEALTHCHECK runs it, with no arguments: it reads
     the server's own command line from /proc (here `python -m server.cli --port N ...`)."""
