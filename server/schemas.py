@@ -456,6 +456,9 @@ class Choice(BaseModel):
     message: ResponseMessage
     finish_reason: str | None
     logprobs: ChoiceLogprobs | None = None
+    # vLLM's extension: the stop string or stop token id that ended the answer, null for the
+    # model's own end (and for every other finish)
+    stop_reason: int | str | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -490,6 +493,7 @@ class ChunkChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
+    stop_reason: int | str | None = None  # (as Choice's; sent with the finish_reason)
 
 
 class ChatCompletionChunk(BaseModel):

@@ -313,6 +313,7 @@ class ChatService:
         texts = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
+        stop_reasons: list[int | str | None] = [None] * n
         tokens = [0] * n
         tracker = _Timing(self.metrics, p.started)
         prompt_tokens = cached = 0
@@ -328,6 +329,7 @@ class ChatService:
                         logprobs[c.index].extend(c.logprobs)
                     if c.finish_reason:
                         finish[c.index] = _finish_reason(c.finish_reason, p.constraint)
+                        stop_reasons[c.index] = c.stop_reason
         finally:  # (tokens the engine made count whether or not the answer is whole)
             tracker.record_tokens(prompt_tokens)
             p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
@@ -343,6 +345,7 @@ class ChatService:
                     message=ResponseMessage(content=text, grounding=self._grounding(p, text)),
                     finish_reason=finish[i] or "stop",
                     logprobs=self._logprobs(p, logprobs[i]),
+                    stop_reason=stop_reasons[i],
                 )
             )
         usage = _usage(prompt_tokens, sum(tokens), cached)
@@ -407,7 +410,8 @@ class ChatService:
                             unfinished -= 1
                             boxes = self._grounding(p, "".join(texts[c.index]))
                             held.append(chunk([ChunkChoice(index=c.index, delta=DeltaMessage(grounding=boxes),
-                                                           finish_reason=_finish_reason(c.finish_reason, p.constraint))]))
+                                                           finish_reason=_finish_reason(c.finish_reason, p.constraint),
+                                                           stop_reason=c.stop_reason)]))
                     if len(held) > waiting_roles and unfinished > 0:
                         yield "".join(held)
                         held, waiting_roles = [], 0
@@ -475,6 +479,7 @@ def _chunk_json(p: Prepared, choices: list[ChunkChoice], usage: Usage | None) ->
                 "delta": c.delta.model_dump(exclude_none=True),
                 "finish_reason": c.finish_reason,
                 "logprobs": c.logprobs.model_dump() if c.logprobs is not None else None,
+                **({"stop_reason": c.stop_reason} if c.finish_reason else {}),
             }
             for c in choices
         ],

@@ -106,6 +106,9 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
+    #: What ended a "stop": the stop string or stop token id that matched; None for the
+    #: model's end-of-sequence token (vLLM's `stop_reason`).
+    stop_reason: int | str | None = None
 
 
 @dataclass

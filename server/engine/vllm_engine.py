@@ -662,6 +662,7 @@ class VLLMEngine(Engine):
             token_ids=list(c.token_ids),
             logprobs=logprobs,
             finish_reason=finish,
+            stop_reason=c.stop_reason if finish else None,
         )
 
     async def abort(self, request_id: str) -> None:

@@ -336,6 +336,11 @@ def test_stop_sequence(client, server):
     assert stop not in out
     assert text.startswith(out)
     assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra["stop_reason"] == stop  # (vLLM's field: which stop matched)
+    assert free.choices[0].model_extra["stop_reason"] is None
+    chunks = list(ask(client, server, "Write a long sentence.", max_tokens=20, stop=[stop], stream=True))
+    [last] = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert last.choices[0].model_extra["stop_reason"] == stop
 
 
 def test_stop_strings_let_no_special_token_into_the_text(client, server):
@@ -748,6 +753,7 @@ def test_stop_token_ids_end_the_answer(client, server):
                   extra_body={"ignore_eos": True, "stop_token_ids": [7, 300]})
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens == 1 and stopped.choices[0].message.content == ""
+    assert stopped.choices[0].model_extra["stop_reason"] == 300
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(client, server):
