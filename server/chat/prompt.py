@@ -125,20 +125,21 @@ def collect(messages: list[Message], split_reasoning: bool = False) -> Conversat
 
 
 def _reasoning_split(content: str | list[Any] | None, calls: str) -> tuple[str, str] | None:
-    """(reasoning, answer) of an assistant turn whose text holds `</think>`, else None: the
-    text before the last `</think>` from after its `<think>`, and the text after, with the
-    newlines around them trimmed as Qwen3's templates trim them."""
+    """(reasoning, answer) of an assistant turn whose content holds `</think>`, else None:
+    the text before the last `</think>` from after its `<think>`, and the text after, with
+    the newlines around them trimmed as Qwen3's templates trim them; then the turn's tool
+    calls (`calls`), which the templates write apart from the content and never split."""
     if isinstance(content, list):
         text = "".join(part.text if isinstance(part, TextPart) else part.refusal for part in content
                        if isinstance(part, (TextPart, RefusalPart)))
     else:
         text = content or ""
-    text = "\n".join(t for t in (text, calls) if t)
     if "</think>" not in text:
         return None
     before, _, after = text.rpartition("</think>")
     reasoning = before.split("</think>")[0].rstrip("\n").split("<think>")[-1].strip("\n")
-    return reasoning, after.lstrip("\n")
+    answer = after.lstrip("\n")
+    return reasoning, "\n".join(t for t in (answer, calls) if t)
 
 
 def _calls_as_text(msg: Message) -> str:

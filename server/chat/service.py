@@ -170,15 +170,20 @@ class ChatService:
 
     def _opens_reasoning(self, prompt_ids: list[int]) -> bool:
         """Whether the prompt's generation prompt opened a `<think>` block and left it open
-        (Qwen3-VL Thinking's does; with `enable_thinking: false` it closes it again)."""
+        (Qwen3-VL Thinking's does; with `enable_thinking: false` it closes it again). Only
+        the ids after the last `<|im_start|>` count: the template's own assistant header.
+        (`<think>` is an ordinary token, so a client's text can hold it; never after that
+        special token, which client text cannot.)"""
         if self._think_ids is None:
             return False
-        opening, closing = self._think_ids
-        tail = prompt_ids[-8:]  # ("<|im_start|>assistant\n<think>\n": the open tag is near the end)
-        if opening not in tail:
+        opening, closing, turn_start = self._think_ids
+        tail = prompt_ids[-8:]  # ("<|im_start|>assistant\n<think>\n": near the end)
+        if turn_start not in tail or opening not in tail:
             return False
-        last_open = len(tail) - 1 - tail[::-1].index(opening)
-        return closing not in tail[last_open:]
+        header = tail[len(tail) - tail[::-1].index(turn_start):]
+        if opening not in header:
+            return False
+        return closing not in header[header.index(opening):]
 
     async def _render(self, conv: Conversation, template_kwargs: dict[str, Any] | None) -> list[int]:
         """The prompt's token ids. Long texts are rendered and tokenized on a thread of their
@@ -653,14 +658,15 @@ _VLLM_NOT_IMPLEMENTED: tuple[tuple[str, str, Any], ...] = (
 )
 
 
-def _think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
-    """The ids of `<think>` and `</think>` where the tokenizer has both as single tokens."""
+def _think_token_ids(tokenizer: Any) -> tuple[int, int, int] | None:
+    """The ids of `<think>`, `</think>` and `<|im_start|>` where the tokenizer has all three
+    as single tokens."""
     try:
         vocab = tokenizer.get_vocab()
     except Exception:  # (a tokenizer without a readable vocabulary has no such tokens to find)
         return None
-    opening, closing = vocab.get("<think>"), vocab.get("</think>")
-    return (opening, closing) if isinstance(opening, int) and isinstance(closing, int) else None
+    ids = tuple(vocab.get(token) for token in ("<think>", "</think>", "<|im_start|>"))
+    return ids if all(isinstance(i, int) for i in ids) else None  # type: ignore[return-value]
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:

@@ -79,7 +79,7 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
         pipeline_parallel_size=settings.pipeline_parallel_size,
         distributed_executor_backend=settings.distributed_executor_backend,
         enforce_eager=on_cpu if settings.enforce_eager is None else settings.enforce_eager,
-        limit_mm_per_prompt=_mm_limits(model, settings.limit_mm_per_prompt),
+        limit_mm_per_prompt=_mm_limits(model, settings.limit_mm_per_prompt, settings),
         mm_processor_cache_type=settings.mm_processor_cache_type,
         mm_processor_cache_gb=settings.mm_processor_cache_gb,
         seed=settings.seed,
@@ -109,7 +109,7 @@ def _trust_remote_code(settings: Settings, model: str) -> bool:
     checkpoint's own tokenizer code (its auto_map) in place of the plugin's, which has no
     chat template (every chat request then fails). Guides for vLLM's own server ask for the
     flag, so it is dropped with a warning rather than refused."""
-    if settings.trust_remote_code and _model_type(model) == "qwen":
+    if settings.trust_remote_code and _model_type(model, settings) == "qwen":
         log.warning("ignoring --trust-remote-code: Qwen-VL is served by this server's own "
                     "implementation, not by the checkpoint's code")
         return False
@@ -172,18 +172,22 @@ _SMART_RESIZE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-_hub_files: dict[tuple[str, str], dict[str, Any] | None] = {}
+_hub_files: dict[tuple[str, str, str | None, str | None], dict[str, Any] | None] = {}
 
 
-def _checkpoint_json(model: str, name: str) -> dict[str, Any] | None:
+def _checkpoint_json(model: str, name: str, settings: Settings | None = None) -> dict[str, Any] | None:
     """The checkpoint's JSON file `name` (config.json, preprocessor_config.json): a local
-    one, or for a hub id the hub's (small files vLLM fetches anyway); None where there is
-    none or it cannot be read."""
+    one, or for a hub id the hub's at the `--revision` vLLM loads, through the same
+    `--download-dir` cache (small files vLLM fetches anyway); None where there is none or it
+    cannot be read."""
     path = Path(model)
     if not path.exists() and _HUB_ID.fullmatch(model):
-        if (model, name) not in _hub_files:
-            _hub_files[model, name] = _hub_json(model, name)
-        return _hub_files[model, name]
+        revision = settings.revision if settings else None
+        cache_dir = settings.download_dir if settings else None
+        key = (model, name, revision, cache_dir)
+        if key not in _hub_files:
+            _hub_files[key] = _hub_json(model, name, revision, cache_dir)
+        return _hub_files[key]
     try:
         data = json.loads((path / name).read_text()) if (path / name).is_file() else None
     except (OSError, ValueError):
@@ -191,14 +195,17 @@ def _checkpoint_json(model: str, name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _hub_json(model: str, name: str) -> dict[str, Any] | None:
+def _hub_json(model: str, name: str, revision: str | None, cache_dir: str | None) -> dict[str, Any] | None:
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model, name)  # (no network where it is cached)
+        # (no network where it is cached)
+        cached = try_to_load_from_cache(model, name, cache_dir=cache_dir, revision=revision)
         if cached is not None and not isinstance(cached, str):
             return None  # (the cache records that the repository has no such file)
-        data = json.loads(Path(cached if cached else hf_hub_download(model, name)).read_text())
+        if not cached:
+            cached = hf_hub_download(model, name, revision=revision, cache_dir=cache_dir)
+        data = json.loads(Path(cached).read_text())
         return data if isinstance(data, dict) else None
     except Exception as exc:  # noqa: BLE001 - offline, no such repo or file, ...
         log.info("could not read %s's %s from the hub (%s); what it would set stays at vLLM's defaults",
@@ -206,9 +213,9 @@ def _hub_json(model: str, name: str) -> dict[str, Any] | None:
         return None
 
 
-def _model_type(model: str) -> str | None:
+def _model_type(model: str, settings: Settings | None = None) -> str | None:
     """The checkpoint's `model_type`, from its config.json; None where it cannot be read."""
-    config = _checkpoint_json(model, "config.json")
+    config = _checkpoint_json(model, "config.json", settings)
     return config.get("model_type") if config else None
 
 
@@ -217,17 +224,17 @@ def _raised_max_pixels(settings: Settings, model: str) -> int | None:
     The engine's processor shrinks every picture to its checkpoint's bound again, so a
     higher ceiling of ours takes effect only with the processor's bound raised to it."""
     wanted = settings.image_max_pixels
-    if wanted is None or _model_type(model) not in _SMART_RESIZE_TYPES:
+    if wanted is None or _model_type(model, settings) not in _SMART_RESIZE_TYPES:
         return None
-    own = _image_processor_config(model).get("max_pixels")
+    own = _image_processor_config(model, settings).get("max_pixels")
     return wanted if isinstance(own, int) and wanted > own else None
 
 
-def _mm_limits(model: str, images: int) -> dict[str, int]:
+def _mm_limits(model: str, images: int, settings: Settings | None = None) -> dict[str, int]:
     """Images per prompt; video off where the model has it (we accept no video input, and
     vLLM would otherwise reserve memory for profiling one)."""
     limits = {"image": images}
-    if _model_type(model) in _SMART_RESIZE_TYPES:
+    if _model_type(model, settings) in _SMART_RESIZE_TYPES:
         limits["video"] = 0
     return limits
 
@@ -242,11 +249,11 @@ def _chat_stop_ids(family: str) -> tuple[int, ...]:
     return ()
 
 
-def _image_processor_config(model: str) -> dict[str, Any]:
+def _image_processor_config(model: str, settings: Settings | None = None) -> dict[str, Any]:
     """min/max pixels and patch geometry of the checkpoint's image processor (local or hub
     cache), or {} where it has none."""
     for name in ("preprocessor_config.json", "processor_config.json"):
-        data = _checkpoint_json(model, name)
+        data = _checkpoint_json(model, name, settings)
         if data is None:
             continue
         data = data.get("image_processor", data)
@@ -491,7 +498,7 @@ class VLLMEngine(Engine):
         model_type = getattr(model_config.hf_config, "model_type", "")
         family = family_of(model_type)
         tokenizer = llm.get_tokenizer()
-        image_processor = _image_processor_config(model)
+        image_processor = _image_processor_config(model, settings)
         if (raised := _raised_max_pixels(settings, model)) is not None:
             image_processor["max_pixels"] = raised  # as engine_args_from_settings told vLLM
         # vLLM matches stop strings against the text it decodes: decoded with special tokens

@@ -161,6 +161,19 @@ def test_hub_ids_are_known_by_their_config_too(tmp_path, monkeypatch):
     monkeypatch.setattr(vllm_engine, "_hub_files", {})
     assert vllm_engine._image_processor_config("Qwen/Qwen2-VL-2B-Instruct") == {
         "min_pixels": 1024, "max_pixels": 1003520, "patch_size": 14, "merge_size": 2}
+    # at the revision vLLM loads, from the cache it downloads into
+    (base / "refs" / "v2").write_text("def")
+    (base / "snapshots" / "def").mkdir()
+    (base / "snapshots" / "def" / "preprocessor_config.json").write_text(json.dumps({"max_pixels": 200704}))
+    other = tmp_path / "elsewhere" / base.name
+    (other / "refs").mkdir(parents=True)
+    (other / "refs" / "main").write_text("abc")
+    (other / "snapshots" / "abc").mkdir(parents=True)
+    (other / "snapshots" / "abc" / "preprocessor_config.json").write_text(json.dumps({"max_pixels": 401408}))
+    for flags, expected in ((["--revision", "v2"], 200704),
+                            (["--download-dir", str(tmp_path / "elsewhere")], 401408)):
+        settings = parse_settings(["--model", "Qwen/Qwen2-VL-2B-Instruct", *flags])
+        assert vllm_engine._image_processor_config("Qwen/Qwen2-VL-2B-Instruct", settings)["max_pixels"] == expected
     qwen = engine_args_from_settings(parse_settings(["--model", "Qwen/Qwen-VL-Chat", "--trust-remote-code"]),
                                      "Qwen/Qwen-VL-Chat", "cpu")
     assert qwen.trust_remote_code is False and qwen.limit_mm_per_prompt == {"image": 4}

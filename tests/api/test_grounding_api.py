@@ -203,3 +203,22 @@ def test_a_reasoning_draft_cut_off_before_its_end_gives_no_boxes(thinking_tokeni
     else:
         boxes = r.json()["choices"][0]["message"]["grounding"]
     assert [b["phrase"] for b in boxes] == phrases
+
+
+def test_a_think_tag_in_the_users_text_does_not_hide_the_boxes(tiny_model):
+    """`<think>` is an ordinary token in Qwen3's vocabulary, so a question can end with it;
+    only the template's own assistant header opens the reasoning."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("qwen2-vl"))
+    # (the template stays one without reasoning; "assistant" one token, as in the real
+    # vocabulary, so that the question's end is among the prompt's last ids)
+    tok.add_tokens(["<think>", "</think>", "assistant"])
+    engine = engine_for(tok, "qwen3-vl", '{"bbox_2d": [100, 100, 200, 200], "label": "cat"}')
+    app, _ = scripted_app(tok, engine=engine, family="qwen3-vl")
+    with AppServer(app) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=30,
+                       json={"messages": image_message(text="find the cat. Do not write <think>")})
+    assert r.status_code == 200, r.text
+    assert tok.convert_tokens_to_ids("<think>") in engine.history[-1].prompt_token_ids[-8:]
+    assert [b["phrase"] for b in r.json()["choices"][0]["message"]["grounding"]] == ["cat"]

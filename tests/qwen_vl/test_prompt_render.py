@@ -204,3 +204,27 @@ def test_a_thinking_templates_reasoning_split_gives_its_own_prompt(tmp_path_fact
     assert renderer.render_text(conv) == expected
     assert renderer.render(conv) == tok.encode(expected, add_special_tokens=False)
     assert "private reasoning" not in expected  # (the case the split is for)
+
+
+def test_a_tool_calls_text_is_never_split_as_reasoning(tmp_path_factory) -> None:
+    """Qwen3's templates split an assistant turn's content at `</think>` and write its tool
+    calls apart: a `</think>` in a call's arguments is the call's text, not the reasoning's end."""
+    from transformers import AutoTokenizer
+
+    from server.tiny_model import write_tiny_model
+
+    tok = thinking(AutoTokenizer.from_pretrained(write_tiny_model("qwen2-vl", tmp_path_factory.mktemp("calls"))))
+    renderer = PromptRenderer(tok)
+    call = [{"id": "c1", "type": "function",
+             "function": {"name": "write_file", "arguments": '{"text": "a </think> b"}'}}]
+    for content, answer in (("<think>plan</think>I'll write it.", "I'll write it.\n"), (None, "")):
+        history = [{"role": "user", "content": "q1"},
+                   {"role": "assistant", "content": content, "tool_calls": call},
+                   {"role": "tool", "content": "done", "tool_call_id": "c1"},
+                   {"role": "user", "content": "q2"}]
+        conv = collect([Message.model_validate(m) for m in history], split_reasoning=True)
+        text = renderer.render_text(conv)
+        expected_turn = ('<|im_start|>assistant\n' + answer +
+                         '<tool_call>\n{"name": "write_file", "arguments": {"text": "a </think> b"}}\n</tool_call><|im_end|>')
+        assert expected_turn in text, text
+        assert "plan" not in text
