@@ -698,7 +698,7 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if template_kwargs.get("continue_final_message"):
         refuse("continue_final_message (continuing the last assistant message)",
                "chat_template_kwargs.continue_final_message")
-    if template_kwargs.get("add_generation_prompt", True) is False:
+    if template_kwargs.get("add_generation_prompt") is not None and not template_kwargs["add_generation_prompt"]:
         refuse("add_generation_prompt: false", "chat_template_kwargs.add_generation_prompt")
     for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
         if getattr(req, name) is not None:

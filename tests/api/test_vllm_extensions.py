@@ -156,7 +156,8 @@ def test_chat_template_kwargs_set_the_templates_own_variables(srv):
                                         "continue_final_message": False}) == plain
 
 
-@pytest.mark.parametrize("name, value", [("add_generation_prompt", False), ("continue_final_message", True)])
+@pytest.mark.parametrize("name, value", [("add_generation_prompt", False), ("add_generation_prompt", 0),
+                                         ("continue_final_message", True), ("continue_final_message", 1)])
 def test_chat_template_kwargs_that_ask_for_what_the_fields_would_are_refused_as_they_are(srv, name, value):
     """vLLM's server lets chat_template_kwargs set these; ignoring them here would answer a
     request the client did not make."""
