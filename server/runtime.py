@@ -224,7 +224,6 @@ class Runtime:
                 return task.result()
             task.cancel()
             await _quietly(task)
-            await _aclose(prepared.stream)
             if watcher in done:
                 raise ClientGone()
             if stopper in done:
@@ -238,6 +237,10 @@ class Runtime:
             for aux in (watcher, stopper):
                 aux.cancel()
                 await _quietly(aux)
+            # Whatever ended the work: a failure in one of n choices (a grammar dead end, say)
+            # raises while the others still run, and the traceback's reference cycle would
+            # keep the engine's stream (and its requests) alive until a garbage collection.
+            await _aclose(prepared.stream)
 
     async def stream_with_deadline(
         self, events: AsyncIterator[str], prepared: Prepared, release: Callable[[], None]

@@ -35,7 +35,7 @@ class ScriptedEngine(Engine):
         self.chunk_chars = chunk_chars
         self.delay = delay
         self.history: list[GenerationRequest] = []
-        self._replies: deque[str | tuple[str, str]] = deque()
+        self._replies: deque[str | tuple[str, str, int | None]] = deque()
         self._running: set[str] = set()
         self.aborted: list[str] = []
         self.dead = False
@@ -43,10 +43,11 @@ class ScriptedEngine(Engine):
     def enqueue(self, *replies: str) -> None:
         self._replies.extend(replies)
 
-    def enqueue_cut(self, reply: str, finish_reason: str) -> None:
+    def enqueue_cut(self, reply: str, finish_reason: str, only_choice: int | None = None) -> None:
         """A reply the engine gives up on: its pieces, then `finish_reason` ("abort" or
-        "error", as vLLM ends a request it cancelled or failed) on the last one."""
-        self._replies.append((reply, finish_reason))
+        "error", as vLLM ends a request it cancelled or failed) on the last one. With
+        `only_choice`, that choice alone ends so, on the first piece, and the others go on."""
+        self._replies.append((reply, finish_reason, only_choice))
 
     async def start(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self.dead:
@@ -56,18 +57,18 @@ class ScriptedEngine(Engine):
             raise ContextLengthError("The prompt is longer than the context.", param="messages")
         self.history.append(request)
         reply = self._replies.popleft() if self._replies else self.default_reply
-        cut = None
+        cut = only = None
         if isinstance(reply, tuple):
-            reply, cut = reply
-        return self._stream(request, reply, n_prompt, cut)
+            reply, cut, only = reply
+        return self._stream(request, reply, n_prompt, cut, only)
 
     async def _stream(self, request: GenerationRequest, reply: str, n_prompt: int,
-                      cut: str | None = None) -> AsyncIterator[GenerationChunk]:
+                      cut: str | None = None, only: int | None = None) -> AsyncIterator[GenerationChunk]:
         s = request.sampling
         pieces = [reply[i : i + self.chunk_chars] for i in range(0, len(reply), self.chunk_chars)] or [""]
         budget = s.max_tokens if s.max_tokens is not None else (s.default_max_tokens or len(pieces))
         emitted = pieces[:budget]
-        finish = cut or ("length" if len(pieces) > budget else "stop")
+        finish = (cut if only is None else None) or ("length" if len(pieces) > budget else "stop")
         self._running.add(request.request_id)
         try:
             for i, piece in enumerate(emitted):
@@ -76,14 +77,15 @@ class ScriptedEngine(Engine):
                 if self.dead:
                     raise EngineDeadError("scripted engine marked dead")
                 last = i == len(emitted) - 1
-                yield GenerationChunk(
-                    prompt_tokens=n_prompt,
-                    choices=[
-                        ChoiceDelta(index=k, text=piece, token_ids=[0], finish_reason=finish if last else None)
-                        for k in range(s.n)
-                    ],
-                    finished=last,
-                )
+                choices = []
+                for k in range(s.n):
+                    if k == only:  # this choice ended on the first piece
+                        if i == 0:
+                            choices.append(ChoiceDelta(index=k, text=piece, token_ids=[0], finish_reason=cut))
+                        continue
+                    choices.append(ChoiceDelta(index=k, text=piece, token_ids=[0],
+                                               finish_reason=finish if last else None))
+                yield GenerationChunk(prompt_tokens=n_prompt, choices=choices, finished=last)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request.request_id)
             raise

@@ -623,16 +623,19 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
         try:
-            async for out in self._llm.generate(engine_input, params, request_id):
-                choices = [self._choice(c) for c in out.outputs]
-                if copies > 1:
-                    choices = [replace(c, index=i) for c in choices for i in range(copies)]
-                yield GenerationChunk(
-                    prompt_tokens=len(out.prompt_token_ids or ()),
-                    choices=choices,
-                    finished=out.finished,
-                    cached_tokens=out.num_cached_tokens or 0,
-                )
+            # aclosing: closing this stream closes vLLM's, whose GeneratorExit aborts the request
+            # then and there rather than whenever the event loop finalizes the generator.
+            async with contextlib.aclosing(self._llm.generate(engine_input, params, request_id)) as outs:
+                async for out in outs:
+                    choices = [self._choice(c) for c in out.outputs]
+                    if copies > 1:
+                        choices = [replace(c, index=i, copy=i > 0) for c in choices for i in range(copies)]
+                    yield GenerationChunk(
+                        prompt_tokens=len(out.prompt_token_ids or ()),
+                        choices=choices,
+                        finished=out.finished,
+                        cached_tokens=out.num_cached_tokens or 0,
+                    )
         except VLLMEngineDead as exc:
             raise EngineDeadError("the inference engine stopped") from exc
         except VLLMValidationError as exc:

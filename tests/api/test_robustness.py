@@ -4,6 +4,7 @@ engine (fast): backpressure, auth, limits, deadlines, streaming details, disconn
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import re
@@ -215,8 +216,8 @@ def test_keepalive_comments_while_waiting(tiny_tokenizer):
 
 
 class FailingEngine(ScriptedEngine):
-    async def _stream(self, request, reply, n_prompt, cut=None):
-        async for chunk in super()._stream(request, reply, n_prompt, cut):
+    async def _stream(self, request, reply, n_prompt, cut=None, only=None):
+        async for chunk in super()._stream(request, reply, n_prompt, cut, only):
             yield chunk
             raise RuntimeError("secret internal detail at 0xdeadbeef")
 
@@ -558,6 +559,29 @@ def test_disconnect_aborts_engine_request(tiny_tokenizer):
             time.sleep(0.05)
         assert engine.num_unfinished_requests() == 0
         assert len(engine.aborted) >= 2
+        assert srv.runtime.admission.active == 0
+
+
+def test_one_failed_choice_of_n_ends_the_others_at_once(tiny_tokenizer):
+    """Non-streaming, n=2: the first choice fails while the second is still generating. The
+    error goes back at once, and the second choice must stop then too, closed by the runtime,
+    not left to whenever the stream object is freed (a reference cycle through the failure's
+    traceback would leave that to a garbage collection, which this test keeps from running)."""
+    engine = slow_engine(tiny_tokenizer, delay=0.1, reply="x" * 300)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    with AppServer(app) as srv:
+        engine.enqueue_cut("x" * 300, "error", only_choice=0)
+        gc.disable()  # (what the old code waited for)
+        try:
+            r = chat(srv.base_url, n=2)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+            deadline = time.monotonic() + 3
+            while engine.num_unfinished_requests() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.num_unfinished_requests() == 0
+            assert engine.aborted == [engine.history[-1].request_id]
+        finally:
+            gc.enable()
         assert srv.runtime.admission.active == 0
 
 

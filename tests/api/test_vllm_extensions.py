@@ -205,17 +205,17 @@ def test_a_constrained_answer_the_engine_ends_with_an_error_is_the_clients_400(s
     """vLLM ends a request with "error" when its grammar allows no next token: for a request
     with a constraint that is the constraint's fault, not the server's (no retry helps)."""
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}}
-    srv.engine.enqueue(("\"a", "error"))
+    srv.engine.enqueue_cut("\"a", "error")
     r = post(srv, {"response_format": fmt})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "response_format" and r.json()["error"]["code"] == "invalid_response_format"
-    srv.engine.enqueue(("ab", "error"))
+    srv.engine.enqueue_cut("ab", "error")
     r = post(srv, {"structured_outputs": {"choice": ["abc"]}, "stream": True})
     assert r.status_code == 200
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert events[-1]["error"]["code"] == "invalid_structured_outputs", events[-1]
     # without a constraint, the same engine failure stays a server error
-    srv.engine.enqueue(("ab", "error"))
+    srv.engine.enqueue_cut("ab", "error")
     assert post(srv, {}).status_code == 500
 
 
