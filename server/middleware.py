@@ -293,12 +293,15 @@ def _declared_length(value: str | None) -> int | None:
 
 
 async def _read_capped(receive: Receive, limit: int) -> Receive | None:
-    """The whole body as a replaying `receive`, or None once it exceeds `limit` bytes."""
+    """The whole body as a replaying `receive`, or None once it exceeds `limit` bytes. A client
+    that leaves before the body is complete is replayed as the disconnect, not as a body cut
+    short (whose first part may parse, and would then be served to nobody)."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
+            pending = [message]  # (the disconnect)
             break
         body = message.get("body", b"")
         size += len(body)
@@ -306,8 +309,8 @@ async def _read_capped(receive: Receive, limit: int) -> Receive | None:
             return None
         chunks.append(body)
         if not message.get("more_body", False):
+            pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
             break
-    pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
     async def replay() -> Message:
         if pending:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 import time
 
@@ -349,6 +350,32 @@ def test_a_body_under_a_transfer_coding_other_than_chunked_gets_a_415(srv, codin
     assert data.startswith(f"HTTP/1.1 {status}".encode()), data[:300]
     if status == 415:
         assert b"Transfer-Encoding 'gzip, chunked'" in data
+    still_serves(srv)
+
+
+@pytest.mark.parametrize("cut", ["whole JSON", "half the JSON"])
+def test_a_chunked_body_cut_off_by_a_disconnect_is_not_served(srv, cut):
+    """A client that sends part of a chunked body and leaves is gone (a 499 in the counts),
+    not a body: the part it sent was passed on as complete, a 400 about bad JSON, or, when
+    it happened to be whole JSON, a request run to the end for nobody."""
+    def cancelled() -> float:
+        text = httpx.get(srv.base_url + "/metrics").text
+        return float(re.search(r'^qwenvl_requests_total\{outcome="cancelled"\} (\S+)$', text, re.M).group(1))
+
+    engine = srv.runtime.engine
+    before, seen = cancelled(), len(engine.history)
+    payload = json.dumps(body()).encode()
+    if cut != "whole JSON":
+        payload = payload[: len(payload) // 2]
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        time.sleep(0.3)  # (the chunk read, the last one still to come)
+    deadline = time.monotonic() + 5
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled() == before + 1
+    assert len(engine.history) == seen  # nothing reached the engine
     still_serves(srv)
 
 
