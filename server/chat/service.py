@@ -327,7 +327,7 @@ class ChatService:
                 prompt_tokens = chunk.prompt_tokens or prompt_tokens
                 cached = max(cached, chunk.cached_tokens)
                 for c in chunk.choices:
-                    tracker.tokens(len(c.token_ids), c.index)
+                    tracker.tokens(len(c.token_ids), c.index, c.copy)
                     texts[c.index].append(c.text)
                     tokens[c.index] += len(c.token_ids)
                     if c.logprobs:
@@ -402,7 +402,7 @@ class ChatService:
                     if continuous and waiting_roles and not held:
                         held = roles()
                     for c in out.choices:
-                        tracker.tokens(len(c.token_ids), c.index)
+                        tracker.tokens(len(c.token_ids), c.index, c.copy)
                         tokens[c.index] += len(c.token_ids)
                         text = c.text
                         if (cleaner := pieces[c.index]) is not None:
@@ -549,13 +549,16 @@ class _Timing:
         self.started = started
         self.first: float | None = None
         self.counts: dict[int, int] = {}
+        self.generated = 0  # by the engine: copied choices' tokens left out
         self.recorded = False
 
-    def tokens(self, n: int, index: int) -> None:
+    def tokens(self, n: int, index: int, copy: bool = False) -> None:
         if n and self.first is None:
             self.first = time.perf_counter()
             self.metrics.ttft.observe(self.first - self.started)
         self.counts[index] = self.counts.get(index, 0) + n
+        if not copy:
+            self.generated += n
 
     def done(self) -> None:
         """The request answered in full: its latencies."""
@@ -571,7 +574,7 @@ class _Timing:
         if self.recorded:
             return
         self.recorded = True
-        self.metrics.completion_tokens.inc(sum(self.counts.values()))
+        self.metrics.completion_tokens.inc(self.generated)
         if prompt_tokens:
             self.metrics.prompt_tokens.inc(prompt_tokens)
             self.metrics.prompt_tokens_per_request.observe(prompt_tokens)

@@ -109,6 +109,9 @@ class ChoiceDelta:
     #: What ended a "stop": the stop string or stop token id that matched; None for the
     #: model's end-of-sequence token (vLLM's `stop_reason`).
     stop_reason: int | str | None = None
+    #: A copy of another choice's output (greedy n > 1 runs once in the engine and is copied
+    #: to every choice): the client gets its tokens, the engine made none.
+    copy: bool = False
 
 
 @dataclass

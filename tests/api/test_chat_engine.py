@@ -319,10 +319,19 @@ def test_n_choices_streaming(client, server):
 
 def test_n_choices_at_a_near_zero_temperature(client, server):
     """vLLM samples greedily below 1e-5 and refuses n>1 there (Qwen2.5-VL's generation
-    config defaults to 1e-6): one generation, fanned out to n identical choices."""
+    config defaults to 1e-6): one generation, fanned out to n identical choices. The client's
+    usage counts both choices; the server's counter of generated tokens, the engine's work,
+    counts the one generation."""
+    def generated() -> float:
+        text = httpx.get(server.base_url + "/metrics").text
+        return float(re.search(r"^qwenvl_completion_tokens_total (\S+)$", text, re.M).group(1))
+
+    before = generated()
     r = ask(client, server, "Count", n=2, max_tokens=4, temperature=1e-6, extra_body={"ignore_eos": True})
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].message.content == r.choices[1].message.content
+    assert r.usage.completion_tokens == 8
+    assert generated() - before == 4
 
 
 def test_stop_sequence(client, server):
