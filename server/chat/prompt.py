@@ -88,6 +88,9 @@ def collect(messages: list[Message], split_reasoning: bool = False) -> Conversat
                 f"messages[{i}] ({msg.role}) has no content; send a string or a list of parts.",
                 param=f"messages[{i}].content",
             )
+        if isinstance(content, list):  # (before the reasoning split, which reads text parts only)
+            for j, part in enumerate(content):
+                _check_part_role(part, role, msg.role, i, j)
         calls = _calls_as_text(msg) if msg.role == "assistant" else ""
         if split_reasoning and msg.role == "assistant" and (split := _reasoning_split(content, calls)):
             reasoning, answer = split
@@ -104,15 +107,7 @@ def collect(messages: list[Message], split_reasoning: bool = False) -> Conversat
         for j, part in enumerate(content):
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": sentinel(part.text)})
-                continue
-            only_in = "assistant" if isinstance(part, RefusalPart) else "user"
-            if role != only_in:
-                raise InvalidRequestError(
-                    f"{'A refusal part is' if only_in == 'assistant' else 'Images are'} only accepted in "
-                    f"{only_in} messages; messages[{i}] has role '{msg.role}'.",
-                    param=f"messages[{i}].content[{j}]",
-                )
-            if isinstance(part, RefusalPart):
+            elif isinstance(part, RefusalPart):
                 parts.append({"type": "text", "text": sentinel(part.refusal)})
             else:
                 images.append(ImageRef(part.image_url.url, f"messages[{i}].content[{j}].image_url",
@@ -122,6 +117,20 @@ def collect(messages: list[Message], split_reasoning: bool = False) -> Conversat
             parts.append({"type": "text", "text": sentinel("\n" + calls if parts else calls)})
         out.append({"role": role, "content": parts})
     return Conversation(messages=out, texts=texts, images=images)
+
+
+def _check_part_role(part: Any, role: str, sent_role: str, i: int, j: int) -> None:
+    """Refuse a content part its message's role may not hold: images in user turns only,
+    refusals in assistant turns only (text anywhere)."""
+    if isinstance(part, TextPart):
+        return
+    only_in = "assistant" if isinstance(part, RefusalPart) else "user"
+    if role != only_in:
+        raise InvalidRequestError(
+            f"{'A refusal part is' if only_in == 'assistant' else 'Images are'} only accepted in "
+            f"{only_in} messages; messages[{i}] has role '{sent_role}'.",
+            param=f"messages[{i}].content[{j}]",
+        )
 
 
 def _reasoning_split(content: str | list[Any] | None, calls: str) -> tuple[str, str] | None:

@@ -228,3 +228,21 @@ def test_a_tool_calls_text_is_never_split_as_reasoning(tmp_path_factory) -> None
                          '<tool_call>\n{"name": "write_file", "arguments": {"text": "a </think> b"}}\n</tool_call><|im_end|>')
         assert expected_turn in text, text
         assert "plan" not in text
+
+
+@pytest.mark.parametrize("split_reasoning", [False, True])
+def test_a_picture_in_an_assistant_turn_is_refused_whatever_its_text(split_reasoning) -> None:
+    """Pictures are the user's: in an assistant turn they are a 400 naming the part, also
+    when the turn's text holds a `</think>` that a thinking template's split reads (the
+    picture was dropped in silence there)."""
+    from server.errors import InvalidRequestError
+
+    history = [{"role": "user", "content": "q1"},
+               {"role": "assistant", "content": [
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                   {"type": "text", "text": "reasoning</think>answer"}]},
+               {"role": "user", "content": "q2"}]
+    with pytest.raises(InvalidRequestError) as info:
+        collect([Message.model_validate(m) for m in history], split_reasoning=split_reasoning)
+    assert info.value.param == "messages[1].content[0]"
+    assert "Images are only accepted in user messages" in str(info.value)
