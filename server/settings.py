@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     )
     sse_keepalive_interval: float = Field(
         15.0, gt=0, description="Seconds between SSE comments while a stream waits for tokens (from when "
-        "the request leaves the admission queue)."
+        "the stream starts: the request admitted, its images loaded, the engine holding it)."
     )
     cors_allow_origins: CSVList = Field(default_factory=list, description="CORS origins (off when empty).")
     docs: bool = Field(
