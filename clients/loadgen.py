@@ -60,7 +60,7 @@ class LoadPlan:
 @dataclass
 class LoadOutcome:
     """Results in completion order, and the measured window in seconds (first request
-    sent to last result in). `unsent`: requests of a rate-driven plan that were due before
+    sent to the last result in, requests cancelled at the end left out when any other ended). `unsent`: requests of a rate-driven plan that were due before
     the duration ran out but found no free slot under the cap by then. `interrupted`: the
     `stop` event ended the run early."""
 
@@ -119,7 +119,10 @@ async def run_load(send: Sender, plan: LoadPlan, progress: Progress | None = Non
         await asyncio.gather(*(f for f in (runner, stopped) if f is not None), return_exceptions=True)
     if not runner.cancelled() and runner.exception() is not None:
         raise runner.exception()
-    outcome.duration = (max(r.finished for r in outcome.results) - start) if outcome.results else 0.0
+    # The window ends with the last request that ended by itself: one cancelled at the end of
+    # the grace (or by an interruption) would stretch it by up to the grace and cut every rate.
+    ended = [r.finished for r in outcome.results if r.error != "cancelled"] or [r.finished for r in outcome.results]
+    outcome.duration = (max(ended) - start) if ended else 0.0
     return outcome
 
 

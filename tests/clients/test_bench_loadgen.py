@@ -70,6 +70,31 @@ def test_grace_cancels_requests_that_outlive_the_duration():
     assert [r.error for r in out.results] == ["cancelled", "cancelled"]
 
 
+class StuckSender(FakeSender):
+    """Like FakeSender, but request `stuck` never answers."""
+
+    def __init__(self, latency: float, stuck: int) -> None:
+        super().__init__(latency)
+        self.stuck = stuck
+
+    async def __call__(self, index: int) -> RequestResult:
+        if index == self.stuck:
+            await asyncio.sleep(3600)
+        return await super().__call__(index)
+
+
+def test_a_request_cancelled_at_the_end_does_not_stretch_the_window():
+    """The window ends with the last request that ended: one that hung until the grace ran
+    out (and was cancelled) made it duration + grace long, cutting requests/s by as much."""
+    sender = StuckSender(0.01, stuck=3)
+    out = run(sender, LoadPlan(num_requests=10_000, concurrency=2, duration=0.3, grace=1.5))
+    cancelled = [r for r in out.results if r.error == "cancelled"]
+    finished = [r for r in out.results if r.error is None]
+    assert len(cancelled) == 1 and finished
+    assert out.duration < 1.0  # (0.3 s of sending and the last answer; 1.8 s with the grace)
+    assert out.duration >= max(r.finished for r in finished) - min(r.started for r in out.results) - 1e-9
+
+
 def test_rate_spaces_requests():
     sender = FakeSender(0.0)
     out = run(sender, LoadPlan(num_requests=6, rate=20.0, constant_rate=True))
