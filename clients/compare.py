@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import sys
@@ -390,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> MatrixConfig:
-    """Raises ValueError for an unknown workload or a bad concurrency list."""
+    """Raises ValueError for an unknown workload, a bad concurrency list or any value the
+    run would only trip over once both servers are up (minutes in)."""
     workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown or not workloads:
@@ -403,6 +405,26 @@ def config_from_args(args: argparse.Namespace) -> MatrixConfig:
         raise ValueError("concurrencies must be positive")
     if not 1 <= args.rounds < WARMUP_INDEX // ROUND_INDEX:
         raise ValueError(f"--rounds must be between 1 and {WARMUP_INDEX // ROUND_INDEX - 1}")
+    for flag, value in (("--cell-duration", args.cell_duration), ("--max-wall", args.max_wall),
+                        ("--startup-timeout", args.startup_timeout)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number of seconds")
+    if args.warmup_seconds is not None and not (math.isfinite(args.warmup_seconds) and args.warmup_seconds >= 0):
+        raise ValueError("--warmup-seconds must be a number of seconds, 0 or more")
+    if args.max_tokens < 1 or args.prompt_words < 0:
+        raise ValueError("--max-tokens must be at least 1 and --prompt-words at least 0")
+    if not 0.0 <= args.temperature <= 2.0:
+        raise ValueError("--temperature must be within 0..2")
+    if args.seed < 0:
+        raise ValueError("--seed must be 0 or more")
+    if args.gpu_memory_utilization is not None and not 0.0 < args.gpu_memory_utilization < 0.5:
+        raise ValueError("--gpu-memory-utilization must be above 0 and below 0.5 (both servers share the GPU)")
+    for flag, value in (("--max-model-len", args.max_model_len), ("--max-num-seqs", args.max_num_seqs),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens), ("--kv-cache-gib", args.kv_cache_gib)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1")
+    if args.plot_concurrency is not None and args.plot_concurrency not in concurrencies:
+        raise ValueError(f"--plot-concurrency {args.plot_concurrency} is not one of --concurrency {args.concurrency}")
     return MatrixConfig(
         workloads=workloads,
         concurrencies=concurrencies,

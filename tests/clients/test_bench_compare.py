@@ -104,11 +104,26 @@ def test_full_matrix_is_bounded_under_30_minutes():
     assert cfg.max_wall <= 1500  # 25 min, servers' start-up included
 
 
-@pytest.mark.parametrize("argv", [["--workloads", "a,x"], ["--concurrency", "1,0"], ["--concurrency", "one"],
-                                  ["--rounds", "0"], ["--rounds", "10"]])
+@pytest.mark.parametrize("argv", [
+    ["--workloads", "a,x"], ["--concurrency", "1,0"], ["--concurrency", "one"], ["--rounds", "0"], ["--rounds", "10"],
+    # values the run met only once both servers were up (or silently replaced by defaults)
+    ["--cell-duration", "0"], ["--cell-duration", "-4"], ["--cell-duration", "nan"], ["--max-wall", "0"],
+    ["--warmup-seconds", "-1"], ["--startup-timeout", "0"], ["--max-tokens", "0"], ["--prompt-words", "-2"],
+    ["--temperature", "5"], ["--seed", "-1"], ["--gpu-memory-utilization", "3"], ["--max-num-seqs", "0"],
+    ["--plot-concurrency", "8"],
+])
 def test_bad_matrix_arguments(argv):
     with pytest.raises(ValueError):
         config_from_args(build_parser().parse_args(argv))
+
+
+def test_bad_matrix_arguments_exit_2_before_anything_starts(capsys):
+    from clients.compare import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--seed", "-1"])
+    assert info.value.code == 2
+    assert "--seed must be 0 or more" in capsys.readouterr().err
 
 
 def test_both_servers_get_the_same_engine_options():
