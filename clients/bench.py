@@ -143,9 +143,11 @@ async def run_bench(opts: BenchOptions, stop: asyncio.Event | None = None) -> Be
             if image_port:
                 stack.enter_context(ImageServer(built.files, opts.image_host, image_port))
             if opts.warmup:
-                # At most one request timeout in all, however the server behaves.
+                # At most one request timeout in all, however the server behaves (and a second
+                # more, so that a request that times out is counted as `timeout`, not cut off
+                # as `cancelled` just before).
                 warm = LoadPlan(num_requests=opts.warmup, concurrency=min(opts.warmup, in_flight or 4),
-                                duration=opts.timeout, grace=0.0)
+                                duration=opts.timeout, grace=1.0)
                 warm_outcome = await run_load(send(built.bodies), warm, stop=stop)
             bodies = built.bodies[opts.warmup :]
             outcome = LoadOutcome(interrupted=True)

@@ -17,7 +17,7 @@ with an error kind, so a load run always completes and reports errors by kind:
 - `bad_usage`: text arrived, but the usage chunk counted no completion tokens;
 - `output_length`: a fixed output length was asked for (`expected_tokens`) and the usage
   chunk counted a different number of tokens (the server ignored `min_tokens` or
-  `ignore_eos`).
+  `ignore_eos`), or, without a usage chunk, more content chunks came than that many tokens.
 
 A request whose stream carried no usage chunk has its tokens counted as content chunks
 (`RequestResult.tokens_from_usage` False), which undercounts when a chunk holds several.
@@ -129,6 +129,8 @@ class _Stream:
             error = "bad_usage"
         if error is None and usage and expected_tokens is not None and tokens != expected_tokens:
             error = "output_length"
+        if error is None and not usage and expected_tokens is not None and tokens > expected_tokens:
+            error = "output_length"  # (each content chunk holds a token at least)
         return RequestResult(
             started=started,
             finished=finished,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import pytest
 
@@ -119,6 +121,43 @@ def test_live_run_counts_refusals(server):
                         progress=False)
     s = asyncio.run(run_bench(opts)).summary
     assert s.succeeded == 0 and s.errors == {"http_404": 5}
+
+
+def test_a_warm_up_request_that_times_out_is_a_timeout_and_the_warm_up_ends_with_it():
+    """A server that accepts and never answers: the warm-up costs one --timeout (and a
+    second), its requests count as `timeout` (they were cut off as `cancelled` just before)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        opts = BenchOptions(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}",
+                            workload=WorkloadSpec(model="m", images="none"),
+                            plan=LoadPlan(num_requests=2, concurrency=2, duration=0.5, grace=0.0),
+                            warmup=2, timeout=1.5, health_interval=None, progress=False)
+        started = time.monotonic()
+        s = asyncio.run(run_bench(opts)).summary
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert s.warmup_errors == {"timeout": 2}
+    assert took < 1.5 + 1.0 + 0.5 + 2.0  # warm-up bound, then the measured run's duration, and slack
 
 
 def test_cli_writes_json_and_plot(server, tmp_path, capsys):

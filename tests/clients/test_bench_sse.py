@@ -319,6 +319,19 @@ def test_a_fixed_output_length_the_server_did_not_keep_is_an_error():
     assert right.ok and short.error == "output_length"
 
 
+def test_without_a_usage_chunk_more_chunks_than_the_fixed_length_is_an_error():
+    """Each content chunk holds a token at least: 3 of them for a fixed length of 2 is a
+    length the server did not keep, usage chunk or not (fewer may be several tokens each)."""
+    async def client(server: Server):
+        async with open_session(4, 10, 10) as session:
+            return [await stream_chat(session, server.url, b"{}", expected_tokens=n) for n in (2, 3, 5)]
+
+    (over, right, under), _ = asyncio.run(_serve(
+        answer(sse(ROLE, content("a"), content("b"), content("c"), "data: [DONE]")), client))
+    assert over.error == "output_length"
+    assert right.ok and under.ok and not under.tokens_from_usage
+
+
 def test_a_chunk_nested_deeper_than_json_parses_is_a_bad_chunk():
     deep = "data: " + "[" * 100_000 + "]" * 100_000
     r, _ = run(answer(sse(ROLE, content("a"), deep, content("b"), USAGE, "data: [DONE]")))
