@@ -262,6 +262,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         raise ValueError("warmup, timeout and health interval must be numbers, not negative")
     if args.seed < 0:
         raise ValueError("seed must not be negative")
+    if args.constant_rate and args.rate is None:
+        raise ValueError("--constant-rate spaces the requests of a --rate; give one")
     _check_base_url(args.base_url)
     return BenchOptions(
         base_url=args.base_url,

@@ -57,7 +57,8 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
 @pytest.mark.parametrize("argv", [["--repeat-share", "2"], ["--num-requests", "0"], ["--timeout", "0"],
                                   ["--rate", "nan"], ["--timeout", "nan"], ["--duration", "inf"], ["--seed", "-1"],
                                   ["--base-url", "127.0.0.1:8000"], ["--base-url", "http://127.0.0.1:99999"],
-                                  ["--base-url", "ftp://127.0.0.1"], ["--json", "/proc/no-such-dir/x.json"]])
+                                  ["--base-url", "ftp://127.0.0.1"], ["--json", "/proc/no-such-dir/x.json"],
+                                  ["--constant-rate"]])
 def test_inconsistent_values_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
