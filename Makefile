@@ -9,9 +9,10 @@ HOST ?= 127.0.0.1
 install:
 	bash deploy/install.sh $(VENV)
 
-# Without MODEL a tiny random-weight checkpoint is generated and served on CPU.
+# Without MODEL a tiny random-weight checkpoint is generated and served on CPU. ARGS: any
+# other qwen-vl-serve flags, e.g. ARGS="--max-model-len 4096 --api-key k".
 serve: install
-	$(VENV)/bin/qwen-vl-serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
+	$(VENV)/bin/qwen-vl-serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),) $(ARGS)
 
 # nginx for the load-balancer tests (kept out of install.sh so images do not ship it).
 test-tools:

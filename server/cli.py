@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import types
@@ -95,6 +96,24 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         raise  # unreachable
 
 
+#: A Hugging Face hub id, as the hub's own check spells it: a name or namespace/name.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+def model_problem(model: str | None) -> str | None:
+    """Why `model` can be neither a checkpoint directory nor a hub id, or None. (A local path
+    that does not exist reached vLLM as a hub id, which failed after start-up with "Repo id
+    must be in the form 'repo_name' or 'namespace/repo_name'".) Checked when serving only:
+    the health check reads the same flags elsewhere."""
+    if model is None or Path(model).is_dir():
+        return None
+    if Path(model).exists():
+        return f"--model {model} is a file; give the checkpoint's directory"
+    if not _HUB_ID.fullmatch(model):
+        return f"--model {model}: no such directory (nor a hub id such as Qwen/Qwen2-VL-7B-Instruct)"
+    return None
+
+
 def ensure_model(settings: Settings) -> str:
     """The model to serve: --model, or a generated tiny checkpoint (cached on disk)."""
     if settings.model:
@@ -118,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, close in unknown_env_names(os.environ):
         log.warning("ignoring %s: no setting has that name%s", name, f" (did you mean {close}?)" if close else "")
+    if problem := model_problem(settings.model):
+        build_parser().error(problem)
     model = ensure_model(settings)
     if settings.served_model_name is None:
         settings = settings.model_copy(update={"served_model_name": settings.model or "qwen-vl-tiny"})

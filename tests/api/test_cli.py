@@ -16,7 +16,7 @@ def test_a_taken_port_fails_fast_before_the_engine_loads(tmp_path):
         port = taken.getsockname()[1]
         started = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "server.cli", "--model", str(tmp_path / "no-such-model"),
+            [sys.executable, "-m", "server.cli", "--model", str(tmp_path),
              "--host", "127.0.0.1", "--port", str(port)],
             capture_output=True, text=True, timeout=120,
         )
@@ -25,6 +25,24 @@ def test_a_taken_port_fails_fast_before_the_engine_loads(tmp_path):
     assert "address already in use" in proc.stderr.lower()
     assert "engine" not in proc.stderr.lower()  # nothing was loaded
     assert elapsed < 60
+
+
+def test_a_model_that_is_neither_a_directory_nor_a_hub_id_stops_the_server_at_once(tmp_path):
+    """A local path that does not exist went to vLLM as a hub id: the server reported itself
+    started, then failed with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    for model, words in ((str(tmp_path / "no-such-model"), "no such directory"),
+                         ("./models/Qwen2-VL-7B-Instruct", "no such directory"),
+                         (str(tmp_path / "weights.safetensors"), "is a file")):
+        proc = subprocess.run([sys.executable, "-m", "server.cli", "--model", model, "--port", "0"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-500:]
+        assert words in proc.stderr and model in proc.stderr
+        assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
+    from server.cli import model_problem
+
+    assert model_problem("Qwen/Qwen2-VL-7B-Instruct") is None and model_problem("Qwen-VL-Chat") is None
+    assert model_problem(str(tmp_path)) is None
 
 
 def test_an_api_key_file_that_cannot_be_read_or_holds_no_keys_stops_the_server(tmp_path):
@@ -66,7 +84,7 @@ def test_a_misspelt_environment_variable_is_named_in_a_warning(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         proc = subprocess.run(
-            [sys.executable, "-m", "server.cli", "--model", str(tmp_path / "no-such-model"),
+            [sys.executable, "-m", "server.cli", "--model", str(tmp_path),
              "--host", "127.0.0.1", "--port", str(taken.getsockname()[1])],
             capture_output=True, text=True, timeout=120,
             env={**os.environ, "QWENVL_MAX_NUM_SEQ": "5", "QWENVL_DRAIN_TIMEOUTS": "99",
@@ -144,3 +162,19 @@ def test_help_shows_each_default_that_has_a_value():
         assert shown in text, shown
     # No "(default: None)": unset defaults are explained by their description instead.
     assert "default: None" not in text and "(default: )" not in text
+
+
+def test_make_serve_passes_its_variables_on_as_flags():
+    """`make serve` is the README's first command: PORT, HOST, MODEL and ARGS reach the server."""
+    import shlex
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(["make", "-n", "-s", "serve", "PORT=9123", "HOST=0.0.0.0", "MODEL=/m/x",
+                          "ARGS=--max-model-len 4096 --api-key k"],
+                         cwd=repo, capture_output=True, text=True, timeout=60, check=True).stdout
+    line = next(l for l in out.splitlines() if "qwen-vl-serve" in l)
+    argv = shlex.split(line)
+    assert argv[0].endswith("/bin/qwen-vl-serve")
+    assert argv[1:] == ["--host", "0.0.0.0", "--port", "9123", "--model", "/m/x",
+                        "--max-model-len", "4096", "--api-key", "k"]
