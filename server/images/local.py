@@ -55,7 +55,8 @@ class LocalMediaReader:
         path (after `..` and symlinks are resolved) leaves the media directory;
         ImageFetchError when there is no readable regular file; ImageTooLargeError."""
         if self.root is None:
-            raise ImageURLForbiddenError("file: image URLs are not enabled on this server.")
+            raise ImageURLForbiddenError(
+                "file: image URLs are not enabled on this server (its --allowed-local-media-path does that).")
         try:
             path = Path(url.path).resolve()
         except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop

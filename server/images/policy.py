@@ -103,7 +103,8 @@ class AddressPolicy:
         if not all(self.allows(ip) for ip in addresses):
             raise ImageURLForbiddenError(
                 f"The image host '{host}' resolves to a private, loopback, link-local or otherwise "
-                "non-public address; image URLs must point to a public host."
+                "non-public address; image URLs must point to a public host (unless the server's "
+                "--image-allow-networks admits that network)."
             )
 
 

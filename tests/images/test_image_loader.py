@@ -255,8 +255,9 @@ def test_file_urls(tmp_path):
         load_one(f"file://{media}", settings=settings)  # a directory
     with pytest.raises(ImageTooLargeError):
         load_one(f"file://{media}/big.png", settings=settings)
-    with pytest.raises(ImageURLForbiddenError):
+    with pytest.raises(ImageURLForbiddenError) as info:
         load_one(f"file://{media}/red%20image.png")  # no media directory configured
+    assert "--allowed-local-media-path" in str(info.value) and str(media) not in str(info.value)
 
 
 def test_pixel_ceiling_from_settings_and_request():

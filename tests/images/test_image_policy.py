@@ -78,8 +78,11 @@ def test_allow_networks_are_exceptions_only_for_their_range():
 
 def test_every_resolved_address_must_pass():
     policy = AddressPolicy()
-    with pytest.raises(ImageURLForbiddenError):
+    with pytest.raises(ImageURLForbiddenError) as info:
         policy.check("mixed.example", [ipaddress.ip_address("8.8.8.8"), ipaddress.ip_address("10.0.0.1")])
+    # names the host and the setting that admits such networks, never the addresses
+    assert "'mixed.example'" in str(info.value) and "--image-allow-networks" in str(info.value)
+    assert "10.0.0.1" not in str(info.value)
     with pytest.raises(ImageURLForbiddenError):
         policy.check("empty.example", [])
 
