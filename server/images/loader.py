@@ -14,7 +14,7 @@ import copy
 import functools
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -59,10 +59,10 @@ class LoadedImage:
 
 
 @dataclass(eq=False)
-class _Download:
-    """One image download in flight, and how many loads are waiting for it."""
+class _Shared:
+    """One piece of work in flight (a download, a decode), and how many loads wait for it."""
 
-    task: asyncio.Future[bytes]
+    task: asyncio.Future
     waiters: int = 0
 
 
@@ -117,8 +117,8 @@ class ImageLoader:
         self._pool = ThreadPoolExecutor(settings.image_decode_workers, thread_name_prefix="image-decode")
         self._content: ContentCache[LoadedImage] = ContentCache(settings.image_cache_size, cache_bytes)
         self._urls = URLCache(settings.image_url_cache_ttl, settings.image_cache_size * URL_ENTRIES_PER_IMAGE)
-        self._downloads: dict[str, _Download] = {}
-        self._decodes: dict[tuple[str, int | None], asyncio.Future[LoadedImage]] = {}
+        self._downloads: dict[str, _Shared] = {}
+        self._decodes: dict[tuple[str, int | None], _Shared] = {}
 
     def check_count(self, count: int, *, param: str | None = "messages") -> None:
         """Raise TooManyImagesError when `count` exceeds `settings.limit_mm_per_prompt`."""
@@ -224,25 +224,10 @@ class ImageLoader:
         """Decode `data` into the content cache, once per (digest, ceiling) at a time: loads of
         the same picture while it decodes (a popular picture under load, before the cache has
         it) wait for that decode instead of each taking a worker and its memory. A decode
-        runs to its end once started (a worker thread cannot be stopped), so it is shielded
-        from the loads that give up."""
-        pending = self._decodes.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._decode(data, key))
-            self._decodes[key] = pending
-            pending.add_done_callback(lambda done: self._decode_ended(key, done))
-        try:
-            return await asyncio.shield(pending)
-        except ImageError as exc:
-            # each request gets its own error: `load` fills in the request's `param`
-            raise copy.copy(exc) from exc.__cause__
-
-    def _decode_ended(self, key: tuple[str, int | None], done: asyncio.Future[LoadedImage]) -> None:
-        if self._decodes.get(key) is done:
-            del self._decodes[key]
-        if not done.cancelled():
-            done.exception()  # retrieved: a decode every load left logs nothing
-
+        every load has left is dropped: one still queued for a worker never runs (else a
+        request failing fast on its last picture would leave the others' decodes queued, and
+        a stream of such requests would hold every worker), one running ends in its thread."""
+        return await self._shared(self._decodes, key, lambda: self._decode(data, key))
     async def _decode(self, data: bytes, key: tuple[str, int | None]) -> LoadedImage:
         digest, ceiling = key
         started = time.perf_counter()
@@ -273,24 +258,29 @@ class ImageLoader:
         being fetched (the same picture twice in a request, or popular pictures under load
         before the URL cache has them) waits for that download. The download is cancelled
         when every request waiting for it has gone."""
-        key = str(url)
-        shared = self._downloads.get(key)
+        return await self._shared(self._downloads, str(url), lambda: self._fetcher.fetch(url))
+
+    @staticmethod
+    async def _shared(registry: dict, key: object, start: Callable[[], Awaitable[T]]) -> T:
+        """`start()`'s result, the work run once per `key` at a time in `registry`: loads that
+        ask for a key in flight wait for that run, which is cancelled once every load waiting
+        for it has gone. An `ImageError` is raised to each load as a copy of its own (`load`
+        fills in the request's `param`)."""
+        shared = registry.get(key)
         if shared is None:
-            shared = _Download(asyncio.ensure_future(self._fetcher.fetch(url)))
-            self._downloads[key] = shared
-            shared.task.add_done_callback(lambda _: self._downloads.pop(key, None)
-                                          if self._downloads.get(key) is shared else None)
+            shared = _Shared(asyncio.ensure_future(start()))
+            registry[key] = shared
+            shared.task.add_done_callback(lambda _: _forget(registry, key, shared))
         shared.waiters += 1
         try:
             return await asyncio.shield(shared.task)
         except ImageError as exc:
-            # each request gets its own error: `load` fills in the request's `param`
             raise copy.copy(exc) from exc.__cause__
         finally:
             shared.waiters -= 1
             if shared.waiters == 0 and not shared.task.done():
-                if self._downloads.get(key) is shared:
-                    del self._downloads[key]  # a load arriving now starts afresh
+                if registry.get(key) is shared:
+                    del registry[key]  # a load arriving now starts afresh
                 shared.task.cancel()
 
     async def _in_pool(self, fn: Callable[[], T]) -> T:
@@ -299,3 +289,12 @@ class ImageLoader:
     async def _offload(self, size: int, fn: Callable[[], T]) -> T:
         """Run small jobs inline, large ones in the worker pool."""
         return fn() if size < OFFLOAD_BYTES else await self._in_pool(fn)
+
+
+def _forget(registry: dict, key: object, shared: _Shared) -> None:
+    """A shared run ended: out of `registry`, its failure retrieved (a run every load left
+    logs nothing)."""
+    if registry.get(key) is shared:
+        del registry[key]
+    if not shared.task.cancelled():
+        shared.task.exception()

@@ -463,3 +463,38 @@ def test_a_picture_decoding_is_decoded_once_for_every_load_that_wants_it(monkeyp
     assert all(isinstance(e, ImageDecodeError) for e in errors)
     assert len(decodes) == 2  # the picture once, the broken one once
     assert left == {}
+
+
+def test_decodes_every_load_left_never_run(monkeypatch):
+    """A request whose last picture fails at once gets its 400 and frees its slot: the
+    decodes of its other pictures, still queued for a worker, must not run then (a stream
+    of such requests kept every worker busy for nobody, and real pictures waited behind)."""
+    import threading
+
+    import server.images.loader as loader_module
+
+    started, release = [], threading.Event()
+
+    def blocking_decode(data, **kwargs):
+        started.append(len(data))
+        release.wait(10)
+        return decode_image(data, **kwargs)
+
+    monkeypatch.setattr(loader_module, "decode_image", blocking_decode)
+    pictures = [data_url(samples.png(9 + i, 9, (i, 2, 3))) for i in range(4)]
+    bad = "data:image/png;base64,not base64!"
+
+    async def run(loader):
+        # one worker: the first picture holds it, the next three queue behind
+        with pytest.raises(ImageError):
+            await loader.load_all([*pictures, bad])
+        await asyncio.sleep(0.2)
+        left = dict(loader._decodes)
+        release.set()
+        after = await loader.load(data_url(samples.png(5, 5)))
+        return left, after
+
+    left, after = asyncio.run(use_loader(run, settings=make_settings(image_decode_workers=1)))
+    assert left == {}
+    assert after.original_size == (5, 5)
+    assert len(started) == 2  # the one a worker had begun, and the picture loaded after
