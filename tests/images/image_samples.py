@@ -47,6 +47,18 @@ def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: list
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
+def exif_amplifier_png(tags: int, region: int) -> bytes:
+    """A 1x1 PNG whose eXIf chunk has `tags` tags in IFD0 that all point at one `region`-byte
+    block: a reader that copies each tag's data makes tags x region bytes of a small file."""
+    block_at = 8 + 2 + 12 * tags + 4  # after the TIFF header and the IFD
+    ifd = struct.pack("<H", tags) + b"".join(struct.pack("<HHII", 0x8000 + i, 7, region, block_at)
+                                             for i in range(tags)) + struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * region
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"eXIf", tiff)
+            + _chunk(b"IDAT", zlib.compress(b"\x00\x00\x00\x00")) + _chunk(b"IEND", b""))
+
+
 def bomb_png(side: int = 8000) -> bytes:
     """A real decompression bomb: side x side greyscale zeros, a few dozen KiB on the wire."""
     compressor = zlib.compressobj(9)

@@ -129,6 +129,24 @@ def test_a_png_whose_pixel_data_is_corrupt_is_refused_not_half_black(idat):
     assert info.value.code == "image_decode_failed"
 
 
+@pytest.mark.filterwarnings("ignore:.*[Tt]ag")  # (Pillow's note on each skipped tag)
+def test_exif_tags_sharing_one_large_block_are_not_copied_each():
+    """2,000 EXIF tags pointing at one 1 MB block: Pillow before 13 copied the block for every
+    tag while reading the orientation (1.9 GB from a 1 MB file); the project needs 13."""
+    import tracemalloc
+
+    data = samples.exif_amplifier_png(2000, 1_000_000)
+    assert len(data) < 1_100_000
+    tracemalloc.start()
+    try:
+        image, size = decode(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size == (1, 1) and image.size == (28, 28)
+    assert peak < 50_000_000, peak
+
+
 def test_pillow_bomb_guard_also_maps_to_too_large():
     # Our limit above Pillow's own: Pillow's DecompressionBombError/Warning still ends as a 400.
     with pytest.raises(ImageTooLargeError):  # above 2x Pillow's limit: DecompressionBombError
