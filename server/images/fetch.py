@@ -138,7 +138,7 @@ class HttpFetcher:
             try:
                 addresses = list(await self._resolver(url.host, url.port))
             except ResolutionError as exc:
-                raise ImageFetchError(f"The image host '{url.host}' could not be resolved.") from exc
+                raise self._addresses.refusal(url.host) from exc
         self._addresses.check(url.host, addresses)
         return addresses
 

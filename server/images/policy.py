@@ -96,16 +96,21 @@ class AddressPolicy:
         return is_public(ip)
 
     def check(self, host: str, addresses: Sequence[IPAddress]) -> None:
-        """Raise ImageURLForbiddenError unless every address of `host` is allowed. The
-        message names the host but not the addresses (no DNS oracle for the client)."""
-        if not addresses:
-            raise ImageURLForbiddenError(f"The image host '{host}' has no usable address.")
-        if not all(self.allows(ip) for ip in addresses):
-            raise ImageURLForbiddenError(
-                f"The image host '{host}' resolves to a private, loopback, link-local or otherwise "
-                "non-public address; image URLs must point to a public host (unless the server's "
-                "--image-allow-networks admits that network)."
-            )
+        """Raise `refusal(host)` unless `host` has addresses and every one is allowed."""
+        if not addresses or not all(self.allows(ip) for ip in addresses):
+            raise self.refusal(host)
+
+    @staticmethod
+    def refusal(host: str) -> ImageURLForbiddenError:
+        """The one refusal for a host without an allowed address, whether it resolved to a
+        non-public one or to none at all: two answers would let a client tell the internal
+        names that exist (`redis`, `db.default.svc.cluster.local`) from those that do not.
+        It names the host, never an address."""
+        return ImageURLForbiddenError(
+            f"The image host '{host}' has no public address (it does not resolve, or resolves to a "
+            "private, loopback, link-local or otherwise non-public address); image URLs must point "
+            "to a public host (unless the server's --image-allow-networks admits that network)."
+        )
 
 
 def _normalise_domain(domain: str) -> str:

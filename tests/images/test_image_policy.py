@@ -196,10 +196,16 @@ def test_name_resolving_to_a_private_address_is_never_requested():
             fetch("http://evil.example/x.png", table)
 
 
-def test_unresolvable_host():
-    with pytest.raises(ImageFetchError) as info:
+def test_an_unresolvable_host_gets_the_answer_of_a_private_one():
+    """One answer for both: two told a client which internal names exist (`redis`, a
+    cluster service) and which do not."""
+    with pytest.raises(ImageURLForbiddenError) as missing:
         fetch("http://nowhere.example/x.png", {})
-    assert "could not be resolved" in info.value.message
+    with pytest.raises(ImageURLForbiddenError) as private:
+        fetch("http://nowhere.example/x.png", {"nowhere.example": ["10.1.2.3"]})
+    assert missing.value.message == private.value.message
+    assert missing.value.code == private.value.code == "image_url_forbidden"
+    assert "'nowhere.example'" in missing.value.message and "10.1.2.3" not in private.value.message
 
 
 def test_redirect_hops_are_rechecked():
