@@ -232,6 +232,15 @@ class Settings(BaseSettings):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         return value
 
+    @field_validator("image_allowed_domains", "image_denied_domains")
+    @classmethod
+    def _domain_names(cls, value: list[str]) -> list[str]:
+        from server.images.policy import normalise_domain
+
+        for name in value:
+            normalise_domain(name)  # (refused here, at start-up, rather than when first used)
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_case_level(cls, value: object) -> object:

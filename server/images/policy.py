@@ -113,8 +113,18 @@ class AddressPolicy:
         )
 
 
-def _normalise_domain(domain: str) -> str:
-    return domain.strip().lower().rstrip(".").removeprefix("*.").removeprefix(".")
+def normalise_domain(domain: str) -> str:
+    """A domain-list entry as `HttpURL.host` spells hosts: lower case, no wildcard or trailing
+    dot, a Unicode name in its ASCII (IDNA) form, which is what URLs carry (an entry written
+    `bücher.example` never matched, and a deny-list entry that never matches fails open).
+    Raises ValueError for a name IDNA cannot encode."""
+    name = domain.strip().rstrip(".").removeprefix("*.").removeprefix(".")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{domain!r} is not a valid domain name") from None
+    return name.lower()
 
 
 class DomainPolicy:
@@ -122,8 +132,8 @@ class DomainPolicy:
     and its subdomains (`example.com` matches `cdn.example.com`). The deny-list wins."""
 
     def __init__(self, allowed: Iterable[str] = (), denied: Iterable[str] = ()) -> None:
-        self.allowed = tuple(d for d in map(_normalise_domain, allowed) if d)
-        self.denied = tuple(d for d in map(_normalise_domain, denied) if d)
+        self.allowed = tuple(d for d in map(normalise_domain, allowed) if d)
+        self.denied = tuple(d for d in map(normalise_domain, denied) if d)
 
     @staticmethod
     def _matches(host: str, domains: Sequence[str]) -> bool:

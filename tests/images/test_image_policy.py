@@ -101,6 +101,20 @@ def test_domain_lists():
         deny_only.check("www.evil.test")
 
 
+def test_domain_entries_in_unicode_match_the_ascii_form_urls_carry():
+    """A deny-list entry written `bücher.example` never matched (URLs carry the IDNA form),
+    so it failed open; an allow-list one failed closed."""
+    denied = DomainPolicy(denied=["Bücher.example"])
+    for host in ("xn--bcher-kva.example", "img.xn--bcher-kva.example"):
+        with pytest.raises(ImageURLForbiddenError):
+            denied.check(host)
+    DomainPolicy(allowed=["bücher.example"]).check("xn--bcher-kva.example")
+    from server.settings import Settings
+
+    with pytest.raises(ValueError, match="not a valid domain name"):
+        Settings(image_denied_domains=["a" * 70 + "ü.example"])
+
+
 # --- the fetcher with a fake resolver and a fake transport ------------------------------
 
 LIMITS = FetchLimits(max_bytes=100_000, total_timeout=2.0, connect_timeout=1.0, max_redirects=2)
