@@ -178,20 +178,52 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
                 self.transport.close()
 
         def _refuse(self, response: tuple[int, str, bytes]) -> None:
-            """Answer and end the connection. Closing a socket with unread input makes the
-            kernel reset it, and a reset can discard the answer before the client reads it
-            (a client still sending a huge header would see only "connection reset"). So,
-            as nginx's lingering close: send the answer, shut down our side, drop what
-            still arrives, and close when the client does or after a grace period. While an
-            earlier request's response is still being written (pipelining), the answer
-            cannot go in the middle of it: the connection just closes."""
+            """Answer and end the connection; what the client still sends is dropped.
+
+            Where a response is under way, the refusal cannot go in the middle of it:
+            - the request whose body broke its framing (or overran a limit) has no answer
+              yet: its app is told the client left (it can answer no one now) and the
+              refusal goes out at once;
+            - a complete request (the bytes after it broke, a pipelined head too slow or
+              too large) is answered first, then the refusal; the connection reads no
+              further meanwhile;
+            - otherwise (an earlier response already on the wire, requests queued behind
+              it) the connection just closes."""
             self._disarm_head_timer()
             if self._refused:
                 return
             self._refused = True
-            if self.cycle is not None and not self.cycle.response_complete:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                self._answer(response)
+            elif self.pipeline or cycle.response_started and self._reading_body_of_current:
                 self.transport.close()
-                return
+            elif self._reading_body_of_current:
+                cycle.disconnected = True
+                cycle.message_event.set()
+                self._answer(response)
+            else:
+                self.flow.pause_reading()
+
+                def answer_after() -> None:  # (in place of the protocol's own callback)
+                    self.server_state.total_requests += 1
+                    if not self.transport.is_closing():
+                        self.flow.resume_reading()  # (what still arrives is read and dropped)
+                        self._answer(response)
+
+                cycle.on_response = answer_after
+
+        @property
+        def _reading_body_of_current(self) -> bool:
+            """The message being read is the current cycle's own (its head parsed)."""
+            return self._in_message and not self._in_head
+
+        def _answer(self, response: tuple[int, str, bytes]) -> None:
+            """Send `response` and close as nginx's lingering close does. Closing a socket
+            with unread input makes the kernel reset it, and a reset can discard the answer
+            before the client reads it (a client still sending a huge header would see only
+            "connection reset"): so shut down our side, drop what still arrives, and close
+            when the client does or after a grace period."""
             self.transport.write(_framed(*response))
             if self.transport.can_write_eof():
                 self.transport.write_eof()
