@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
@@ -103,11 +104,21 @@ class GatewayMiddleware:
         path = _route_path(scope)
 
         send_timeout = self.settings.send_timeout
+        # A client that sent `Expect: 100-continue` holds its body back until the server asks
+        # for it (its first read). Answered without a read, it may send the body or leave it
+        # unsent and reuse the connection, where its next request would be read as the body:
+        # that connection must end with the answer.
+        body_unasked = headers.get("expect", "").lower() == "100-continue"
+        if body_unasked:
+            receive = _on_first_call(receive, lambda: status_holder.update(body_asked=True))
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
-                MutableHeaders(scope=message)["x-request-id"] = rid
+                response_headers = MutableHeaders(scope=message)
+                response_headers["x-request-id"] = rid
+                if body_unasked and not status_holder.get("body_asked"):
+                    response_headers["connection"] = "close"
                 await send(message)
                 return
             # A client that stops reading would otherwise hold the response (and its
@@ -247,6 +258,20 @@ def _body_deadline(receive: Receive, timeout: float, total: float) -> Receive:
         return message
 
     return timed
+
+
+def _on_first_call(receive: Receive, first: Callable[[], None]) -> Receive:
+    """`receive` that calls `first()` before its first call goes through."""
+    called = False
+
+    async def marked() -> Message:
+        nonlocal called
+        if not called:
+            called = True
+            first()
+        return await receive()
+
+    return marked
 
 
 def _body_counted(receive: Receive, ticket: BodyTicket) -> Receive:

@@ -359,6 +359,35 @@ def test_a_request_followed_by_bytes_that_are_not_http_is_answered_first(srv):
     assert healthy(srv)
 
 
+def test_an_answer_before_a_body_held_back_for_100_continue_ends_the_connection(srv):
+    """A client that sent `Expect: 100-continue` and got a refusal before the server asked for
+    the body may reuse the connection without sending it: its next request was read as the
+    body, and hung. The refusal now ends the connection; a request whose body was asked for
+    keeps it."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n")
+    sock = connect(srv)
+    try:
+        sock.sendall(head + b"Content-Type: text/plain\r\n\r\n")
+        refused = read_all(sock)  # the answer, then the server's close
+    finally:
+        sock.close()
+    assert refused.startswith(b"HTTP/1.1 415") and b"100 Continue" not in refused
+    assert b"connection: close" in refused.lower()
+    sock = connect(srv)
+    try:
+        sock.sendall(head + b"Content-Type: application/json\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        answer = read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" not in answer.lower()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection goes on
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+    finally:
+        sock.close()
+
+
 def read_response_from(data: bytes) -> bytes:
     """The first whole response (with a Content-Length) in `data`."""
     head, _, rest = data.partition(b"\r\n\r\n")
