@@ -5,8 +5,10 @@ The Qwen2-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) resizes with `smart_resize`
 of `factor` (patch size x merge size: 28, or 32 for Qwen3-VL) and the area is brought into
 [min_pixels, max_pixels]. It raises `ValueError` when the aspect ratio exceeds 200, which
 would fail the request inside the engine, so such images are refused here with a 400.
-Older releases of `smart_resize` also raised for a side shorter than `factor`; tiny images
-are therefore upscaled here until their short side reaches `factor`.
+Images smaller than `factor` are left to the processor: its `min_pixels` rule enlarges
+them itself in the transformers releases vLLM 0.32 requires (5.16 and later; releases
+before mid-2025 raised instead). Enlarging them here as well gave other sizes than the
+model's own processor does, and up to 7 times the image tokens for a thin picture.
 
 Qwen-VL (v1) stretches every image to 448x448 in its own processor, so only the safety
 limits and an explicit pixel ceiling apply to it.
@@ -103,8 +105,8 @@ def check_shape(spec: FamilySpec, width: int, height: int) -> None:
 def target_size(spec: FamilySpec, width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
     """The size to resize a (width, height) image to before it goes to the model.
 
-    Downscales (keeping the aspect ratio) so that width*height <= max_pixels; upscales an
-    image whose short side is below the family's `factor`. The result never has an aspect
+    Downscales (keeping the aspect ratio) so that width*height <= max_pixels; never
+    upscales (the processor enlarges small images itself). The result never has an aspect
     ratio above the family's limit, even after rounding. Call `check_shape` first.
 
     A downscaled picture of a family with a `factor` gets the size `smart_resize` would give
@@ -125,9 +127,6 @@ def target_size(spec: FamilySpec, width: int, height: int, max_pixels: int | Non
             if w * h > max_pixels:
                 w = max(f, math.floor(width * scale / f) * f)
                 h = max(f, math.floor(height * scale / f) * f)
-    if spec.factor is not None and min(w, h) < spec.factor:
-        scale = spec.factor / min(w, h)
-        w, h = max(spec.factor, round(w * scale)), max(spec.factor, round(h * scale))
     if spec.max_aspect_ratio is not None:
         # Rounding a short side down can push a ratio just under the limit over it.
         if w > h * spec.max_aspect_ratio:

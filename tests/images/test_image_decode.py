@@ -143,7 +143,7 @@ def test_exif_tags_sharing_one_large_block_are_not_copied_each():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert size == (1, 1) and image.size == (28, 28)
+    assert size == (1, 1) and image.size == (1, 1)
     assert peak < 50_000_000, peak
 
 
@@ -258,14 +258,15 @@ def test_alpha_and_palette_transparency_composite_on_white():
 
 
 def test_tiny_and_elongated_images():
+    # Left as they are: the model's processor enlarges them to its own minimum.
     image, size = decode(samples.png(1, 1))
-    assert size == (1, 1) and image.size == (28, 28) and image.getpixel((3, 3)) == (255, 0, 0)
+    assert size == (1, 1) and image.size == (1, 1) and image.getpixel((0, 0)) == (255, 0, 0)
     image, size = decode(samples.png(1, 1), family="qwen-vl")
     assert image.size == (1, 1)
     image, size = decode(samples.png(1, 10000), family="qwen-vl")  # Qwen-VL stretches to 448x448 itself
     assert size == (1, 10000)
     image, _ = decode(samples.png(3, 500))
-    assert image.size == (28, 4667)
+    assert image.size == (3, 500)
 
 
 def test_pixel_ceiling_and_jpeg_draft():

@@ -53,11 +53,13 @@ def test_extreme_aspect_ratio_is_refused_for_qwen2_family_only():
     check_shape(QWEN1, 1, 10_000)
 
 
-def test_tiny_images_are_upscaled_to_the_factor():
-    assert target_size(QWEN2, 1, 1, None) == (28, 28)
-    assert target_size(QWEN3, 1, 1, None) == (32, 32)
-    assert target_size(QWEN2, 10, 100, None) == (28, 280)
-    assert target_size(QWEN1, 1, 1, None) == (1, 1)
+def test_small_images_are_left_to_the_processor():
+    """Its own `min_pixels` rule enlarges them: a 5x1000 strip becomes 28x812 (29 image
+    tokens), where stretching its short side to 28 first made it 28x5600 (200 tokens)."""
+    for spec in (QWEN1, QWEN2, QWEN3):
+        for size in ((1, 1), (10, 100), (5, 1000), (27, 27), (100, 27)):
+            assert target_size(spec, *size, None) == size
+    assert smart_resize(1000, 5, factor=28, min_pixels=3136, max_pixels=12_845_056) == (812, 28)
 
 
 def test_downscale_respects_the_ceiling_and_ratio():
@@ -101,7 +103,7 @@ def test_smart_resize_accepts_every_image_we_pass_on(spec):
         for ceiling in (None, 3136, 200_000, 1_003_520):
             limit = effective_max_pixels(spec, None, ceiling)
             w, h = target_size(spec, width, height, limit)
-            assert min(w, h) >= spec.factor
             assert max(w, h) <= 200 * min(w, h)
             # The processor's own call (the checkpoint defaults) must not raise.
-            smart_resize(h, w, factor=spec.factor, min_pixels=3136, max_pixels=12_845_056)
+            resized = smart_resize(h, w, factor=spec.factor, min_pixels=3136, max_pixels=12_845_056)
+            assert min(resized) >= spec.factor

@@ -218,7 +218,7 @@ def test_cache_can_be_disabled(image_server):
 
 def test_data_urls():
     loaded = load_one(data_url(samples.png(5, 7)))
-    assert loaded.original_size == (5, 7) and loaded.image.size == (28, 39)
+    assert loaded.original_size == (5, 7) and loaded.image.size == (5, 7)
     big = load_one(data_url(samples.noise_jpeg(900, 600), "image/jpeg"), settings=make_settings(image_max_bytes=10**6))
     assert big.original_size == (900, 600)
     cases = [
@@ -360,7 +360,7 @@ def test_hostile_images_over_http_then_a_normal_image_still_loads(image_server):
     assert all(item.image.mode == "RGB" for item in converted.values())
     assert converted["/16bit.png"].image.getpixel((0, 0)) == (255, 0, 128)
     assert converted["/rotated.jpg"].original_size == (20, 40)
-    assert converted["/1x1.png"].image.size == (28, 28)
+    assert converted["/1x1.png"].image.size == (1, 1)
     assert normal.original_size == (640, 480)
     assert sample(metrics, "qwenvl_image_rejections_total", code="image_decode_failed") == 6
 
