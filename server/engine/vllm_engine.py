@@ -540,6 +540,22 @@ class VLLMEngine(Engine):
             raise InvalidRequestError(
                 "The images or prompt could not be processed for this model.", param="messages"
             ) from exc
+        try:
+            params, copies = self._checked_params(request, engine_input)
+        except BaseException:
+            # Processing told vLLM's processor cache that these pictures went to the engine;
+            # they did not, and the next request with them would be sent without their data.
+            self._forget_images(engine_input)
+            raise
+        return self._stream(prompt, engine_input, params, request.request_id, copies)
+
+    def _checked_params(self, request: GenerationRequest, engine_input) -> tuple[Any, int]:
+        """The request's SamplingParams and how many copies of one answer make its n choices
+        (n under greedy decoding), once the processed prompt's length is known; raises the
+        request's 400 when it cannot run."""
+        from vllm.exceptions import VLLMValidationError
+
+        llm = self._llm
         n_prompt = len(engine_input["prompt_token_ids"])
         limit = self.info.max_model_len
         s = request.sampling
@@ -589,7 +605,7 @@ class VLLMEngine(Engine):
                 raise InvalidRequestError(
                     f"The {s.constraint_param} cannot be used: {_grammar_error(exc)}", param=s.constraint_param,
                     code=f"invalid_{s.constraint_param}") from exc
-        return self._stream(engine_input, params, request.request_id, copies)
+        return params, copies
 
     @staticmethod
     def _sampling_params(s, max_tokens: int, n: int, stop_token_ids: tuple[int, ...] = ()):
@@ -618,24 +634,42 @@ class VLLMEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def _stream(self, engine_input, params, request_id: str, copies: int) -> AsyncIterator[GenerationChunk]:
+    async def _stream(self, prompt, engine_input, params, request_id: str,
+                      copies: int) -> AsyncIterator[GenerationChunk]:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
+        # vLLM's front end remembers which pictures its engine holds, to send each only once;
+        # the two sides can disagree (a request processed but never added, an eviction), and
+        # the engine then ends a request whose picture it lacks with "error" before its first
+        # token, having told the front end to forget it. Sent again, the data goes along.
+        retry = bool(prompt.get("multi_modal_data"))
         try:
-            # aclosing: closing this stream closes vLLM's, whose GeneratorExit aborts the request
-            # then and there rather than whenever the event loop finalizes the generator.
-            async with contextlib.aclosing(self._llm.generate(engine_input, params, request_id)) as outs:
-                async for out in outs:
-                    choices = [self._choice(c) for c in out.outputs]
-                    if copies > 1:
-                        choices = [replace(c, index=i, copy=i > 0) for c in choices for i in range(copies)]
-                    yield GenerationChunk(
-                        prompt_tokens=len(out.prompt_token_ids or ()),
-                        choices=choices,
-                        finished=out.finished,
-                        cached_tokens=out.num_cached_tokens or 0,
-                    )
+            while True:
+                missed = False
+                # aclosing: closing this stream closes vLLM's, whose GeneratorExit aborts the
+                # request then and there rather than whenever the event loop finalizes it.
+                async with contextlib.aclosing(self._llm.generate(engine_input, params, request_id)) as outs:
+                    async for out in outs:
+                        if retry and out.finished and _failed_before_any_token(out):
+                            missed = True
+                            break
+                        retry = False
+                        choices = [self._choice(c) for c in out.outputs]
+                        if copies > 1:
+                            choices = [replace(c, index=i, copy=i > 0) for c in choices for i in range(copies)]
+                        yield GenerationChunk(
+                            prompt_tokens=len(out.prompt_token_ids or ()),
+                            choices=choices,
+                            finished=out.finished,
+                            cached_tokens=out.num_cached_tokens or 0,
+                        )
+                if not missed:
+                    return
+                log.warning("request %s: the engine lacked a picture its front end thought sent; "
+                            "sending the request again with its pictures", request_id)
+                retry = False
+                engine_input = await self._llm.renderer.process_for_engine_async(prompt, time.time())
         except VLLMEngineDead as exc:
             raise EngineDeadError("the inference engine stopped") from exc
         except VLLMValidationError as exc:
@@ -648,6 +682,16 @@ class VLLMEngine(Engine):
             with contextlib.suppress(Exception):
                 await self._llm.abort(request_id)
             raise
+
+    def _forget_images(self, engine_input) -> None:
+        """Tell vLLM's processor cache that this processed input never reached the engine."""
+        cache = self._llm.renderer.mm_processor_cache
+        if cache is None:
+            return
+        for hashes in (engine_input.get("mm_hashes") or {}).values():
+            for mm_hash in hashes or ():
+                if mm_hash is not None:
+                    cache.invalidate(mm_hash)
 
     def _choice(self, c) -> ChoiceDelta:
         logprobs = None
@@ -707,6 +751,11 @@ class VLLMEngine(Engine):
         llm.shutdown = _no_op
         del llm
         gc.collect()
+
+
+def _failed_before_any_token(out) -> bool:
+    """The engine ended the request with "error" before it produced anything."""
+    return bool(out.outputs) and all(c.finish_reason == "error" and not c.token_ids for c in out.outputs)
 
 
 def _json_logprob(value: float) -> float:

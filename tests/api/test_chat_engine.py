@@ -646,6 +646,27 @@ def test_error_max_tokens_over_context(client, server):
     assert body["param"] == "max_completion_tokens" and body["message"].startswith("max_completion_tokens is")
 
 
+def test_a_request_refused_after_its_picture_was_processed_leaves_the_picture_usable(client, server):
+    """Refusals that need the processed prompt's length (max_tokens beyond the context,
+    min_tokens beyond the default length) and a schema the engine cannot follow come after
+    vLLM's front end noted the picture as sent to its engine. It never was: the next request
+    with the same picture went without its data and failed with a 500 (generation_failed)."""
+    import random
+
+    color = tuple(random.randrange(256) for _ in range(3))  # a picture no earlier test sent
+    content = [image_part(data_url(picture(72, 56, color))), {"type": "text", "text": "What is it?"}]
+    refusals = [
+        (dict(max_tokens=MAX_MODEL_LEN), "context_length_exceeded"),
+        (dict(max_tokens=None, extra_body={"min_tokens": MAX_MODEL_LEN - 8}), None),
+        (dict(response_format={"type": "json_schema", "json_schema": {
+            "name": "n", "schema": {"type": "number", "multipleOf": 3}}}), None),
+    ]
+    for kwargs, code in refusals:
+        expect_error(lambda: ask(client, server, content, **kwargs), 400, code)
+        r = ask(client, server, content, max_tokens=3)
+        assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
+
+
 def test_server_still_serves_after_errors(client, server):
     r = ask(client, server, "still there?", max_tokens=2)
     assert r.choices[0].message.content is not None

@@ -196,3 +196,60 @@ def test_the_kv_cache_flag_wins_over_vllms_variable_only_when_given(monkeypatch)
     monkeypatch.delenv("QWENVL_KV_CACHE_SPACE_GIB")
     set_cpu_kv_cache_space(parse_settings([]), empty)
     assert empty == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def test_a_picture_the_engine_lacks_is_sent_again_once():
+    """vLLM's front end sends a picture's data only while it believes its engine lacks it; when
+    the two disagree the engine ends the request with "error" before any token (and has the
+    front end forget the picture). The request is processed and sent again, once, instead of
+    failing with a 500; an error after that, or one without pictures, stays an error."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.engine.base import GenerationRequest, ModelInfo, SamplingOptions
+    from server.engine.vllm_engine import VLLMEngine
+
+    def output(reason, tokens=()):
+        choice = SimpleNamespace(index=0, text="x" * len(tokens), token_ids=list(tokens), logprobs=None,
+                                 finish_reason=reason, stop_reason=None)
+        return SimpleNamespace(outputs=[choice], finished=reason is not None, prompt_token_ids=[1, 2, 3],
+                               num_cached_tokens=0)
+
+    class FakeAsyncLLM:
+        errored = False
+
+        def __init__(self, scripts):
+            self.scripts = list(scripts)
+            self.processed = 0
+            self.renderer = SimpleNamespace(process_for_engine_async=self._process, mm_processor_cache=None)
+
+        async def _process(self, prompt, arrival):
+            self.processed += 1
+            return {"prompt_token_ids": prompt["prompt_token_ids"], "mm_hashes": {"image": ["h"]}}
+
+        async def generate(self, engine_input, params, request_id):
+            for out in self.scripts.pop(0):
+                yield out
+
+        async def abort(self, request_id):
+            pass
+
+    info = ModelInfo(family="qwen2-vl", max_model_len=64, tokenizer=None)
+
+    def run(scripts, images):
+        llm = FakeAsyncLLM(scripts)
+        engine = VLLMEngine(llm, info, stats=None)
+        request = GenerationRequest(request_id="r", prompt_token_ids=[1, 2, 3], images=images,
+                                    image_ids=["id"] * len(images), sampling=SamplingOptions(max_tokens=8))
+
+        async def collect():
+            return [c.choices[0].finish_reason async for c in await engine.start(request)]
+
+        return asyncio.run(collect()), llm.processed
+
+    picture = object()
+    miss, answer = [output("error")], [output(None, [5]), output("length", [6])]
+    assert run([miss, answer], [picture]) == ([None, "length"], 2)
+    assert run([miss, miss], [picture]) == (["error"], 2)  # once only
+    assert run([miss], []) == (["error"], 1)  # no picture: nothing to resend
+    assert run([[output(None, [5]), output("error")]], [picture]) == ([None, "error"], 1)  # after a token: no
