@@ -15,6 +15,8 @@ reused for another name on the same address.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -22,12 +24,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from .urls import IPAddress
 
 #: Size of the reads handed to the fetcher; the byte cap is checked after each.
 CHUNK_BYTES = 64 * 1024
+
+#: Interim (1xx) responses accepted before the final one; a server sends one or two.
+MAX_INTERIM_RESPONSES = 8
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,28 @@ def default_ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
+class _InterimBoundedHandler(ResponseHandler):
+    """aiohttp's connection protocol, failing the exchange after `MAX_INTERIM_RESPONSES`
+    interim responses. aiohttp reads any number of them before the final response: a host
+    answering with an endless stream of `100 Continue` kept the event loop busy parsing
+    (every client's request, /health included, waited) and the fetch deadline could not fire
+    until the stream stopped."""
+
+    _interim = 0
+
+    def feed_data(self, data, size: int = 0) -> None:
+        code = data[0].code
+        if 100 <= code < 200 and code != 101:
+            self._interim += 1
+            if self._interim > MAX_INTERIM_RESPONSES:
+                if self._interim == MAX_INTERIM_RESPONSES + 1:
+                    if self.transport is not None:
+                        self.transport.close()
+                    self.set_exception(HttpProcessingError(message="too many interim responses"))
+                return
+        super().feed_data(data, size)
+
+
 class _AiohttpResponse:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
@@ -130,6 +159,8 @@ class AiohttpTransport:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, ssl=self._ssl or default_ssl_context(), use_dns_cache=False
             )
+            # (a private attribute: aiohttp has no setting for the protocol it builds)
+            connector._factory = functools.partial(_InterimBoundedHandler, loop=asyncio.get_running_loop())
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,

@@ -283,3 +283,30 @@ def test_the_loader_keeps_no_cookies(image_server):
     load_one(image_server.url("/set-cookie"))
     path, headers = image_server.requests[-1]
     assert path == "/red.png" and "Cookie" not in headers
+
+
+def test_endless_interim_responses_end_the_fetch_at_once(image_server):
+    """A host answering with `100 Continue` over and over (aiohttp reads any number of them)
+    kept the event loop busy parsing them, every client waiting, for as long as it kept on;
+    the fetch deadline fired only then. After a few the exchange fails. A couple before the
+    real answer are fine."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    def flood(h):
+        deadline = time.monotonic() + 20
+        try:
+            while time.monotonic() < deadline:
+                h.wfile.write(interim * 2000)
+        except OSError:
+            pass  # the fetcher hung up, as it should
+        h.close_connection = True
+
+    image_server.routes["/flood"] = flood
+    image_server.routes["/two-then-image"] = raw(interim * 2 + b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                                 % len(samples.png(8, 8)) + samples.png(8, 8))
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError) as info:
+        load_one(image_server.url("/flood"), settings=make_settings(image_fetch_timeout=15.0))
+    assert time.monotonic() - started < 5
+    assert "invalid answer" in info.value.message
+    assert load_one(image_server.url("/two-then-image")).original_size == (8, 8)
