@@ -11,7 +11,9 @@ segments or GIF blocks cost a step each, as Pillow skips them one at a time.
 
 It also bounds the number of JPEG scans: a progressive JPEG may hold thousands of scans of
 a few bytes each ("EOB runs" zero whole bands), and libjpeg passes over every block of the
-image for each one (libjpeg-turbo's documentation suggests refusing past 500).
+image for each one (libjpeg-turbo's documentation suggests refusing past 500). As each pass
+costs in proportion to the picture's area, the bound shrinks as the area grows: 499 scans of
+a 7000x7000 picture (325 KB) took 27 s of a decode thread, which nothing can interrupt.
 
 The walk is not a validator: at anything it does not recognise it stops and leaves the
 verdict to Pillow. WebP (parsed by libwebp, in C) and BMP (no segments) are not walked.
@@ -26,6 +28,12 @@ from ..errors import ImageDecodeError
 #: Scans a JPEG may hold. Encoders write at most a few tens (a progressive JPEG from libjpeg
 #: has about 10; jpegtran's optimised scripts stay under 70).
 MAX_JPEG_SCANS = 500
+#: Scans times pixels a JPEG may cost (about 1 ns each on a 2-vCPU VM: 2.5 s). A 50-megapixel
+#: picture may have 50 scans, a 12-megapixel one 208, anything of 5 megapixels or less 500.
+MAX_JPEG_SCAN_PIXELS = 2_500_000_000
+#: Scans always accepted, however large the picture (libjpeg's progressive script has 10).
+MIN_JPEG_SCANS = 16
+_LARGEST = (10_000, 5_000)  # --image-max-input-pixels' default
 _BASE_STEPS = 65536  # about 0.1 s of Pillow's parsing
 _BYTES_PER_STEP = 128
 
@@ -39,6 +47,8 @@ _JPEG_SOS = 0xDA
 # does not know (TEM, RES, FF02-FFBF) ends its parse with an error.
 _JPEG_NO_LENGTH = frozenset((0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)))
 _JPEG_WITH_LENGTH = frozenset((*range(0xC0, 0xC8), *range(0xC9, 0xD0), *range(0xDB, 0xF0), 0xFE))
+# Start-of-frame markers (C4 DHT, C8 JPG and CC DAC are not): height and width follow.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _GIF_BLOCK = re.compile(rb"[\x21\x2c\x3b]")
 _FRAGMENTED = ("The image's file structure is split into too many small segments to be decoded "
                "safely; save it again with an ordinary encoder.")
@@ -46,7 +56,7 @@ _FRAGMENTED = ("The image's file structure is split into too many small segments
 
 def check_layout(data: bytes) -> None:
     """Raise ImageDecodeError if walking `data`'s container would take more than the step
-    budget, or if it is a JPEG with more than MAX_JPEG_SCANS scans. Returns quickly (at most
+    budget, or if it is a JPEG with more scans than its size allows (`max_jpeg_scans`). Returns quickly (at most
     the budget's steps) for any input; says nothing about whether the image is valid."""
     budget = _BASE_STEPS + len(data) // _BYTES_PER_STEP
     if data.startswith(_JPEG_SOI):
@@ -57,8 +67,14 @@ def check_layout(data: bytes) -> None:
         _walk_gif(data, budget)
 
 
+def max_jpeg_scans(width: int, height: int) -> int:
+    """The scans a `width` x `height` JPEG may hold."""
+    return max(MIN_JPEG_SCANS, min(MAX_JPEG_SCANS, MAX_JPEG_SCAN_PIXELS // max(1, width * height)))
+
+
 def _walk_jpeg(data: bytes, budget: int) -> None:
     pos, end = 2, len(data)
+    size: tuple[int, int] | None = None  # of the first frame, the one decoded
     while pos < end:
         if data[pos] != 0xFF:
             # Pillow skips bytes between segments one at a time: each one costs a step.
@@ -82,6 +98,9 @@ def _walk_jpeg(data: bytes, budget: int) -> None:
         elif marker in _JPEG_WITH_LENGTH:
             if pos + 4 > end:
                 break
+            if marker in _JPEG_SOF and size is None and pos + 9 <= end:
+                # length (2), precision (1), height (2), width (2)
+                size = int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big")
             pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
         else:
             break  # Pillow refuses the file here
@@ -95,9 +114,17 @@ def _walk_jpeg(data: bytes, budget: int) -> None:
     # hide them; the few FF DA pairs metadata may hold (an EXIF thumbnail's scans, bytes of
     # an ICC profile) are far below the limit.
     scans = data.count(b"\xff\xda")
-    if scans > MAX_JPEG_SCANS:
+    if scans <= MIN_JPEG_SCANS:
+        return
+    # No frame header before the scans, or one of no area: Pillow refuses such a file, but
+    # should a decoder take it, it is bounded as the largest picture decoded.
+    width, height = size if size and size[0] * size[1] else _LARGEST
+    limit = max_jpeg_scans(width, height)
+    if scans > limit:
+        at_size = f" at {width}x{height} pixels" if limit < MAX_JPEG_SCANS and size else ""
         raise ImageDecodeError(
-            f"The JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted (encoders write a few tens).")
+            f"The JPEG has {scans} scans; at most {limit} are accepted{at_size} (encoders write a few "
+            "tens). Save it again as a baseline JPEG.")
 
 
 def _walk_png(data: bytes, budget: int) -> None:

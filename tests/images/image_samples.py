@@ -147,10 +147,12 @@ def fragmented(fmt: str, pieces: int) -> bytes:
     return data[:header] + b"\x21\xfe" + b"\x01c" * pieces + b"\x00" + data[header:]
 
 
-def progressive_jpeg(extra_scans: int) -> bytes:
-    """A progressive 64x64 JPEG with its last (refinement) scan repeated `extra_scans` more
-    times: libjpeg warns and decodes it, taking one pass over the image per scan."""
-    data = encode(Image.open(io.BytesIO(noise_jpeg(64, 64))), "JPEG", progressive=True, quality=90)
+def progressive_jpeg(extra_scans: int, size: int = 64) -> bytes:
+    """A progressive `size` x `size` JPEG (noise at 64, flat colour above) with its last
+    (refinement) scan repeated `extra_scans` more times: libjpeg warns and decodes it, taking
+    one pass over the image per scan."""
+    im = Image.open(io.BytesIO(noise_jpeg(64, 64))) if size == 64 else Image.new("RGB", (size, size), (9, 99, 199))
+    data = encode(im, "JPEG", progressive=True, quality=90)
     last = data.rindex(b"\xff\xda")
     return data[:-2] + data[last:-2] * extra_scans + data[-2:]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import zlib
 
 import pytest
@@ -78,6 +79,22 @@ def test_a_jpeg_with_hundreds_of_scans_is_refused():
     with pytest.raises(ImageDecodeError) as info:
         decode(samples.progressive_jpeg(600))
     assert re.search(r"has 6\d\d scans; at most 500", info.value.message), info.value.message
+    assert_clean_message(info.value)
+
+
+def test_a_large_jpeg_may_hold_fewer_scans():
+    """Each scan is a pass over the whole picture: 499 scans of a 7000x7000 JPEG (325 KB) took
+    27 s of a decode thread. The bound is scans times pixels (50 scans at 50 megapixels)."""
+    from server.images.layout import check_layout, max_jpeg_scans
+
+    assert max_jpeg_scans(64, 64) == 500 and max_jpeg_scans(7000, 7000) == 51
+    assert max_jpeg_scans(4000, 3000) == 208 and max_jpeg_scans(100_000, 100_000) == 16
+    check_layout(samples.progressive_jpeg(140, size=4000))  # 16 megapixels: 156 scans may pass
+    started = time.monotonic()
+    with pytest.raises(ImageDecodeError) as info:
+        decode(samples.progressive_jpeg(200, size=4000))
+    assert time.monotonic() - started < 1  # refused before libjpeg starts
+    assert re.search(r"has 2\d\d scans; at most 156 are accepted at 4000x4000 pixels", info.value.message)
     assert_clean_message(info.value)
 
 
