@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 import zlib
 
 import pytest
@@ -90,10 +89,8 @@ def test_a_large_jpeg_may_hold_fewer_scans():
     assert max_jpeg_scans(64, 64) == 500 and max_jpeg_scans(7000, 7000) == 51
     assert max_jpeg_scans(4000, 3000) == 208 and max_jpeg_scans(100_000, 100_000) == 16
     check_layout(samples.progressive_jpeg(140, size=4000))  # 16 megapixels: 156 scans may pass
-    started = time.monotonic()
     with pytest.raises(ImageDecodeError) as info:
         decode(samples.progressive_jpeg(200, size=4000))
-    assert time.monotonic() - started < 1  # refused before libjpeg starts
     assert re.search(r"has 2\d\d scans; at most 156 are accepted at 4000x4000 pixels", info.value.message)
     assert_clean_message(info.value)
 
@@ -272,6 +269,16 @@ def test_alpha_and_palette_transparency_composite_on_white():
     for mode, color in (("L", 128), ("LA", (128, 255)), ("1", 1), ("P", 3)):
         image, _ = decode(samples.png(4, 4, color, mode=mode), family="qwen-vl")
         assert image.mode == "RGB"
+
+
+def test_an_elongated_picture_is_refused_before_its_pixels_are_decoded(monkeypatch):
+    from PIL import ImageFile
+
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: loads.append(im.size))
+    with pytest.raises(ImageError) as info:
+        decode(samples.png(1, 300))
+    assert "aspect ratio" in info.value.message and loads == []
 
 
 def test_tiny_and_elongated_images():
