@@ -196,6 +196,21 @@ def test_unknown_model_names_are_quoted_short(srv):
         "a": {"anyOf": [{"type": "integer"}, {"if": {"type": "integer"}, "then": {"minimum": 1}}]}}}},
         "$ref": "#/$defs/A"}}},
      "response_format.json_schema.schema", "'if' is not supported"),
+    # references the grammar cannot follow, and lookarounds it drops with a warning
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://example.com/int.json"}}},
+     "response_format.json_schema.schema", "only references within the schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$defs": {"a": {"$id": "foo", "type": "integer"}}, "$ref": "foo"}}},
+     "response_format.json_schema.schema", "'$ref' 'foo' is not supported"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^(?!a)[ab]$"}}},
+     "response_format.json_schema.schema", "lookahead"),
+    # length bounds: seconds of compiling each (ten of them in 550 bytes: 92 s)
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+        f"p{i}": {"type": "string", "maxLength": 666_666_001 + i} for i in range(10)}}}},
+     "response_format.json_schema.schema", "add up to 2560"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "items": {
+        "type": "string", "minLength": 200, "maxLength": 300}, "prefixItems": [{"type": "string", "maxLength": 70}]}}},
+     "response_format.json_schema.schema", "add up to 326"),
 ])
 def test_a_malformed_response_format_is_a_400_naming_its_field(srv, response_format, param, words):
     err = assert_400(post(srv, body(response_format=response_format)), words)
@@ -211,8 +226,11 @@ def test_recursive_and_fully_required_schemas_are_served(srv):
             "required": [f"p{i}" for i in range(450)]}
     # keyword names as property names and in enum values are not keywords
     names = {"type": "object", "properties": {k: {"type": "string", "enum": [{"not": 1}, "if"]} for k in
-                                              ("not", "if", "then", "else", "dependentRequired")}}
-    for schema in (tree, wide, names):
+                                              ("not", "if", "then", "else", "dependentRequired", "$ref")}}
+    bounded = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 100},
+                                                "summary": {"type": "string", "minLength": 10, "maxLength": 200},
+                                                "tags": {"type": "array", "maxItems": 5000}}}
+    for schema in (tree, wide, names, bounded):
         r = post(srv, body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
         assert r.status_code == 200, r.text
 
