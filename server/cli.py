@@ -188,7 +188,7 @@ def uvicorn_config(app, settings: Settings, **overrides: Any):
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout),
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout, settings.send_timeout),
         ws="none",  # no WebSocket routes: an Upgrade header gets plain HTTP handling
         timeout_keep_alive=75,  # longer than typical LB idle timeouts (nginx keepalive 60 s)
         access_log=False,  # one structured line per request comes from our middleware

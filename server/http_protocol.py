@@ -10,8 +10,10 @@ nothing, is held open for as long as the client likes (slowloris). A load balanc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import struct
 import uuid
 from typing import Any
 
@@ -19,6 +21,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 access_log = logging.getLogger("qwenvl.access")
+
+try:  # the kernel's count of a socket's unsent and unacknowledged bytes (Linux, BSD, macOS)
+    import fcntl
+    import termios
+
+    _TIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):
+    _TIOCOUTQ = None
 
 #: How long a refused connection is kept reading (and dropping) input after its answer.
 _LINGER_SECONDS = 2.0
@@ -41,7 +51,8 @@ def _framed(status: int, reason: str, body: bytes) -> bytes:
             f"content-length: {len(body)}\r\nx-request-id: {rid}\r\nconnection: close\r\n\r\n").encode() + body
 
 
-def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpToolsProtocol]:
+def guarded_protocol(max_header_bytes: int, header_timeout: float,
+                     send_timeout: float | None = None) -> type[HttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)`.
 
     - A request head (request line and headers) larger than `max_header_bytes` gets a 431
@@ -50,6 +61,13 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
       connection must send one within that time; otherwise 408 (if anything arrived) and
       the connection is closed. Idle keep-alive connections keep uvicorn's own timeout.
     - Bytes that are not HTTP get a JSON 400 like every other refusal (uvicorn's is text).
+    - A connection whose client takes none of what is waiting to be sent for `send_timeout`
+      seconds (the send buffer above its high-water mark, and not shrinking) is dropped,
+      with what it held. uvicorn writes a whole response body at once, and writes never wait for the
+      client: a non-streamed answer of megabytes (n=8 with logprobs) sat in the buffer for
+      as long as its client kept the connection open without reading, and was logged a 200.
+      (The app's own send timeout catches a stream that stalls; this catches what it cannot
+      see, and drops the connection, which a stream abandoned by the app kept too.)
     """
     too_large = (431, "Request Header Fields Too Large", _error_body(
         f"The request's headers exceed this server's limit of {max_header_bytes} bytes.", "headers_too_large"))
@@ -66,6 +84,8 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
         _moved = False  # the current read carried body data or ended a message
         _ended = False  # a message ended during the current read
         _head_timer: asyncio.TimerHandle | None = None
+        _send_timer: asyncio.TimerHandle | None = None
+        _send_pending = 0  # bytes waiting to be sent when the send timer was last armed
         _refused = False
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
@@ -74,7 +94,49 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[HttpT
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_timer()
+            self._disarm_send_timer()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if send_timeout is not None and self._send_timer is None:
+                self._send_pending = self._unsent()
+                self._send_timer = self.loop.call_later(send_timeout, self._send_timed_out)
+
+        def resume_writing(self) -> None:
+            self._disarm_send_timer()
+            super().resume_writing()
+
+        def _unsent(self) -> int:
+            """Bytes written and not yet taken by the client: those in the transport's buffer,
+            and (on Linux) those in the kernel's send queue, which a slow reader drains long
+            before the transport's buffer moves (the kernel takes more only once much of
+            its queue is free)."""
+            pending = self.transport.get_write_buffer_size()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and _TIOCOUTQ is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0" * 4))[0]
+            return pending
+
+        def _disarm_send_timer(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_timed_out(self) -> None:
+            # While writing is paused nothing is added to the buffer: if it shrank, the client
+            # is reading, however slowly.
+            pending = self._unsent()
+            if pending < self._send_pending:
+                self._send_pending = pending
+                self._send_timer = self.loop.call_later(send_timeout, self._send_timed_out)
+                return
+            self._send_timer = None
+            logging.getLogger("qwenvl").info(
+                "a client took nothing of %d bytes waiting for it for %g s; connection dropped",
+                pending, send_timeout)
+            self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
             if self._refused:

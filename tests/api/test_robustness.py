@@ -504,12 +504,68 @@ def test_a_client_that_stops_reading_loses_its_slot_after_the_send_timeout(tiny_
         assert engine.num_unfinished_requests() == 0
         engine.default_reply = "fast"
         assert chat(srv.base_url, timeout=5).json()["choices"][0]["message"]["content"] == "fast"
-        sock.settimeout(5)
-        received = b""
-        while chunk := sock.recv(1 << 20):  # what was sent, then the server's close
-            received += chunk
-        assert received.startswith(b"HTTP/1.1 200") and len(received) < 4_000_000
+        assert connection_dropped(sock)  # with what was waiting for it (it is not flushed)
+
+
+def connection_dropped(sock: socket.socket, within: float = 5.0) -> bool:
+    """Whether the server ended `sock`'s connection within `within` s (reading and dropping
+    what arrives until then); a client that never read gets a reset, or the close after a
+    last few bytes."""
+    sock.settimeout(within)
+    received = 0
+    try:
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    finally:
         sock.close()
+    return received < 4_000_000
+
+
+def test_a_non_streamed_answer_its_client_never_reads_is_dropped_after_the_send_timeout(tiny_tokenizer, caplog):
+    """uvicorn writes a whole body at once and never waits for the client: a 4 MB answer sat
+    in the send buffer for as long as its client held the connection without reading (the
+    request logged as a 200). After --send-timeout without the client taking anything the
+    connection is dropped, and the buffer with it; a client reading slowly keeps it."""
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=10**9, tokenizer=tiny_tokenizer),
+                            default_reply="x" * 4_000_000, chunk_chars=500_000)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, send_timeout=1.0)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    with AppServer(app) as srv, caplog.at_level(logging.INFO, logger="qwenvl"):
+        idle = socket.socket()
+        idle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        idle.connect((srv.host, srv.port))
+        idle.sendall(request)
+        time.sleep(3)  # answered, and nothing taken for three times the send timeout
+        assert connection_dropped(idle, within=0.5)
+        assert logged(caplog, lambda message: "took nothing" in message and "connection dropped" in message)
+        slow = socket.socket()  # takes 256 KiB every half second: never a whole second without reading
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect((srv.host, srv.port))
+        slow.sendall(request)
+        slow.settimeout(5)
+        received = b""
+
+        def complete() -> bool:
+            head, _, answer = received.partition(b"\r\n\r\n")
+            length = re.search(rb"content-length: (\d+)", head)
+            return bool(length) and len(answer) >= int(length.group(1))
+
+        while not complete():
+            time.sleep(0.5)
+            burst = 0
+            while burst < 256 * 1024 and not complete():
+                chunk = slow.recv(256 * 1024)
+                assert chunk, "the slow reader's connection was dropped"
+                received += chunk
+                burst += len(chunk)
+        assert received.startswith(b"HTTP/1.1 200") and len(received) > 4_000_000
+        slow.close()
 
 
 def test_errors_are_counted_by_code_wherever_they_are_answered(tiny_tokenizer):
