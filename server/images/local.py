@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import urllib.parse
 from pathlib import Path
 
 from ..errors import ImageDecodeError, ImageFetchError, ImageURLForbiddenError
@@ -19,28 +20,58 @@ B64_STEP = 128 * 1024
 
 async def decode_data_url(url: DataURL, max_bytes: int) -> bytes:
     """The bytes of a base64 `data:` URL. The size is checked from the encoded length before
-    anything is decoded. Raises ImageTooLargeError or ImageDecodeError (not strict base64:
-    wrong alphabet, whitespace, bad padding)."""
+    anything is decoded. Raises ImageTooLargeError, or ImageDecodeError for what is not
+    base64 even read leniently (see `_lenient`)."""
     text, start, end = url.url, url.start, len(url.url)
     size = end - start
     padding = text.endswith("=") + text.endswith("==")  # no copy of the payload anywhere here
     if size // 4 * 3 - padding > max_bytes:
         raise too_large(max_bytes)
-    invalid = ImageDecodeError("The data: URL is not valid base64 (standard alphabet, padded, no whitespace).")
     if size % 4 or text.find("=", start, end - 2) >= 0:
-        raise invalid
+        data = await _decode_steps(_lenient(text[start:end]), 0)
+    else:
+        try:
+            data = await _decode_steps(text, start)
+        except ImageDecodeError:
+            data = await _decode_steps(_lenient(text[start:end]), 0)
+    if not data:
+        raise ImageDecodeError("The data: URL holds no image data.")
+    return data
+
+
+def _not_base64() -> ImageDecodeError:
+    return ImageDecodeError("The data: URL is not valid base64.")
+
+
+#: Line breaks and spaces (MIME's 76-character lines, as the `base64` tool writes) are
+#: dropped; the URL-safe alphabet is read as the standard one.
+_LENIENT = str.maketrans({" ": None, "\t": None, "\r": None, "\n": None, "-": "+", "_": "/"})
+
+
+def _lenient(payload: str) -> str:
+    """`payload` as strict base64: percent-escapes undone, whitespace dropped, the URL-safe
+    alphabet mapped to the standard one, padding restored. A copy: only for a payload that
+    failed the strict reading."""
+    if "%" in payload:
+        payload = urllib.parse.unquote(payload)
+    payload = payload.translate(_LENIENT).rstrip("=")
+    if len(payload) % 4 == 1 or "=" in payload:
+        raise _not_base64()
+    return payload + "=" * (-len(payload) % 4)
+
+
+async def _decode_steps(text: str, start: int) -> bytes:
+    """Strict base64 from `text[start:]`, in steps that let the event loop run between them."""
+    end = len(text)
     parts: list[bytes] = []
     try:
         for i in range(start, end, B64_STEP):
             parts.append(base64.b64decode(text[i : min(i + B64_STEP, end)], validate=True))
-            if size > B64_STEP:
+            if end - start > B64_STEP:
                 await asyncio.sleep(0)
     except (binascii.Error, ValueError) as exc:
-        raise invalid from exc
-    data = b"".join(parts)
-    if not data:
-        raise ImageDecodeError("The data: URL holds no image data.")
-    return data
+        raise _not_base64() from exc
+    return b"".join(parts)
 
 
 class LocalMediaReader:

@@ -236,6 +236,23 @@ def test_data_urls():
             load_one(url)
 
 
+def test_base64_as_common_tools_write_it_is_read():
+    """The `base64` tool's 76-character lines, the URL-safe alphabet, padding left off and
+    percent-escaped + and / were refused (image_decode_failed); clients send all of them."""
+    import base64
+
+    raw = samples.png(9, 5)
+    standard = base64.b64encode(raw).decode()
+    for payload in (base64.encodebytes(raw).decode(), base64.encodebytes(raw).decode().replace("\n", "\r\n"),
+                    base64.urlsafe_b64encode(raw).decode(), standard.rstrip("="),
+                    standard.replace("+", "%2B").replace("/", "%2F"), " " + standard + "\n"):
+        assert load_one("data:image/png;base64," + payload).original_size == (9, 5), payload
+    for payload in ("iVBORw0KGgo!!!!", "iVBORw0KG", "iVB=ORw0"):
+        with pytest.raises(ImageDecodeError) as info:
+            load_one("data:image/png;base64," + payload)
+        assert "not valid base64" in info.value.message or "could not be decoded" in info.value.message
+
+
 def test_file_urls(tmp_path):
     media = tmp_path / "media"
     media.mkdir()
