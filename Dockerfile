@@ -76,8 +76,9 @@ USER 10001:10001
 # /health is liveness (200 while loading too); readiness is /ready, used by load balancers.
 # qwen-vl-healthcheck asks the address the server listens on, from the server's own command
 # line and environment (--port or --host after the image name included), with a key when
-# --auth-health-endpoints asks for one.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+# --auth-health-endpoints asks for one. It is a Python process (about 1 s of CPU to start)
+# whose own request times out at 4 s: --timeout leaves it room on a CPU-starved container.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["qwen-vl-healthcheck"]
 ENTRYPOINT ["tini", "--", "qwen-vl-serve"]
 
@@ -137,6 +138,6 @@ EXPOSE 8000
 USER 10001:10001
 # Loading a 10 B model and capturing CUDA graphs takes minutes; the start period keeps those
 # minutes from counting as failures (/health answers 200 while loading anyway).
-HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["qwen-vl-healthcheck"]
 ENTRYPOINT ["tini", "--", "qwen-vl-serve"]

@@ -77,3 +77,27 @@ def test_malformed_request_line_is_a_json_400(lonely_nginx):
 def test_metrics_are_not_served_through_the_balancer_and_the_404_is_json(lonely_nginx):
     response = httpx.get(f"{lonely_nginx.url}/metrics", timeout=30)
     assert_json_error(response, 404, "not_found")
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), [
+    (b"TRACE /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+     501, "not_implemented"),
+    (b"GET /v1/models HTTP/2.5\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+])
+def test_refusals_of_methods_codings_and_versions_are_json_too(lonely_nginx, raw, status, code):
+    """They were nginx's HTML pages, which also named its version."""
+    with socket.create_connection(("127.0.0.1", lonely_nginx.port), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status), head[:200]
+    assert b"application/json" in head and f'"code":"{code}"'.encode() in body
+    assert b"nginx/" not in data
+
+
+def test_no_answer_names_the_nginx_version(lonely_nginx):
+    response = httpx.get(f"{lonely_nginx.url}/v1/models", timeout=30)
+    assert response.headers.get("server") == "nginx"
