@@ -53,8 +53,8 @@ def create_app(
     """
     if engine is None and engine_factory is None:
         raise ValueError("create_app needs an engine or an engine_factory")
-    metrics = metrics or Metrics()
     names = model_names or [settings.served_model_name or settings.model or "qwen-vl"]
+    metrics = metrics or Metrics(model_names=names)
     runtime = Runtime(
         settings,
         metrics,

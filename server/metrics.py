@@ -5,7 +5,17 @@ label values are bounded (outcomes, error codes, endpoint names), never user inp
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+from server import __version__
 
 # Every counter and histogram would also export a `*_created` timestamp series, which
 # Prometheus stores as one more gauge per series and nobody graphs. The switch is global to
@@ -25,10 +35,21 @@ OUTCOMES = ("success", "client_error", "server_error", "rate_limited", "unavaila
 class Metrics:
     """All server metrics. Created once by the app factory."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, model_names: list[str] | None = None) -> None:
+        """`model_names`: the names the server answers to, for `qwenvl_build_info`."""
+        own = registry is None
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        if own:
+            # The standard process_* (CPU, memory, open files) and python_info series, which
+            # dashboards and alerts expect of every scrape target.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         p = "qwenvl_"
+        self.build_info = Gauge(p + "build_info", "Always 1: the server's version and the model names it serves.",
+                                ["version", "model"], registry=r)
+        for name in model_names or ():
+            self.build_info.labels(version=__version__, model=name).set(1)
         self.requests = Counter(
             p + "requests", f"Chat completion requests by outcome ({', '.join(OUTCOMES)}).", ["outcome"], registry=r
         )

@@ -534,6 +534,11 @@ def test_metrics(client, server):
     ]:
         assert name in text, name
     assert 'qwenvl_requests_total{outcome="success"}' in text
+    from server import __version__
+
+    assert f'qwenvl_build_info{{model="{model_name(server)}",version="{__version__}"}} 1.0' in text
+    rss = re.search(r"^process_resident_memory_bytes (\S+)$", text, re.M)
+    assert rss and float(rss.group(1)) > 50e6  # the front end, engine loaded
 
 
 def test_request_id_echoed(server):
