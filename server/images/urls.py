@@ -3,14 +3,16 @@ sent, redirects) works on the objects returned here, never on the raw string, so
 checked is exactly what is fetched.
 
 Accepted: `http://host[:port]/path?query`, `https://...`, `data:image/...;base64,...` and
-`file:///absolute/path`. Refused while parsing, as `image_url_forbidden`: other schemes,
-userinfo (`user@host`), backslashes, whitespace and control characters, percent-encoded or
-non-canonical hosts (`2130706433`, `0x7f000001`, `0177.0.0.1`, `127.1`: the spellings that
+`file:///absolute/path`; an http(s) URL with non-ASCII characters is taken as a browser
+sends it (a Unicode host in IDNA form, the rest percent-encoded). Refused while parsing, as
+`image_url_forbidden`: other schemes, userinfo (`user@host`), backslashes, whitespace and
+control characters, percent-encoded or non-canonical hosts (`2130706433`, `0x7f000001`, `0177.0.0.1`, `127.1`: the spellings that
 some resolvers read as IPv4 numbers).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -100,6 +102,8 @@ def parse_image_url(url: str) -> ImageURL:
         return _parse_data(url, colon + 1)
     if len(url) > MAX_URL_LENGTH:
         raise ImageError(f"The image URL is longer than {MAX_URL_LENGTH} characters.")
+    if scheme in _HTTP_SCHEMES and not url.isascii():
+        url = _as_browsers_send(url)
     if _BAD_CHARS.search(url):
         raise _forbidden("The image URL contains whitespace, control characters, backslashes or "
                          "non-ASCII characters; percent-encode them.")
@@ -108,6 +112,34 @@ def parse_image_url(url: str) -> ImageURL:
     if scheme == "file":
         return _parse_file(url)
     raise _forbidden(f"The image URL scheme '{scheme}' is not allowed; use http, https or data.")
+
+
+def _as_browsers_send(url: str) -> str:
+    """An http(s) URL holding non-ASCII characters as a browser sends it: a Unicode host
+    name in its IDNA form (`bücher.example` -> `xn--bcher-kva.example`), other non-ASCII
+    characters percent-encoded as UTF-8. The result is then checked like any URL: a name
+    that IDNA maps onto ASCII (full-width digits and dots) is validated, and its address
+    policed, in that ASCII form."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        raise _forbidden("The image URL is malformed (bad host or port).") from None
+    if "@" in parts.netloc:
+        raise _forbidden("Image URLs with user information (user@host) are not allowed.")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise _forbidden("The image URL host is not a valid international domain name.") from None
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    elif parts.netloc.endswith(":"):
+        netloc += ":"  # (refused as an empty port, as in ASCII)
+    encode = functools.partial(re.sub, r"[^\x00-\x7f]+", lambda m: urllib.parse.quote(m.group(), safe=""))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, encode(parts.path), encode(parts.query), ""))
 
 
 def join_redirect(base: HttpURL, location: str) -> HttpURL:

@@ -56,6 +56,8 @@ def forbidden_urls(canary, image_server) -> list[str]:
         f"http://127.0.0.1:{p}\\@127.0.0.2:{image_server.port}/red.png",
         f"http://127.0.0.1:{p}\\.127.0.0.2/red.png",
         f"http://[::]:{p}/red.png",
+        f"http://127\uff0e0\uff0e0\uff0e1:{p}/red.png",  # full-width dots: 127.0.0.1 once IDNA-mapped
+        f"http://\u2460\u2461\u2466.0.0.1:{p}/red.png",  # circled digits, likewise
         f"gopher://127.0.0.2:{image_server.port}/_GET%20/red.png",
         f"ftp://127.0.0.2:{image_server.port}/red.png",
         "file:///etc/passwd",

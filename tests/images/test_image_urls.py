@@ -40,8 +40,10 @@ def test_https_port_and_ip_literals():
         "http://exa mple.com/",
         "http://example.com/\n.png",
         "http://example.com\t/",
-        "http://bücher.example/",
         "http://2130706433/",
+        "http://ä@bücher.example/",
+        "http://bücher.example/\u00e4 b.png",  # (an ASCII space stays refused)
+        "http://bücher.example:99999/",
         "http://0x7f000001/",
         "http://0177.0.0.1/",
         "http://127.1/",
@@ -65,6 +67,22 @@ def test_refused_spellings(url):
         parse_image_url(url)
     assert info.value.code == "image_url_forbidden"
     assert info.value.status == 400
+
+
+def test_unicode_hosts_and_paths_are_sent_as_browsers_send_them():
+    """A Unicode host name was refused with advice to percent-encode it, which makes it no
+    host name at all; it goes in its IDNA form, other non-ASCII characters percent-encoded.
+    What IDNA maps onto ASCII is then checked in that form."""
+    url = parse_image_url("https://Bücher.example:8443/bild/ä.png?q=ü")
+    assert (url.host, url.port, url.target) == ("xn--bcher-kva.example", 8443, "/bild/%C3%A4.png?q=%C3%BC")
+    assert url.host_header == "xn--bcher-kva.example:8443" and url.ip is None
+    full_width = parse_image_url("http://127\uff0e0\uff0e0\uff0e1/x.png")  # 127．0．0．1
+    assert full_width.ip == ipaddress.IPv4Address("127.0.0.1")
+    with pytest.raises(ImageURLForbiddenError):
+        parse_image_url("http://\uff10x7f000001/")  # ０x7f000001: a non-standard numeric spelling
+    with pytest.raises(ImageURLForbiddenError) as info:
+        parse_image_url("http://\u2024/")
+    assert "not a valid" in info.value.message
 
 
 @pytest.mark.parametrize("url", ["", "no-scheme.png", "http://example.com/" + "a" * 9000,
