@@ -22,6 +22,7 @@ from .policy import AddressPolicy, DomainPolicy
 from .resolve import ResolutionError, Resolver
 from .transport import (
     AiohttpTransport,
+    CertificateFailed,
     ConnectFailed,
     IncomingResponse,
     OutgoingRequest,
@@ -156,18 +157,23 @@ class HttpFetcher:
 
     @asynccontextmanager
     async def _send(self, url: HttpURL, addresses: list[IPAddress]) -> AsyncIterator[IncomingResponse]:
+        certificate_failed = False
         for ip in addresses[:MAX_CONNECT_ATTEMPTS]:
             try:
                 async with self._transport.send(self._request(url, ip)) as response:
                     yield response
                     return
             except ConnectFailed as exc:
+                certificate_failed = isinstance(exc, CertificateFailed)
                 log.debug("image fetch: connecting to %s failed: %s", url.host, exc)
             except TransportTimeout:
                 raise ImageFetchError("The image server did not answer in time.") from None
             except TransportError as exc:
                 log.debug("image fetch from %s failed: %s", url.host, exc)
                 raise ImageFetchError("The image server closed the connection or sent an invalid answer.") from None
+        if certificate_failed:
+            raise ImageFetchError(f"The image host '{url.host}' presented a TLS certificate that could not be "
+                                  "verified for that name (self-signed, expired or for another host).")
         raise ImageFetchError(f"Could not connect to the image host '{url.host}'.")
 
     async def _read_body(self, response: IncomingResponse) -> bytes:

@@ -71,6 +71,10 @@ class ConnectFailed(TransportError):
     certificate failure); the fetcher may try the host's next address."""
 
 
+class CertificateFailed(ConnectFailed):
+    """The TLS certificate did not verify for the host name (or address) asked for."""
+
+
 class TransportTimeout(TransportError):
     """The server went silent for longer than the read timeout."""
 
@@ -182,6 +186,8 @@ class AiohttpTransport:
                 allow_redirects=False,
                 server_hostname=request.server_hostname,
             )
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise CertificateFailed(repr(exc)) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise ConnectFailed(repr(exc)) from None
         except aiohttp.ServerTimeoutError as exc:

@@ -204,6 +204,8 @@ def test_https_uses_sni_and_verifies_the_certificate_for_the_name(tmp_path):
     client_ctx = ssl.create_default_context(cafile=str(ca_file))
     resolver = static_resolver({"images.test": ["127.0.0.2"], "wrong.test": ["127.0.0.2"]})
 
+    messages: list[str] = []
+
     async def run(loader):
         outcomes = []
         for name in ("images.test", "images.test", "wrong.test", "127.0.0.2"):
@@ -212,6 +214,7 @@ def test_https_uses_sni_and_verifies_the_certificate_for_the_name(tmp_path):
                 outcomes.append(loaded.original_size)
             except ImageFetchError as exc:
                 outcomes.append(exc.code)
+                messages.append(exc.message)
         return outcomes
 
     try:
@@ -223,6 +226,9 @@ def test_https_uses_sni_and_verifies_the_certificate_for_the_name(tmp_path):
                                           settings=make_settings(image_url_cache_ttl=0)))
         # The name the certificate does not cover and the bare IP (no IP SAN) both fail.
         assert outcomes == [(64, 48), (64, 48), "image_fetch_failed", "image_fetch_failed"]
+        assert messages == [f"The image host '{host}' presented a TLS certificate that could not be verified for "
+                            "that name (self-signed, expired or for another host)." for host in ("wrong.test",
+                                                                                                "127.0.0.2")]
         assert sni_seen == ["images.test", "wrong.test", None]
         assert [headers["Host"] for _, headers in state.requests] == [f"images.test:{state.port}"] * 2
         assert state.peers[0] == state.peers[1]  # the second fetch reused the verified connection
