@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from server.chat.specials import keep_grounding_tags_when_skipping
+from server.engine import parent_watch
 from server.engine.base import (
     ChoiceDelta,
     Engine,
@@ -484,6 +485,7 @@ class VLLMEngine(Engine):
 
         stats = _StatsCapture()
         args = engine_args_from_settings(settings, model, device)
+        os.environ[parent_watch.ENV] = str(os.getpid())  # (the engine core stops itself without us)
         before = _child_pids()
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
         core_pids = _child_pids() - before

@@ -14,6 +14,9 @@ it reads a model's config. Three registrations make a published Qwen-VL checkpoi
 
 Every registration overwrites the previous one for the same key, so calling this again is
 harmless. It imports transformers and tiktoken (already loaded in any vLLM process), not torch.
+
+The same hook, being the one piece of this project that runs in vLLM's engine core, starts
+`server.engine.parent_watch` there (which does nothing in other processes).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def register() -> None:
     """Register Qwen-VL with transformers' Auto classes and vLLM. Cheap and re-entrant."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from server.engine.parent_watch import watch_parent
     from server.qwen_vl.config import QWenConfig
     from server.qwen_vl.tokenizer import QWenTokenizer
     from vllm import ModelRegistry
@@ -34,3 +38,4 @@ def register() -> None:
     AutoTokenizer.register(QWenConfig, tokenizer_class=QWenTokenizer, exist_ok=True)
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, MODEL_CLASS)
+    watch_parent()

@@ -298,3 +298,17 @@ def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path, ht
     err = json.loads(lines[-2][6:])["error"]
     assert err["code"] == "service_unavailable" and "Traceback" not in lines[-2]
     assert saw_503 or code != 0
+
+
+def test_an_engine_core_outlives_no_killed_server(tiny_model, tmp_path, http):
+    """SIGKILL (or the OOM killer) gives the server no chance to stop its engine core, which
+    ran on, with its model workers, as an orphan holding their memory."""
+    srv = start(tiny_model, tmp_path)
+    engine = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+    assert any("EngineCore" in " ".join(p.cmdline() + [p.name()]) for p in engine), engine
+    srv.signal(signal.SIGKILL)
+    srv.wait(10)
+    deadline = time.monotonic() + 25  # a second's poll, then vLLM's own shutdown
+    while left := [p for p in engine if p.is_running() and not _zombie(p)]:
+        assert time.monotonic() < deadline, left
+        time.sleep(0.2)
