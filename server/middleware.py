@@ -27,6 +27,7 @@ from server.errors import (
     BodyTimeoutError,
     InternalError,
     InvalidRequestError,
+    NotFoundError,
     PayloadTooLargeError,
 )
 from server.settings import Settings
@@ -77,7 +78,10 @@ class GatewayMiddleware:
         return True
 
     def _authorized(self, headers: Headers) -> bool:
-        value = headers.get("authorization", "")
+        values = headers.getlist("authorization")
+        if len(values) != 1:  # (two keys: which one a proxy before us checked is anyone's guess)
+            return False
+        value = values[0]
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False
@@ -136,6 +140,12 @@ class GatewayMiddleware:
         scope["state"]["body_ticket"] = ticket  # (the chat handler releases it once parsed)
         receive = _body_counted(receive, ticket)
         try:
+            if b"%2f" in scope.get("raw_path", b"").lower():
+                # A path routed after decoding: /v1/chat%2Fcompletions reached the chat
+                # endpoint, past a proxy in front that filters on the path as sent.
+                await self._refuse(send_wrapper, NotFoundError(
+                    "Not found: an encoded slash (%2F) in a path is not accepted."), {})
+                return
             if self._needs_key(path) and not self._authorized(headers):
                 await self._refuse(send_wrapper, AuthenticationError(
                     "Missing or invalid API key: send 'Authorization: Bearer <key>'."),

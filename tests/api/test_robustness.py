@@ -121,6 +121,23 @@ def test_api_keys(tiny_tokenizer, tmp_path):
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert httpx.get(srv.base_url + path).status_code == 401
         assert httpx.get(srv.base_url + "/openapi.json", headers={"Authorization": "Bearer k1"}).status_code == 200
+        # Two keys in one request: the first one won (a proxy in front may have checked the other).
+        for pair in ([("Authorization", "Bearer k1"), ("Authorization", "Bearer wrong")],
+                     [("Authorization", "Bearer wrong"), ("Authorization", "Bearer k1")]):
+            assert chat(srv.base_url, headers=httpx.Headers(pair)).status_code == 401
+
+
+def test_an_encoded_slash_in_a_path_is_not_routed(tiny_tokenizer):
+    """/v1/chat%2Fcompletions reached the chat endpoint (routing decodes the path), past a proxy
+    in front that filters on the path as sent."""
+    app, _ = scripted_app(tiny_tokenizer)
+    with AppServer(app) as srv:
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        for path in ("/v1/chat%2Fcompletions", "/v1%2fchat/completions"):
+            r = httpx.post(srv.base_url + path, json=body)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+            assert "%2F" in r.json()["error"]["message"]
+        assert httpx.post(srv.base_url + "/v1/chat/completions", json=body).status_code == 200
 
 
 def test_docs_can_be_turned_off(tiny_tokenizer):
