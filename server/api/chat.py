@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from server.api.body import check_media_type, parse_json_body, validate_body
@@ -61,7 +61,10 @@ async def chat_completions(request: Request, rt: RuntimeDep):
                 headers=STREAM_HEADERS,
             )
         result = await rt.until_disconnect(request, service.complete(prepared), prepared)
-        return JSONResponse(result.model_dump(exclude_none=False))
+        # (pydantic's serializer: a tenth of the time of dumping to dicts and json.dumps)
+        if prepared.request.logprobs:  # megabytes of them: written off the event loop
+            return Response(await asyncio.to_thread(result.model_dump_json), media_type="application/json")
+        return Response(result.model_dump_json(), media_type="application/json")
     except EngineDeadError as exc:  # died after the readiness check above, before the watcher saw it
         raise ServiceUnavailableError(ENGINE_STOPPED, headers=RETRY_SOON) from exc
     except asyncio.TimeoutError as exc:

@@ -338,24 +338,32 @@ class ChatService:
         finally:  # (tokens the engine made count whether or not the answer is whole)
             tracker.record_tokens(prompt_tokens)
             p.stats.update(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens))
-        choices = []
-        for i in range(n):
-            # Cleaned whole: a special token can be split between two deltas.
-            text = "".join(texts[i])
-            if p.clean:
-                text = p.clean(text)
-            choices.append(
-                Choice(
-                    index=i,
-                    message=ResponseMessage(content=text, grounding=self._grounding(p, text)),
-                    finish_reason=finish[i] or "stop",
-                    logprobs=self._logprobs(p, logprobs[i]),
-                    stop_reason=stop_reasons[i],
-                )
-            )
-        usage = _usage(prompt_tokens, sum(tokens), cached)
         tracker.done()
-        return ChatCompletion(id=p.completion_id, created=p.created, model=p.model, choices=choices, usage=usage)
+
+        def build() -> ChatCompletion:
+            choices = []
+            for i in range(n):
+                # Cleaned whole: a special token can be split between two deltas.
+                text = "".join(texts[i])
+                if p.clean:
+                    text = p.clean(text)
+                choices.append(
+                    Choice(
+                        index=i,
+                        message=ResponseMessage(content=text, grounding=self._grounding(p, text)),
+                        finish_reason=finish[i] or "stop",
+                        logprobs=self._logprobs(p, logprobs[i]),
+                        stop_reason=stop_reasons[i],
+                    )
+                )
+            usage = _usage(prompt_tokens, sum(tokens), cached)
+            return ChatCompletion(id=p.completion_id, created=p.created, model=p.model, choices=choices, usage=usage)
+
+        if p.request.logprobs:
+            # Up to n x max_tokens x 21 entries (a second of building for 8 x 300 x 20): off the
+            # event loop, which would otherwise answer nobody else meanwhile.
+            return await asyncio.to_thread(build)
+        return build()
 
     async def stream(self, p: Prepared) -> AsyncIterator[str]:
         """SSE events: a role chunk per choice, content deltas, a finish chunk per choice

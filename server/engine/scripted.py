@@ -17,6 +17,7 @@ from server.engine.base import (
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
+    TokenLogprob,
 )
 from server.errors import ContextLengthError
 
@@ -25,7 +26,9 @@ class ScriptedEngine(Engine):
     """Replies come from `enqueue(text)` (first in, first out) or the default reply.
 
     Each reply is streamed in pieces of `chunk_chars` characters, `delay` seconds apart;
-    `max_tokens` counts pieces, so a short budget ends with finish_reason "length".
+    `max_tokens` counts pieces, so a short budget ends with finish_reason "length". Each
+    piece is one token: with logprobs asked for, it has logprob -0.5 and is the first of its
+    top alternatives, then "alt0", "alt1", ... at -1, -2, ...
     Every request is recorded in `.history`.
     """
 
@@ -77,13 +80,17 @@ class ScriptedEngine(Engine):
                 if self.dead:
                     raise EngineDeadError("scripted engine marked dead")
                 last = i == len(emitted) - 1
+                logprobs = None if s.logprobs is None else [TokenLogprob(
+                    token=piece, logprob=-0.5,
+                    top=[(piece, -0.5, None)] + [(f"alt{j}", -1.0 - j, None) for j in range(s.logprobs)])]
                 choices = []
                 for k in range(s.n):
                     if k == only:  # this choice ended on the first piece
                         if i == 0:
-                            choices.append(ChoiceDelta(index=k, text=piece, token_ids=[0], finish_reason=cut))
+                            choices.append(ChoiceDelta(index=k, text=piece, token_ids=[0], logprobs=logprobs,
+                                                       finish_reason=cut))
                         continue
-                    choices.append(ChoiceDelta(index=k, text=piece, token_ids=[0],
+                    choices.append(ChoiceDelta(index=k, text=piece, token_ids=[0], logprobs=logprobs,
                                                finish_reason=finish if last else None))
                 yield GenerationChunk(prompt_tokens=n_prompt, choices=choices, finished=last)
         except (asyncio.CancelledError, GeneratorExit):

@@ -22,7 +22,7 @@ from server.app import create_app
 from server.engine.base import ModelInfo
 from server.engine.scripted import ScriptedEngine
 from server.settings import Settings
-from support.app_server import AppServer, scripted_app
+from support.app_server import AppServer, scripted_app, scripted_server
 from support.http_server import start_server, static
 from support.images import data_url, picture
 
@@ -493,6 +493,43 @@ def test_slow_reader_does_not_block_others(tiny_tokenizer):
             assert r.json()["choices"][0]["message"]["content"] == "fast"
         assert time.monotonic() - started < 5
         sock.close()
+
+
+def test_a_large_logprobs_answer_is_built_while_the_server_answers_others(tiny_tokenizer, monkeypatch):
+    """n x max_tokens x (top_logprobs + 1) entries take a second to build: not on the event
+    loop. The build here waits until /health has answered; on the event loop, /health could
+    not answer until it gave up waiting."""
+    from server.chat.service import ChatService
+
+    build_logprobs = ChatService._logprobs
+    health_answered, order = threading.Event(), []
+
+    def waiting_build(self, p, items):
+        if items and len(items) > 1:  # (the non-streamed answer's, not a stream's one-token pieces)
+            order.append("build waits")
+            health_answered.wait(10)
+            order.append("build goes on")
+        return build_logprobs(self, p, items)
+
+    monkeypatch.setattr(ChatService, "_logprobs", waiting_build)
+    with scripted_server(tiny_tokenizer) as srv:
+        srv.engine.enqueue("abcdefghijklmnopqrstuvwx")
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(chat, srv.base_url, n=2, max_tokens=8, logprobs=True, top_logprobs=3)
+            while "build waits" not in order:
+                time.sleep(0.01)
+            assert httpx.get(srv.base_url + "/health", timeout=5).status_code == 200
+            order.append("health answered")
+            health_answered.set()
+            r = answer.result(timeout=30)
+        assert order.index("health answered") < order.index("build goes on")
+        assert r.status_code == 200
+        for choice in r.json()["choices"]:
+            content = choice["logprobs"]["content"]
+            assert [e["token"] for e in content] == ["abc", "def", "ghi", "jkl", "mno", "pqr", "stu", "vwx"]
+            assert content[0]["logprob"] == -0.5 and content[0]["bytes"] == list(b"abc")
+            assert [t["token"] for t in content[0]["top_logprobs"]] == ["abc", "alt0", "alt1"]
+            assert [t["logprob"] for t in content[0]["top_logprobs"]] == [-0.5, -1.0, -2.0]
 
 
 def test_a_client_that_stops_reading_loses_its_slot_after_the_send_timeout(tiny_tokenizer):
