@@ -21,6 +21,7 @@ class Admission:
         self._metrics = metrics
         self._retry_after = retry_after
         self.closed = False
+        self._closing = asyncio.Event()  # set by turn_away_queue(): waiters leave with a 503
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -37,13 +38,45 @@ class Admission:
         """True when `acquire()` would queue (every processing slot is taken)."""
         return self._sem.locked()
 
+    def close(self) -> None:
+        """Admit nothing new (a drain): new requests get a 503, which a load balancer or the
+        SDK retries on another replica; those in the queue still get their turn."""
+        self.closed = True
+
+    def turn_away_queue(self) -> None:
+        """Closed, and the requests still waiting in the queue get the 503 at once (a drain
+        out of time: admitted now, they would only be cut off, with nothing to retry)."""
+        self.close()
+        self._closing.set()
+
+    def _refuse_closed(self) -> ServiceUnavailableError:
+        self._metrics.admission_refused.labels("draining").inc()
+        return ServiceUnavailableError(
+            "The server is shutting down and accepts no new requests; retry on another replica.",
+            headers={"Retry-After": str(self._retry_after)},
+        )
+
+    async def _wait_for_slot(self) -> None:
+        """The semaphore, or `_refuse_closed()` if the admission closes first."""
+        slot = asyncio.ensure_future(self._sem.acquire())
+        closing = asyncio.ensure_future(self._closing.wait())
+        acquired = False
+        try:
+            await asyncio.wait({slot, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if not closing.done():
+                acquired = True
+                return
+        finally:
+            closing.cancel()
+            if not acquired:
+                slot.cancel()
+                if slot.done() and not slot.cancelled():
+                    self._sem.release()  # got it as the wait ended: not ours to keep
+        raise self._refuse_closed()
+
     async def acquire(self):
         if self.closed:
-            self._metrics.admission_refused.labels("draining").inc()
-            raise ServiceUnavailableError(
-                "The server is shutting down and accepts no new requests; retry on another replica.",
-                headers={"Retry-After": str(self._retry_after)},
-            )
+            raise self._refuse_closed()
         if self._sem.locked():
             if self._queued >= self._max_queued:
                 self._metrics.admission_refused.labels("queue_full").inc()
@@ -55,7 +88,7 @@ class Admission:
             self._queued += 1
             self._metrics.queued.set(self._queued)
             try:
-                await self._sem.acquire()
+                await self._wait_for_slot()
             except BaseException:
                 self._queued -= 1
                 self._metrics.queued.set(self._queued)

@@ -140,7 +140,7 @@ class GatewayMiddleware:
         scope["state"]["body_ticket"] = ticket  # (the chat handler releases it once parsed)
         receive = _body_counted(receive, ticket)
         try:
-            if b"%2f" in scope.get("raw_path", b"").lower():
+            if _encoded_slash_outside_model_id(scope.get("raw_path", b"")):
                 # A path routed after decoding: /v1/chat%2Fcompletions reached the chat
                 # endpoint, past a proxy in front that filters on the path as sent.
                 await self._refuse(send_wrapper, NotFoundError(
@@ -382,3 +382,12 @@ def install_middleware(app: FastAPI, settings: Settings, runtime) -> None:
             allow_headers=["*"],
             expose_headers=["X-Request-Id", "Retry-After"],
         )
+
+
+def _encoded_slash_outside_model_id(raw_path: bytes) -> bool:
+    """Whether the path as sent holds an encoded slash anywhere but in the model id of
+    /v1/models/{id} (where the SDK percent-encodes the slash of `Qwen/Qwen2-VL-7B-Instruct`;
+    the route takes slashes, and routes nothing else)."""
+    at = raw_path.lower().find(b"%2f")
+    return at >= 0 and b"/v1/models/" not in raw_path[:at]
+

@@ -134,7 +134,7 @@ class Runtime:
         """Stop admitting, let in-flight requests finish for up to `timeout` seconds, then
         end the rest: streams get a final SSE error event, other requests a 503."""
         self.draining = True
-        self.admission.closed = True
+        self.admission.close()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -144,7 +144,9 @@ class Runtime:
                 # A long drain says what it waits for: an operator (or a failed test) can
                 # tell generation still under way from a request that makes no progress.
                 self._log_drain_progress(max(0.0, deadline - time.monotonic()))
-        log.warning("drain timeout: aborting %d requests", self.admission.active)
+        log.warning("drain timeout: aborting %d requests, turning away %d queued",
+                    self.admission.active, self.admission.queued)
+        self.admission.turn_away_queue()
         self.abort(_SHUT_DOWN)
         try:
             await asyncio.wait_for(self.admission.wait_idle(), 5)

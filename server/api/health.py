@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.deps import RuntimeDep
+from server.runtime import RETRY_SOON
 
 router = APIRouter()
 
@@ -25,10 +26,14 @@ async def health(rt: RuntimeDep) -> Response:
 async def ready(rt: RuntimeDep) -> Response:
     """Readiness: loaded, not draining, not dead."""
     state = rt.state()
-    return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)
+    if state == "ready":
+        return JSONResponse({"status": state})
+    # (loading ends in a while; a draining or dead replica's probe may go on failing)
+    return JSONResponse({"status": state}, status_code=503, headers=RETRY_SOON if state == "loading" else None)
 
 
 @router.get("/metrics")
+@router.head("/metrics", include_in_schema=False)
 async def metrics(rt: RuntimeDep) -> Response:
     rt.refresh_engine_gauges()
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)

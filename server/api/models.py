@@ -12,11 +12,13 @@ router = APIRouter()
 
 
 @router.get("/v1/models")
+@router.head("/v1/models", include_in_schema=False)  # (GET's headers, no body: RFC 9110 9.3.2)
 async def list_models(rt: RuntimeDep) -> ModelList:
     return ModelList(data=[_card(rt, name) for name in rt.model_names])
 
 
 @router.get("/v1/models/{model_id:path}")
+@router.head("/v1/models/{model_id:path}", include_in_schema=False)
 async def get_model(model_id: str, rt: RuntimeDep) -> ModelCard:
     if model_id not in rt.model_names:
         raise ModelNotFoundError(f"The model '{shown(model_id)}' does not exist on this server.", param="model")

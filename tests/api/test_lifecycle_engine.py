@@ -230,6 +230,9 @@ def test_sigterm_while_the_model_loads_exits_at_once(tiny_model, tmp_path, http)
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
+    ready = http.get(srv.base_url + "/ready", timeout=5)  # (a probe may come back in a moment)
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+    assert ready.json()["status"] == "loading"
     t0 = time.monotonic()
     srv.signal(signal.SIGTERM)
     assert srv.wait(30) == 0, srv.log_tail()

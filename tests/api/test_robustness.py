@@ -140,6 +140,17 @@ def test_an_encoded_slash_in_a_path_is_not_routed(tiny_tokenizer):
         assert httpx.post(srv.base_url + "/v1/chat/completions", json=body).status_code == 200
 
 
+def test_a_model_id_with_a_slash_is_found_as_the_sdk_sends_it(tiny_tokenizer):
+    """The SDK percent-encodes the id's slash (GET /v1/models/Qwen%2FQwen2-VL-7B-Instruct);
+    a served name is often a hub id or a path."""
+    app, _ = scripted_app(tiny_tokenizer, served_model_name="Qwen/Qwen2-VL-7B-Instruct")
+    with AppServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        assert client.models.retrieve("Qwen/Qwen2-VL-7B-Instruct").id == "Qwen/Qwen2-VL-7B-Instruct"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("Qwen/other")
+
+
 def test_docs_can_be_turned_off(tiny_tokenizer):
     app, _ = scripted_app(tiny_tokenizer, docs=False)
     with AppServer(app) as srv:
@@ -153,15 +164,19 @@ def test_a_wrong_method_gets_a_405_naming_the_allowed_ones(tiny_tokenizer):
     app, _ = scripted_app(tiny_tokenizer)
     with AppServer(app) as srv:
         for path, allowed in (("/health", {"GET", "HEAD"}), ("/ready", {"GET", "HEAD"}),
-                              ("/v1/chat/completions", {"POST"}), ("/v1/models", {"GET"})):
+                              ("/v1/chat/completions", {"POST"}), ("/v1/models", {"GET", "HEAD"}),
+                              ("/v1/models/scripted", {"GET", "HEAD"}), ("/metrics", {"GET", "HEAD"})):
             method = "PUT" if "POST" in allowed else "POST"
             r = httpx.request(method, srv.base_url + path)
             assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed", path
             assert {m.strip() for m in r.headers["allow"].split(",")} == allowed, path
-        for path in ("/health", "/ready"):
+        # every GET answers HEAD (RFC 9110 9.1): GET's status and headers, no body
+        for path in ("/health", "/ready", "/v1/models", "/v1/models/scripted", "/metrics"):
             r = httpx.head(srv.base_url + path)
-            assert r.status_code == 200 and r.content == b""
-            assert httpx.get(srv.base_url + path).json()["status"] in ("ok", "ready")
+            assert r.status_code == 200 and r.content == b"", path
+            got = httpx.get(srv.base_url + path)
+            assert r.headers["content-type"] == got.headers["content-type"], path
+        assert httpx.head(srv.base_url + "/v1/models/other").status_code == 404
 
 
 def test_time_per_output_token_is_per_choice_with_n_choices(tiny_tokenizer):
@@ -999,3 +1014,38 @@ def test_a_drain_waits_for_a_request_that_was_queued_when_it_began(tiny_tokenize
     assert results["first"][-1] == "data: [DONE]"
     assert results["second"].status_code == 200
     assert results["second"].json()["choices"][0]["message"]["content"] == "abcdefghijkl"
+
+
+def test_a_drain_out_of_time_turns_the_queue_away_with_a_503(tiny_tokenizer):
+    """Requests still queued when the drain's time is up get a 503 with Retry-After, which
+    the SDK and nginx retry elsewhere: admitted then, they were cut off at once, a stream as
+    a 200 ending in an error event that nothing retries."""
+    app, engine = scripted_app(tiny_tokenizer, engine=slow_engine(tiny_tokenizer, delay=0.5),  # ~6 s each
+                               max_concurrent_requests=1)
+    with AppServer(app) as srv:
+        results: dict[str, Any] = {}
+        first = threading.Thread(target=lambda: results.update(first=sse_lines(srv.base_url)))
+        first.start()
+        deadline = time.monotonic() + 10
+        while srv.runtime.admission.active < 1:
+            assert time.monotonic() < deadline, "the stream never started"
+            time.sleep(0.01)
+
+        def ask() -> None:
+            payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+            with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=payload, timeout=30) as r:
+                results["second"] = (r.status_code, r.headers.get("retry-after"), r.read())
+
+        second = threading.Thread(target=ask)
+        second.start()
+        while srv.runtime.admission.queued < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.01)
+        srv.call(srv.runtime.drain(1), timeout=20)
+        first.join(10)
+        second.join(10)
+    status, retry_after, body = results["second"]
+    assert status == 503 and retry_after is not None
+    assert "shutting down" in json.loads(body)["error"]["message"]
+    assert len(engine.history) == 1, "the queued request reached the engine"
+    assert "error" in results["first"][-2]  # the admitted stream is cut off, as before
