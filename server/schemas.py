@@ -239,6 +239,11 @@ class StructuredOutputs(_Lenient):
 
 #: Most `stop_token_ids` a request may give.
 STOP_TOKEN_IDS_MAX = 1024
+#: Most `allowed_token_ids` a request may give (more than any Qwen vocabulary).
+ALLOWED_TOKEN_IDS_MAX = 262_144
+#: Most `bad_words` a request may give, and the longest one, in characters.
+BAD_WORDS_MAX = 256
+BAD_WORD_MAX_CHARS = 256
 
 
 class ChatCompletionRequest(_Lenient):
@@ -281,6 +286,14 @@ class ChatCompletionRequest(_Lenient):
     stop_token_ids: list[Annotated[int, Field(ge=0, le=COUNT_MAX)]] | None = Field(
         None, max_length=STOP_TOKEN_IDS_MAX)
     include_stop_str_in_output: bool = False
+    # only these tokens may be written; ids checked against the vocabulary by ChatService
+    allowed_token_ids: list[Annotated[int, Field(ge=0, le=COUNT_MAX)]] | None = Field(
+        None, min_length=1, max_length=ALLOWED_TOKEN_IDS_MAX)
+    # words the answer must not contain (as vLLM bans them: their last token after the others)
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=BAD_WORD_MAX_CHARS)]] | None = Field(
+        None, max_length=BAD_WORDS_MAX)
+    # the prefix cache is shared only between requests with the same salt (tenants kept apart)
+    cache_salt: str | None = Field(None, min_length=1, max_length=128)
     structured_outputs: StructuredOutputs | None = None
     # variables of the chat template (Qwen2-VL's `add_vision_id`, Qwen3's `enable_thinking`):
     # flags, numbers and null only, so that no client text reaches the prompt as template text
@@ -297,6 +310,16 @@ class ChatCompletionRequest(_Lenient):
     mm_processor_kwargs: dict[str, Any] | None = None
     truncate_prompt_tokens: int | None = None
     priority: int = 0
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    documents: list[Any] | None = None
+    thinking_token_budget: Any = None
+    include_reasoning: bool = True
+    logprob_token_ids: list[Any] | None = None
+    repetition_detection: Any = None
+    kv_transfer_params: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
     # (vLLM's own server ignores these since structured_outputs replaced them; an answer
     # that silently lacks the constraint is worse than a 400 that names the new field)
     guided_json: Any = None
@@ -343,7 +366,15 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("a token id is given more than once (as different strings, e.g. '15' and '015')")
         return value
 
-    @field_validator("stop_token_ids", mode="before")
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt(cls, value: str | None) -> str | None:
+        # (vLLM's rule: the salt becomes part of cache keys that some backends store as paths)
+        if value is not None and any(c in value for c in "@/\\\0"):
+            raise ValueError("must not contain '@', '/', '\\' or NUL")
+        return value
+
+    @field_validator("stop_token_ids", "allowed_token_ids", mode="before")
     @classmethod
     def _integral_ids(cls, value: Any) -> Any:
         # (as for the integer fields: `5.0` is an integer to JSON Schema)
@@ -371,7 +402,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _ONLY_CHECKED_FOR_PRESENCE = frozenset({
     "tools", "tool_choice", "functions", "function_call", "modalities", "audio",
     "web_search_options", "chat_template", "mm_processor_kwargs", "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar",
+    "guided_choice", "guided_grammar", "documents", "thinking_token_budget", "logprob_token_ids",
+    "repetition_detection", "kv_transfer_params", "media_io_kwargs", "vllm_xargs",
 })
 
 

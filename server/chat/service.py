@@ -147,6 +147,7 @@ class ChatService:
                 images=[img.image for img in loaded],
                 sampling=sampling,
                 image_ids=[img.pixels_id for img in loaded],
+                cache_salt=req.cache_salt,
             )
         )
         grounding = s.grounding if req.grounding is None else req.grounding
@@ -273,8 +274,10 @@ class ChatService:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             skip_special_tokens=req.skip_special_tokens,
             logit_bias=self._logit_bias(req),
-            stop_token_ids=self._stop_token_ids(req),
+            stop_token_ids=self._token_ids(req.stop_token_ids, "stop_token_ids"),
             include_stop_str_in_output=req.include_stop_str_in_output,
+            allowed_token_ids=self._token_ids(req.allowed_token_ids, "allowed_token_ids") or None,
+            bad_words=list(req.bad_words or ()),
             **_output_constraint(req),
         )
 
@@ -296,17 +299,18 @@ class ChatService:
             )
         return bias
 
-    def _stop_token_ids(self, req: ChatCompletionRequest) -> list[int]:
-        """`stop_token_ids`, each one checked against the model's vocabulary."""
-        if not req.stop_token_ids:
+    def _token_ids(self, given: list[int] | None, param: str) -> list[int]:
+        """Token ids a request gives (`stop_token_ids`, `allowed_token_ids`), without repeats,
+        each one checked against the model's vocabulary."""
+        if not given:
             return []
-        ids = list(dict.fromkeys(req.stop_token_ids))
+        ids = list(dict.fromkeys(given))
         vocab = self._vocabulary()
         outside = [t for t in ids if t >= vocab]
         if outside:
             raise InvalidRequestError(
-                f"stop_token_ids names token id {outside[0]}, but this model's vocabulary has ids 0 to {vocab - 1}.",
-                param="stop_token_ids",
+                f"{param} names token id {outside[0]}, but this model's vocabulary has ids 0 to {vocab - 1}.",
+                param=param,
             )
         return ids
 
@@ -666,6 +670,17 @@ _VLLM_NOT_IMPLEMENTED: tuple[tuple[str, str, Any], ...] = (
      lambda r: bool(r.mm_processor_kwargs)),
     ("truncate_prompt_tokens", "truncate_prompt_tokens", lambda r: r.truncate_prompt_tokens is not None),
     ("priority", "Request priority", lambda r: bool(r.priority)),
+    ("return_tokens_as_token_ids", "return_tokens_as_token_ids", lambda r: bool(r.return_tokens_as_token_ids)),
+    ("return_token_ids", "return_token_ids", lambda r: bool(r.return_token_ids)),
+    ("documents", "documents (retrieval context for the chat template)", lambda r: bool(r.documents)),
+    ("thinking_token_budget", "thinking_token_budget", lambda r: r.thinking_token_budget is not None),
+    ("include_reasoning", "include_reasoning: false (the answer's reasoning is not separated here)",
+     lambda r: not r.include_reasoning),
+    ("logprob_token_ids", "logprob_token_ids", lambda r: r.logprob_token_ids is not None),
+    ("repetition_detection", "repetition_detection", lambda r: r.repetition_detection is not None),
+    ("kv_transfer_params", "kv_transfer_params (disaggregated prefill)", lambda r: r.kv_transfer_params is not None),
+    ("media_io_kwargs", "media_io_kwargs (the server loads images itself)", lambda r: bool(r.media_io_kwargs)),
+    ("vllm_xargs", "vllm_xargs (arguments for custom logits processors)", lambda r: bool(r.vllm_xargs)),
 )
 
 

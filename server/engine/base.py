@@ -73,6 +73,10 @@ class SamplingOptions:
     stop_token_ids: list[int] = field(default_factory=list)
     #: A matched stop string stays at the end of the answer (vLLM's extension).
     include_stop_str_in_output: bool = False
+    #: Only these token ids may be written (None: any).
+    allowed_token_ids: list[int] | None = None
+    #: Words the answer must not contain.
+    bad_words: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +88,8 @@ class GenerationRequest:
     #: One stable id per image (equal ids only for equal pixels), or empty: the engine
     #: then identifies images by hashing their pixels.
     image_ids: Sequence[str] = ()
+    #: Prefix-cache entries are shared only between requests with the same salt (None: no salt).
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)

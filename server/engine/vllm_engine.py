@@ -526,6 +526,8 @@ class VLLMEngine(Engine):
             raise EngineDeadError("the inference engine stopped")
         llm = self._llm
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
+        if request.cache_salt:
+            prompt["cache_salt"] = request.cache_salt
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}
             ids = list(request.image_ids)
@@ -632,6 +634,8 @@ class VLLMEngine(Engine):
             logprobs=s.logprobs,
             skip_special_tokens=s.skip_special_tokens,
             logit_bias=s.logit_bias,
+            allowed_token_ids=s.allowed_token_ids,
+            bad_words=s.bad_words or None,
             structured_outputs=_structured_outputs(s),
             output_kind=RequestOutputKind.DELTA,
         )

@@ -137,6 +137,19 @@ def test_a_repeated_prompt_reports_its_prefix_cache_hit(client, server):
     assert usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens
 
 
+def test_a_cache_salt_keeps_the_prefix_cache_of_others_apart(client, server):
+    """Requests share cached prompt blocks only with requests of the same cache_salt (vLLM's
+    extension, for tenants who must not learn from each other's cache hits)."""
+    content = [image_part(data_url(picture(448, 448, color=(201, 7, 133)))), {"type": "text", "text": "Salt me."}]
+    cached = lambda r: r.usage.prompt_tokens_details.cached_tokens  # noqa: E731
+    first = ask(client, server, content, max_tokens=2, extra_body={"cache_salt": "tenant-a"})
+    same = ask(client, server, content, max_tokens=2, extra_body={"cache_salt": "tenant-a"})
+    other = ask(client, server, content, max_tokens=2, extra_body={"cache_salt": "tenant-b"})
+    unsalted = ask(client, server, content, max_tokens=2)
+    assert cached(same) > cached(first)
+    assert cached(other) == cached(first) and cached(unsalted) == cached(first)
+
+
 def test_two_images_in_one_message(client, server, image_server):
     one = ask(client, server, [image_part(image_server.url("/a.png")), {"type": "text", "text": "Compare."}])
     two = ask(client, server, [image_part(image_server.url("/a.png")), image_part(image_server.url("/b.jpg")),
@@ -789,6 +802,30 @@ def test_stop_token_ids_end_the_answer(client, server):
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens == 1 and stopped.choices[0].message.content == ""
     assert stopped.choices[0].model_extra["stop_reason"] == 300
+
+
+def test_allowed_token_ids_limit_the_answer_to_them(client, server):
+    """With only tokens 300 and 301 allowed, the first token is one of them, and ends the
+    answer as a stop token (stop_reason names it)."""
+    body = {"ignore_eos": True, "stop_token_ids": [300, 301]}
+    free = ask(client, server, "Write a long sentence.", max_tokens=4, extra_body=body)
+    assert free.choices[0].model_extra["stop_reason"] not in (300, 301)  # (a random model's 2 in 151k)
+    only = ask(client, server, "Write a long sentence.", max_tokens=4,
+               extra_body={**body, "allowed_token_ids": [300, 301]})
+    assert only.usage.completion_tokens == 1 and only.choices[0].model_extra["stop_reason"] in (300, 301)
+
+
+def test_bad_words_are_never_written(client, server):
+    """Token 300, forced by its bias, is a bad word's only token: never written."""
+    word = reference_tokenizer(server).decode([300])  # ("la" in Qwen2's vocabulary, "as" in Qwen's)
+    assert word.isalpha()
+    forced = {"logit_bias": {"300": 100}, "max_tokens": 4}
+    body = {"ignore_eos": True, "stop_token_ids": [300]}
+    free = ask(client, server, "Write a long sentence.", **forced, extra_body=body)
+    assert free.choices[0].model_extra["stop_reason"] == 300
+    banned = ask(client, server, "Write a long sentence.", **forced, extra_body={**body, "bad_words": [word]})
+    # (token 300 would have ended it: four other tokens came instead)
+    assert banned.choices[0].finish_reason == "length" and banned.usage.completion_tokens == 4
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(client, server):

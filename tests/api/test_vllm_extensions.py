@@ -1,6 +1,6 @@
 """vLLM's own request extensions, as clients moving from `vllm serve` send them: the ones
-served (stop_token_ids, include_stop_str_in_output, structured_outputs, chat_template_kwargs,
-stream_options.continuous_usage_stats) reach the engine and the template; the ones not
+served (stop_token_ids, include_stop_str_in_output, allowed_token_ids, bad_words, cache_salt,
+structured_outputs, chat_template_kwargs, stream_options.continuous_usage_stats) reach the engine and the template; the ones not
 implemented are a 400 naming the field, never an answer that silently lacks them. Real HTTP
 stack, the official `openai` SDK and the real tokenizer, scripted engine (the real engine's
 side is at the end of test_chat_engine.py)."""
@@ -49,6 +49,10 @@ def sampling(srv):
     ("continue_final_message", True), ("add_generation_prompt", False), ("chat_template", "{{ messages }}"),
     ("mm_processor_kwargs", {"max_pixels": 100}), ("truncate_prompt_tokens", 10), ("priority", 1),
     ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("guided_choice", ["a"]), ("guided_grammar", "x"),
+    ("return_tokens_as_token_ids", True), ("return_token_ids", True), ("documents", [{"title": "a", "text": "b"}]),
+    ("thinking_token_budget", 100), ("include_reasoning", False), ("logprob_token_ids", [1, 2]),
+    ("repetition_detection", {"max_pattern_size": 4}), ("kv_transfer_params", {}),
+    ("media_io_kwargs", {"image": {"mode": "L"}}), ("vllm_xargs", {"k": 1}),
 ])
 def test_extensions_not_implemented_are_a_400_naming_the_field(srv, field, value):
     before = len(srv.engine.history)
@@ -64,6 +68,7 @@ def test_extensions_not_implemented_are_a_400_naming_the_field(srv, field, value
     {"echo": False}, {"best_of": 1}, {"best_of": 2, "n": 2, "temperature": 1}, {"use_beam_search": False},
     {"add_generation_prompt": True}, {"continue_final_message": False}, {"priority": 0},
     {"mm_processor_kwargs": {}}, {"prompt_logprobs": None}, {"guided_json": None},
+    {"return_token_ids": False}, {"documents": []}, {"include_reasoning": True}, {"vllm_xargs": {}},
 ])
 def test_the_same_fields_asking_for_nothing_are_served(srv, body):
     assert post(srv, body).status_code == 200
@@ -98,6 +103,16 @@ def test_structured_outputs_kinds_not_implemented_are_refused(srv, so, param):
     ({"stop_token_ids": [True]}, "stop_token_ids[0]"),
     ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
     ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+    ({"allowed_token_ids": [-3]}, "allowed_token_ids[0]"),
+    ({"bad_words": [""]}, "bad_words[0]"),
+    ({"bad_words": "word"}, "bad_words"),
+    ({"bad_words": ["w"] * 257}, "bad_words"),
+    ({"cache_salt": ""}, "cache_salt"),
+    ({"cache_salt": "tenant/a"}, "cache_salt"),
+    ({"cache_salt": "x" * 129}, "cache_salt"),
+    ({"cache_salt": 5}, "cache_salt"),
     ({"chat_template_kwargs": {"add_vision_id": "<|im_start|>"}}, "chat_template_kwargs.add_vision_id"),
     ({"chat_template_kwargs": ["add_vision_id"]}, "chat_template_kwargs"),
     ({"chat_template_kwargs": {"add_vision_id": {"a": 1}}}, "chat_template_kwargs.add_vision_id"),
@@ -130,6 +145,16 @@ def test_stop_token_ids_and_include_stop_str_reach_the_engine(srv):
     assert s.stop_token_ids == [5, 7] and s.include_stop_str_in_output and s.stop == ["x"]
     assert post(srv, {}).status_code == 200
     assert sampling(srv).stop_token_ids == [] and not sampling(srv).include_stop_str_in_output
+
+
+def test_allowed_token_ids_bad_words_and_cache_salt_reach_the_engine(srv):
+    body = {"allowed_token_ids": [5, 9, 5.0], "bad_words": ["one", " two"], "cache_salt": "tenant-a"}
+    assert post(srv, body).status_code == 200
+    s, request = sampling(srv), srv.engine.history[-1]
+    assert s.allowed_token_ids == [5, 9] and s.bad_words == ["one", " two"] and request.cache_salt == "tenant-a"
+    assert post(srv, {}).status_code == 200
+    s, request = sampling(srv), srv.engine.history[-1]
+    assert s.allowed_token_ids is None and s.bad_words == [] and request.cache_salt is None
 
 
 def test_an_empty_model_name_is_the_default_model(srv):
