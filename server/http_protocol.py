@@ -192,6 +192,8 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
             self._disarm_head_timer()
             if self._head_size <= max_header_bytes:
                 super().on_headers_complete()
+                if self.cycle is not None and self.cycle.scope.get("http_version") == "1.0":
+                    _unframed_for_http10(self.cycle)
                 return
             # A head that arrived whole in one read, measured as parsed. (The parser goes on
             # with the rest of this read; every callback below ignores it once refused.)
@@ -292,3 +294,35 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
             self.loop.call_later(_LINGER_SECONDS, self.transport.close)
 
     return GuardedHttpToolsProtocol
+
+
+#: The length uvicorn is told a body without one has (it counts down what is sent).
+_UNBOUNDED = 1 << 62
+
+
+def _unframed_for_http10(cycle: Any) -> None:
+    """An HTTP/1.0 client's response without a Content-Length (a stream) is sent as it is and
+    ended by closing the connection: uvicorn would frame it in chunks, which HTTP/1.0 does
+    not have (RFC 9112 6.1), and the client would read the chunk sizes as body text.
+
+    uvicorn frames a body in chunks only where `chunked_encoding` is still undecided when
+    the headers go out; decided against, it writes the body as given, counting it down from
+    `expected_content_length`, which the last part settles."""
+    send = cycle.send
+    unframed = False
+
+    async def send_unframed(message: Any) -> None:
+        nonlocal unframed
+        if message["type"] == "http.response.start" and not cycle.response_started:
+            names = {name.lower() for name, _ in message.get("headers", ())}
+            if (b"content-length" not in names and b"transfer-encoding" not in names
+                    and cycle.scope["method"] != "HEAD" and message["status"] not in (204, 304)):
+                unframed = True
+                cycle.chunked_encoding = False
+                cycle.expected_content_length = _UNBOUNDED
+        elif unframed and message["type"] == "http.response.body" and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_unframed
+

@@ -393,3 +393,29 @@ def read_response_from(data: bytes) -> bytes:
     head, _, rest = data.partition(b"\r\n\r\n")
     length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
     return head + b"\r\n\r\n" + rest[:length]
+
+
+@pytest.mark.parametrize("connection", ["", "Connection: keep-alive\r\n"])
+def test_a_stream_to_an_http10_client_is_not_chunked(srv, connection):
+    """HTTP/1.0 has no chunked encoding (RFC 9112 6.1): a stream goes out as it is and ends
+    with the connection. A response with a length keeps it."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    with connect(srv) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + connection.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head, _, rest = read_all(sock).partition(b"\r\n\r\n")
+    headers = head.lower().split(b"\r\n")
+    assert headers[0].startswith(b"http/1.1 200") and b"connection: close" in headers
+    assert not any(h.startswith(b"transfer-encoding") for h in headers)
+    events = [line for line in rest.split(b"\n") if line]
+    assert all(line.startswith(b"data: ") for line in events), rest[:200]
+    assert events[-1] == b"data: [DONE]" and json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+    plain = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    with connect(srv) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(plain)}\r\n\r\n".encode() + plain)
+        head, _, rest = read_all(sock).partition(b"\r\n\r\n")
+    assert f"content-length: {len(rest)}".encode() in head.lower().split(b"\r\n")
+    assert json.loads(rest)["object"] == "chat.completion"
+    with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json={**json.loads(body)}) as r:
+        assert r.headers["transfer-encoding"] == "chunked"  # (HTTP/1.1: unchanged)
