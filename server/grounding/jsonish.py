@@ -12,7 +12,8 @@ are tolerated.
 
 What counts:
 - geometry keys ``bbox_2d`` / ``bbox`` (4 numbers) and ``point_2d`` / ``point`` (2 numbers);
-  nested number lists are flattened, numeric strings accepted, anything else drops the value;
+  nested number lists are flattened, numeric strings accepted, anything else drops the value
+  (a word, a character outside JSON such as ``%``, ``/`` or a Unicode minus, ``100-200``);
 - the phrase comes from the first present of `LABEL_KEYS`. With several geometries in one
   object, the i-th geometry takes the i-th value of that key;
 - an array or string still open at the end of the text is dropped (its last number or word may
@@ -53,6 +54,9 @@ _TOKEN = re.compile(
     r"""|(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"""
     r"""|(?P<punct>[{}\[\]:,])"""
     r"""|(?P<word>[A-Za-z_]\w*)"""
+    # anything else: a run of characters no token above starts with, or one that started
+    # none (a quote, sign or dot alone); inside an array it makes the array unclean
+    r"""|(?P<other>[^\s{}\[\]:,"'0-9A-Za-z_+\-.]+|['+\-.])"""
 )
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "/": "/"}
@@ -126,17 +130,24 @@ class _Array:
 def _scan_segment(text: str, start: int, end: int) -> list[RawItem]:
     stack: list[_Object | _Array] = []
     done: list[_Object] = []
+    number_end = -1  # where the last number ended
     for match in _TOKEN.finditer(text, start, end):
         top = stack[-1] if stack else None
         kind = match.lastgroup
-        if kind == "punct":
+        if kind == "other":
+            if isinstance(top, _Array):
+                top.clean = False
+        elif kind == "punct":
             _punct(match.group(), match.start(), top, stack, done)
         elif kind in ("dq", "dq_end", "sq"):
             closed = kind == "sq" or match.group("dq_end") is not None
             value = _unquote(match.group()[1:-1] if closed else match.group()[1:])
             _string(value if closed else _OPEN, top)
         elif kind == "num":
+            if match.start() == number_end and isinstance(top, _Array):
+                top.clean = False  # "100-200": a range or a sum, not two numbers
             _number(float(match.group()), top)
+            number_end = match.end()
         else:  # a bare word: true/false/null/NaN, or prose
             if isinstance(top, _Array):
                 top.clean = False

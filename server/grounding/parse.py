@@ -76,11 +76,12 @@ def parse_grounding(
 def _answer_part(text: str) -> str:
     """`text` without a thinking model's reasoning: its drafts are not the answer. Qwen3-VL
     Thinking's template opens the `<think>` block in the prompt, so the output may hold only
-    its end; an answer cut off inside the reasoning has no answer yet."""
+    its end. An answer that begins with `<think>` and was cut off inside it has no answer
+    yet; a `<think>` elsewhere, unclosed, is text the answer mentions, as any other."""
     if "</think>" in text:
         return text.rsplit("</think>", 1)[1]
-    if "<think>" in text:
-        return text.split("<think>", 1)[0]
+    if text.lstrip().startswith("<think>"):
+        return ""
     return text
 
 

@@ -12,8 +12,8 @@ decides the coordinate frame. Rules, each taken from real output:
   spaces or commas between. Any other text, or a line break, ends the run, so
   ``<ref>dog</ref><box>..</box> and <box>..</box>`` gives the second box no phrase.
 - A box tag holding one pair is a point (Qwen2-VL GUI data: ``<|box_start|>(246,113)<|box_end|>``);
-  holding 2n pairs it is n boxes.
-- A quad holds four pairs (the pair syntax of ``<quad>`` is not documented anywhere we found;
+  holding 2n pairs it is n boxes; a closed one holding another odd number is dropped.
+- A quad holds four pairs, a closed one a multiple of four or nothing (the pair syntax of ``<quad>`` is not documented anywhere we found;
   the same ``(x,y)`` pairs as boxes are assumed).
 - Coordinates written right after a phrase without box tags
   (``<|object_ref_end|>(221,423),(569,886)``, a format seen in Qwen2.5-VL fine-tuning threads)
@@ -124,6 +124,10 @@ def _emit(
     closed: bool,
     phrase: str | None,
 ) -> None:
+    # A closed tag whose pairs do not make whole boxes (or quads) is not clean either: which
+    # pairs belong together is unknown.
+    if closed and len(pairs) % (4 if role == "quad" else 2) and not (role == "box" and len(pairs) == 1):
+        return
     if role == "quad":
         groups = [pairs[k : k + 4] for k in range(0, len(pairs) - 3, 4)]
         for group in groups:

@@ -324,3 +324,28 @@ def test_a_thinking_models_reasoning_is_not_read():
         assert [b.model_box for b in parse(text, "qwen3-vl", [(1000, 1000)])] == [(100, 200, 300, 400)]
     assert parse(f"<think>Draft: {draft}", "qwen3-vl", [(1000, 1000)]) == []  # cut off while thinking
     assert len(parse(answer, "qwen3-vl", [(1000, 1000)])) == 1
+    # an ordinary answer that mentions the tag keeps its boxes
+    mention = f"Tags like <think> are not used here.\n{answer}"
+    assert [b.model_box for b in parse(mention, "qwen2.5-vl", [(1000, 1000)])] == [(100, 200, 300, 400)]
+
+
+@pytest.mark.parametrize("text", [
+    "<box>(1,2),(3,4),(5,6)</box>",  # three corners: which two make the box?
+    "<|box_start|>(10,20),(30,40),(50,60)<|box_end|>",
+    "<quad>(1,2),(3,4),(5,6),(7,8),(9,9)</quad>",
+    "<quad>(1,2),(3,4),(5,6)</quad>",
+])
+def test_a_closed_tag_with_pairs_that_make_no_whole_box_is_dropped(text):
+    assert parse(text, "qwen-vl") == []
+
+
+@pytest.mark.parametrize("array", [
+    "[\u2212100, 200, 300, 400]",  # a Unicode minus: the sign would be lost
+    "[100/2, 200, 300]",  # a fraction would pair up as two numbers
+    "[100-200, 300, 400]",  # a range
+    "[10%; 20%; 30%; 40%]",
+    "[10, 20, 30, 40 px]",
+])
+def test_a_geometry_array_with_characters_outside_json_is_dropped(array):
+    text = f'[{{"bbox_2d": {array}, "label": "dog"}}, {{"bbox_2d": [5, 6, 70, 80], "label": "cat"}}]'
+    assert [(b.phrase, b.model_box) for b in parse(text, "qwen2.5-vl")] == [("cat", (5, 6, 70, 80))]
