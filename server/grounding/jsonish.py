@@ -85,11 +85,13 @@ def _fenced_blocks(text: str) -> list[tuple[int, int]]:
         opening = text.find("```", pos)
         if opening < 0:
             return blocks
-        line_end = text.find("\n", opening + 3)
-        start = len(text) if line_end < 0 else line_end + 1  # skip the info string ("json")
         closing = text.find("```", opening + 3)
-        if 0 <= closing < start:  # "```json```" on one line: empty block
-            start = closing
+        limit = len(text) if closing < 0 else closing
+        # (the info string, "json", ends at the line's end; "```json```" on one line is an
+        # empty block. Searched only up to the closing fence: fences without line breaks
+        # would each search to the end of the text, quadratic in their number.)
+        line_end = text.find("\n", opening + 3, limit)
+        start = limit if line_end < 0 else line_end + 1
         if closing < 0:
             blocks.append((start, len(text)))
             return blocks

@@ -547,6 +547,48 @@ def test_a_large_logprobs_answer_is_built_while_the_server_answers_others(tiny_t
             assert [t["logprob"] for t in content[0]["top_logprobs"]] == [-0.5, -1.0, -2.0]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_long_answer_is_read_for_boxes_while_the_server_answers_others(tiny_tokenizer, monkeypatch, stream):
+    """Reading boxes from a long answer (a dense OCR answer of 150 KB took 0.2 s) happens
+    off the event loop: /health answers while it waits, as for logprobs above."""
+    from server.chat.service import ChatService
+
+    read_boxes = ChatService._grounding
+    health_answered, order = threading.Event(), []
+
+    def waiting_read(self, p, text):
+        if len(text) > 3000:
+            order.append("reading waits")
+            health_answered.wait(10)
+            order.append("reading goes on")
+        return read_boxes(self, p, text)
+
+    monkeypatch.setattr(ChatService, "_grounding", waiting_read)
+    answer = '<|object_ref_start|>dog<|object_ref_end|><|box_start|>(100,200),(300,400)<|box_end|>' + " ..." * 1000
+    content = [{"type": "image_url", "image_url": {"url": data_url(picture(100, 50))}}, {"type": "text", "text": "Find"}]
+    with scripted_server(tiny_tokenizer) as srv:
+        srv.engine.chunk_chars = 500
+        srv.engine.enqueue(answer)
+        with ThreadPoolExecutor(1) as pool:
+            if stream:
+                reply = pool.submit(lambda: [json.loads(line[6:]) for line in sse_lines(
+                    srv.base_url, messages=[{"role": "user", "content": content}]) if line != "data: [DONE]"])
+            else:
+                reply = pool.submit(chat, srv.base_url, content)
+            while "reading waits" not in order:
+                time.sleep(0.01)
+            assert httpx.get(srv.base_url + "/health", timeout=5).status_code == 200
+            order.append("health answered")
+            health_answered.set()
+            result = reply.result(timeout=30)
+        assert order.index("health answered") < order.index("reading goes on")
+    if stream:
+        boxes = next(c["choices"][0]["delta"]["grounding"] for c in result if c["choices"][0]["finish_reason"])
+    else:
+        boxes = result.json()["choices"][0]["message"]["grounding"]
+    assert [(b["phrase"], b["box"]) for b in boxes] == [("dog", [10, 10, 30, 20])]
+
+
 def test_a_client_that_stops_reading_loses_its_slot_after_the_send_timeout(tiny_tokenizer):
     engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=10**9, tokenizer=tiny_tokenizer),
                             default_reply="x" * 4_000_000, chunk_chars=50_000)
