@@ -123,6 +123,10 @@ class GatewayMiddleware:
                 response_headers["x-request-id"] = rid
                 if body_unasked and not status_holder.get("body_asked"):
                     response_headers["connection"] = "close"
+                elif self.runtime.draining:
+                    # (a client, or a proxy's kept-alive upstream connection, goes on to a
+                    # replica that stays, rather than sending here until the process exits)
+                    response_headers["connection"] = "close"
                 await send(message)
                 return
             # A client that stops reading would otherwise hold the response (and its
@@ -140,6 +144,13 @@ class GatewayMiddleware:
         scope["state"]["body_ticket"] = ticket  # (the chat handler releases it once parsed)
         receive = _body_counted(receive, ticket)
         try:
+            if scope.get("http_version") == "1.1" and len(headers.getlist("host")) != 1:
+                # RFC 9112 3.2: exactly one Host in an HTTP/1.1 request, else a 400 (a cache or
+                # proxy in front may have read another one, or none, than the one we were sent)
+                await self._refuse(send_wrapper, InvalidRequestError(
+                    "An HTTP/1.1 request must carry exactly one Host header.", code="invalid_http"),
+                    {"connection": "close"})
+                return
             if _encoded_slash_outside_model_id(scope.get("raw_path", b"")):
                 # A path routed after decoding: /v1/chat%2Fcompletions reached the chat
                 # endpoint, past a proxy in front that filters on the path as sent.

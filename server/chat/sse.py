@@ -35,7 +35,10 @@ def sse_comment(text: str = "keep-alive") -> str:
 
 async def with_keepalive(events, interval: float, deadline: float | None = None, stop=None, stop_error=None):
     """Re-yield `events`, adding an SSE comment whenever nothing was sent for `interval`
-    seconds (queueing, a long prefill) so that proxies do not close an idle stream.
+    seconds (the engine's own queue, a long prefill) so that proxies do not close an idle
+    stream. (A request waiting for an admission slot has no response yet, and so nothing to
+    add comments to: its wait is bounded by --request-timeout, as vLLM's own server sends
+    nothing before a request's first token either.)
 
     `deadline` (a `time.perf_counter()` value) raises `TimeoutError` when passed; setting
     the `stop` event (an `asyncio.Event`) raises `stop_error()` (by default a

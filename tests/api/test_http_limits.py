@@ -419,3 +419,13 @@ def test_a_stream_to_an_http10_client_is_not_chunked(srv, connection):
     assert json.loads(rest)["object"] == "chat.completion"
     with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json={**json.loads(body)}) as r:
         assert r.headers["transfer-encoding"] == "chunked"  # (HTTP/1.1: unchanged)
+
+
+@pytest.mark.parametrize("hosts", [b"", b"Host: a\r\nHost: b\r\n"])
+def test_an_http11_request_without_exactly_one_host_is_a_400(srv, hosts):
+    """RFC 9112 3.2: a proxy or cache in front may have read another Host than ours."""
+    with connect(srv) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\n" + hosts + b"\r\n")
+        head, _, body = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower()
+    assert "Host" in json.loads(body)["error"]["message"]

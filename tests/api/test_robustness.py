@@ -1056,6 +1056,8 @@ def test_a_drain_waits_for_a_request_that_was_queued_when_it_began(tiny_tokenize
     assert results["first"][-1] == "data: [DONE]"
     assert results["second"].status_code == 200
     assert results["second"].json()["choices"][0]["message"]["content"] == "abcdefghijkl"
+    # (answered during the drain: its connection is not kept for more requests here)
+    assert results["second"].headers["connection"] == "close"
 
 
 def test_a_drain_out_of_time_turns_the_queue_away_with_a_503(tiny_tokenizer):
