@@ -71,6 +71,9 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
     """
     too_large = (431, "Request Header Fields Too Large", _error_body(
         f"The request's headers exceed this server's limit of {max_header_bytes} bytes.", "headers_too_large"))
+    uri_too_long = (414, "URI Too Long", _error_body(
+        f"The request's target (path and query) exceeds this server's limit of {max_header_bytes} bytes.",
+        "uri_too_long"))
     too_slow = (408, "Request Timeout", _error_body(
         f"The request's headers did not arrive within {header_timeout:g} seconds.", "header_timeout"))
 
@@ -79,6 +82,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
         _in_message = False  # a request is being received (head or body)
         _head_bytes = 0  # bytes read while the head was incomplete, after the read it began in
         _head_size = 0  # the head's request target and headers, as parsed
+        _url_size = 0  # its request target, as parsed
         _stalled_bytes = 0  # bytes read in a body that moved it no further (trailers, extensions)
         _began = False  # a message began during the current read
         _moved = False  # the current read carried body data or ended a message
@@ -151,7 +155,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
                 if not (self._began and self._ended):  # (a read that also ended the message
                     self._head_bytes += len(data)      # before it is left out: pipelining)
                 if self._head_bytes > max_header_bytes:
-                    self._refuse(too_large)
+                    self._refuse(self._too_large())
             elif self._in_message and not answered:
                 # A body the app is reading: its own timeout applies. Reads that move it no
                 # further are trailers or chunk extensions, which the parser buffers whole.
@@ -169,7 +173,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
                 return
             super().on_message_begin()
             self._in_head = self._in_message = self._began = True
-            self._head_bytes = self._head_size = self._stalled_bytes = 0
+            self._head_bytes = self._head_size = self._stalled_bytes = self._url_size = 0
             self._disarm_head_timer()  # (an idle timer, or the one since the connection opened)
             self._arm_head_timer()
 
@@ -177,7 +181,17 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
             if self._refused:
                 return
             self._head_size += len(url)
+            self._url_size += len(url)
             super().on_url(url)
+
+        def _too_large(self) -> tuple[int, str, bytes]:
+            """The refusal of a head over the limit: 414 where the request target alone is
+            over it, or all that arrived of the head is still its request line (the method,
+            target and version: at most 20 bytes besides the target); else 431 (RFC 9110
+            15.5.15; RFC 6585 5)."""
+            if self._url_size > max_header_bytes or (self._in_head and self._url_size + 20 >= self._head_bytes):
+                return uri_too_long
+            return too_large
 
         def on_header(self, name: bytes, value: bytes) -> None:
             if self._refused:
@@ -197,7 +211,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
                 return
             # A head that arrived whole in one read, measured as parsed. (The parser goes on
             # with the rest of this read; every callback below ignores it once refused.)
-            self._refuse(too_large)
+            self._refuse(self._too_large())
 
         def on_body(self, body: bytes) -> None:
             if self._refused:

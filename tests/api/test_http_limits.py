@@ -429,3 +429,22 @@ def test_an_http11_request_without_exactly_one_host_is_a_400(srv, hosts):
         head, _, body = read_all(sock).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower()
     assert "Host" in json.loads(body)["error"]["message"]
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_request_target_over_the_limit_gets_a_414(srv, whole):
+    """The target alone over the limit is a URI too long (RFC 9110 15.5.15), whether it
+    arrives in one read or trickles in."""
+    target = b"/v1/models?" + b"q" * (MAX_HEADER_BYTES + 10)
+    with connect(srv) as sock:
+        try:
+            if whole:
+                sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            else:
+                for at in range(0, len(target), 4096):
+                    sock.sendall((b"GET " if at == 0 else b"") + target[at : at + 4096])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status, err = error_of(read_all(sock))
+    assert status == 414 and err["code"] == "uri_too_long", err
+    assert healthy(srv)
