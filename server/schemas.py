@@ -239,10 +239,12 @@ class StructuredOutputs(_Lenient):
 
 #: Most `stop_token_ids` a request may give.
 STOP_TOKEN_IDS_MAX = 1024
-#: Most `allowed_token_ids` a request may give (more than any Qwen vocabulary).
-ALLOWED_TOKEN_IDS_MAX = 262_144
-#: Most `bad_words` a request may give, and the longest one, in characters.
-BAD_WORDS_MAX = 256
+#: Most `allowed_token_ids` a request may give: vLLM's GPU model runner keeps 1,024 per request
+#: (more stop its engine core).
+ALLOWED_TOKEN_IDS_MAX = 1024
+#: Most `bad_words` a request may give (vLLM's VLLM_MAX_NUM_BAD_WORDS, counted there after
+#: tokenizing, with their 1,024 tokens in all), and the longest one, in characters.
+BAD_WORDS_MAX = 128
 BAD_WORD_MAX_CHARS = 256
 
 

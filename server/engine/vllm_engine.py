@@ -272,6 +272,9 @@ def _image_processor_config(model: str, settings: Settings | None = None) -> dic
 
 #: vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
 _GREEDY_BELOW = 1e-5
+#: Stop token ids vLLM's GPU model runner masks per request while min_tokens holds them back
+#: (its MAX_NUM_STOP_TOKEN_IDS; a module that needs Triton to import).
+_MAX_MASKED_STOP_IDS = 128
 
 _SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                       "presence_penalty", "frequency_penalty", "max_tokens")
@@ -598,6 +601,7 @@ class VLLMEngine(Engine):
                                            stop_token_ids=(*turn_end, *s.stop_token_ids))
         except (VLLMValidationError, ValueError) as exc:
             raise InvalidRequestError(f"Invalid sampling parameters: {str(exc)[:300]}") from exc
+        self._check_model_runner_limits(params, s)
         if params.structured_outputs is not None:
             # Checked here, so that a schema the engine cannot follow is a 400, not an error
             # event in a stream already begun (vLLM checks it again as the request is added).
@@ -610,6 +614,30 @@ class VLLMEngine(Engine):
                     f"The {s.constraint_param} cannot be used: {_grammar_error(exc)}", param=s.constraint_param,
                     code=f"invalid_{s.constraint_param}") from exc
         return params, copies
+
+    def _check_model_runner_limits(self, params, s) -> None:
+        """A 400 for what vLLM's GPU model runner (V2) has no room for. It checks these bounds
+        as it adds the request to a batch, in the engine core, where a failure is fatal: the
+        engine dies, and the server with it. (vLLM's front end checks none of them.)"""
+        from vllm import envs
+        from vllm.exceptions import VLLMValidationError
+
+        if params.bad_words:
+            try:  # (vLLM's rule: each word with and without a leading space, as tokens)
+                params.update_from_tokenizer(self._llm.input_processor.tokenizer)
+            except (VLLMValidationError, ValueError) as exc:
+                raise InvalidRequestError(f"bad_words cannot be used: {str(exc)[:200]}", param="bad_words") from exc
+            total = sum(map(len, params.bad_words_token_ids or ()))
+            if total > envs.VLLM_MAX_BAD_WORDS_TOTAL_TOKENS:
+                raise InvalidRequestError(
+                    f"bad_words come to {total} tokens (each word with and without a leading space); "
+                    f"at most {envs.VLLM_MAX_BAD_WORDS_TOTAL_TOKENS} are allowed.", param="bad_words")
+        # With min_tokens the stop tokens are masked until then, in a table of 128 per request;
+        # the end-of-sequence id is added to them later.
+        if s.min_tokens and len(params.all_stop_token_ids) + 1 > _MAX_MASKED_STOP_IDS:
+            raise InvalidRequestError(
+                f"With min_tokens, at most {_MAX_MASKED_STOP_IDS - 1 - len(self.info.stop_token_ids)} "
+                f"stop_token_ids are allowed.", param="stop_token_ids")
 
     @staticmethod
     def _sampling_params(s, max_tokens: int, n: int, stop_token_ids: tuple[int, ...] = ()):

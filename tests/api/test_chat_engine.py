@@ -828,6 +828,20 @@ def test_bad_words_are_never_written(client, server):
     assert banned.choices[0].finish_reason == "length" and banned.usage.completion_tokens == 4
 
 
+@pytest.mark.parametrize("extra, param", [
+    # vLLM's GPU model runner refuses these in its engine core, which then dies: a 400 first
+    ({"bad_words": [" "]}, "bad_words"),  # no token to ban
+    ({"bad_words": ["".join(chr(0x4E00 + (i * 7919 + k * 104729) % 20000) for k in range(200))
+                    for i in range(8)]}, "bad_words"),  # thousands of tokens
+    ({"min_tokens": 2, "stop_token_ids": list(range(1000, 1130))}, "stop_token_ids"),
+])
+def test_what_the_model_runner_has_no_room_for_is_a_400(client, server, extra, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, server, "hi", max_tokens=4, extra_body=extra)
+    assert info.value.body["param"] == param, info.value.body
+    assert ask(client, server, "hi", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
 def test_include_stop_str_in_output_keeps_the_stop_string(client, server):
     free = ask(client, server, "Write a long sentence.", max_tokens=20)
     text = free.choices[0].message.content
