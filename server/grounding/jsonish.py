@@ -52,12 +52,13 @@ _TOKEN = re.compile(
     r"""(?P<dq>"(?:[^"\\\n]|\\.)*(?P<dq_end>")?)"""
     r"""|(?P<sq>(?<!\\)'(?:[^'\\\n]|\\.)*'(?=\s*[:,}\]]))"""
     r"""|(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"""
-    r"""|(?P<punct>[{}\[\]:,])"""
+    r"""|(?P<punct>[{}\[\]:,\uff0c\uff1a])"""  # (with full-width commas and colons: answers in Chinese)
     r"""|(?P<word>[A-Za-z_]\w*)"""
     # anything else: a run of characters no token above starts with, or one that started
     # none (a quote, sign or dot alone); inside an array it makes the array unclean
-    r"""|(?P<other>[^\s{}\[\]:,"'0-9A-Za-z_+\-.]+|['+\-.])"""
+    r"""|(?P<other>[^\s{}\[\]:,\uff0c\uff1a"'0-9A-Za-z_+\-.]+|['+\-.])"""
 )
+_FULL_WIDTH = {"\uff0c": ",", "\uff1a": ":"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "/": "/"}
 
@@ -140,7 +141,7 @@ def _scan_segment(text: str, start: int, end: int) -> list[RawItem]:
             if isinstance(top, _Array):
                 top.clean = False
         elif kind == "punct":
-            _punct(match.group(), match.start(), top, stack, done)
+            _punct(_FULL_WIDTH.get(match.group(), match.group()), match.start(), top, stack, done)
         elif kind in ("dq", "dq_end", "sq"):
             closed = kind == "sq" or match.group("dq_end") is not None
             value = _unquote(match.group()[1:-1] if closed else match.group()[1:])

@@ -349,3 +349,8 @@ def test_a_closed_tag_with_pairs_that_make_no_whole_box_is_dropped(text):
 def test_a_geometry_array_with_characters_outside_json_is_dropped(array):
     text = f'[{{"bbox_2d": {array}, "label": "dog"}}, {{"bbox_2d": [5, 6, 70, 80], "label": "cat"}}]'
     assert [(b.phrase, b.model_box) for b in parse(text, "qwen2.5-vl")] == [("cat", (5, 6, 70, 80))]
+
+
+def test_full_width_commas_and_colons_separate_as_ascii_ones():
+    text = '[{"bbox_2d"\uff1a [100\uff0c200\uff0c300\uff0c400]\uff0c "label"\uff1a "\u72d7"}]'
+    assert [(b.phrase, b.model_box) for b in parse(text, "qwen2.5-vl")] == [("\u72d7", (100, 200, 300, 400))]
