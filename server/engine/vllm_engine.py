@@ -632,12 +632,26 @@ class VLLMEngine(Engine):
                 raise InvalidRequestError(
                     f"bad_words come to {total} tokens (each word with and without a leading space); "
                     f"at most {envs.VLLM_MAX_BAD_WORDS_TOTAL_TOKENS} are allowed.", param="bad_words")
-        # With min_tokens the stop tokens are masked until then, in a table of 128 per request;
-        # the end-of-sequence id is added to them later.
-        if s.min_tokens and len(params.all_stop_token_ids) + 1 > _MAX_MASKED_STOP_IDS:
-            raise InvalidRequestError(
-                f"With min_tokens, at most {_MAX_MASKED_STOP_IDS - 1 - len(self.info.stop_token_ids)} "
-                f"stop_token_ids are allowed.", param="stop_token_ids")
+        # With min_tokens the stop tokens are masked until then, in a table of 128 per request.
+        # vLLM adds the end-of-sequence ids (the tokenizer's, the generation config's) to them
+        # later, as it processes the request, ignore_eos or not.
+        if s.min_tokens:
+            theirs = self._eos_ids() | set(self.info.stop_token_ids)
+            if len(params.all_stop_token_ids | theirs) > _MAX_MASKED_STOP_IDS:
+                raise InvalidRequestError(
+                    f"With min_tokens, at most {_MAX_MASKED_STOP_IDS - len(theirs)} stop_token_ids "
+                    f"besides the model's own are allowed.", param="stop_token_ids")
+
+    def _eos_ids(self) -> set[int]:
+        """The end-of-sequence ids vLLM adds to every request's stop token ids."""
+        ids = set()
+        eos = self._llm.renderer.get_eos_token_id()
+        if eos is not None:
+            ids.add(eos)
+        configured = self._llm.input_processor.generation_config_fields.get("eos_token_id")
+        if configured is not None:
+            ids |= {configured} if isinstance(configured, int) else set(configured)
+        return ids
 
     @staticmethod
     def _sampling_params(s, max_tokens: int, n: int, stop_token_ids: tuple[int, ...] = ()):

@@ -833,13 +833,28 @@ def test_bad_words_are_never_written(client, server):
     ({"bad_words": [" "]}, "bad_words"),  # no token to ban
     ({"bad_words": ["".join(chr(0x4E00 + (i * 7919 + k * 104729) % 20000) for k in range(200))
                     for i in range(8)]}, "bad_words"),  # thousands of tokens
-    ({"min_tokens": 2, "stop_token_ids": list(range(1000, 1130))}, "stop_token_ids"),
+    ({"min_tokens": 2, "stop_token_ids": list(range(130))}, "stop_token_ids"),
+    # 127 of the client's and the end-of-sequence ids vLLM adds (ignore_eos or not): 129
+    ({"min_tokens": 2, "stop_token_ids": list(range(127))}, "stop_token_ids"),
+    ({"min_tokens": 2, "ignore_eos": True, "stop_token_ids": list(range(127))}, "stop_token_ids"),
 ])
 def test_what_the_model_runner_has_no_room_for_is_a_400(client, server, extra, param):
     with pytest.raises(openai.BadRequestError) as info:
         ask(client, server, "hi", max_tokens=4, extra_body=extra)
     assert info.value.body["param"] == param, info.value.body
     assert ask(client, server, "hi", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_min_tokens_with_as_many_stop_token_ids_as_the_model_runner_masks_is_served(client, server):
+    """The table holds 128: the client's ids and the model's own end-of-sequence ids."""
+    from server.engine.vllm_engine import _MAX_MASKED_STOP_IDS
+
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, server, "hi", max_tokens=4, extra_body={"min_tokens": 2, "stop_token_ids": list(range(200))})
+    room = int(info.value.body["message"].split("at most ")[1].split()[0])
+    assert 0 < room < _MAX_MASKED_STOP_IDS
+    answer = ask(client, server, "hi", max_tokens=4, extra_body={"min_tokens": 2, "stop_token_ids": list(range(room))})
+    assert answer.usage.completion_tokens >= 2
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(client, server):
