@@ -332,6 +332,10 @@ class ChatCompletionRequest(_Lenient):
     grounding: bool | None = Field(
         None, description="Parse grounding boxes into choices[].message.grounding (default on)."
     )
+    grounding_image: int | None = Field(
+        None, ge=-COUNT_MAX, le=COUNT_MAX, description="Which of the request's images (0 the first, "
+        "-1 the last) the answer's boxes refer to; default the last."
+    )
     max_pixels: int | None = Field(
         None, ge=1, le=COUNT_MAX, description="Lower the per-image pixel ceiling for this request."
     )

@@ -127,6 +127,10 @@ class ChatService:
         conv = collect(req.messages, split_reasoning=self.renderer.splits_reasoning)
         self._check_text_size(conv.texts)
         self.images.check_count(len(conv.images))
+        if req.grounding_image is not None and not -len(conv.images) <= req.grounding_image < len(conv.images):
+            raise InvalidRequestError(
+                f"grounding_image is {req.grounding_image}, but the request has {len(conv.images)} image(s).",
+                param="grounding_image")
         # (before any image is fetched: a request refused for its sampling fields costs nothing)
         sampling = self._sampling(req)
         loaded = []
@@ -488,6 +492,7 @@ class ChatService:
             model_sizes=p.model_image_sizes,
             min_pixels=info.image_processor.get("min_pixels"),
             max_pixels=info.image_processor.get("max_pixels"),
+            image_index=p.request.grounding_image,
         )
         return [b.to_dict() for b in boxes]
 

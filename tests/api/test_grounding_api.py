@@ -140,6 +140,39 @@ def test_boxes_refer_to_the_last_image(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_grounding_image_names_the_picture_the_boxes_refer_to(tiny_tokenizer, stream):
+    """Qwen2.5-VL's pixels are of the named picture as resized: 1000x500 (to 1008x504) first,
+    a 300x1200 one last."""
+    answer = '```json\n[{"bbox_2d": [504, 252, 1008, 504], "label": "right half"}]\n```'
+    engine = engine_for(tiny_tokenizer, "qwen2.5-vl", answer)
+    engine.enqueue(answer, answer)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(picture(1000, 500))}},
+        {"type": "image_url", "image_url": {"url": data_url(picture(300, 1200))}},
+        {"type": "text", "text": "find"}]}]
+    client_of = lambda srv: openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)  # noqa: E731
+
+    def boxes(srv, **extra):
+        kwargs = {"model": "scripted", "messages": messages, "extra_body": extra}
+        if not stream:
+            return client_of(srv).chat.completions.create(**kwargs).choices[0].message.model_extra["grounding"]
+        chunks = list(client_of(srv).chat.completions.create(stream=True, **kwargs))
+        return next(c.choices[0].delta.model_extra["grounding"] for c in chunks
+                    if c.choices and c.choices[0].finish_reason)
+
+    with AppServer(app) as srv:
+        for index in (0, -2):
+            (box,) = boxes(srv, grounding_image=index)
+            assert box["image_index"] == 0 and box["box"] == [500, 250, 1000, 500], box
+        (box,) = boxes(srv)  # the last picture, by default
+        assert box["image_index"] == 1
+        with pytest.raises(openai.BadRequestError) as info:
+            boxes(srv, grounding_image=2)
+        assert info.value.body["param"] == "grounding_image"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_escaped_emoji_in_a_json_label_is_served_whole(tiny_tokenizer, stream):
     """JSON writes a character beyond U+FFFF as two escapes; their halves alone cannot be
     encoded, and once broke the response (a 500, or a stream cut off without [DONE])."""
