@@ -212,6 +212,29 @@ class Runtime:
             watcher.cancel()
             await _quietly(watcher)
 
+    async def prepare_while_connected(self, request: Request, preparing: Awaitable[Prepared],
+                                      timeout: float) -> Prepared:
+        """Await `preparing` (image fetches, decoding, processing), given up when the client
+        goes away (`ClientGone`) or after `timeout` seconds (`TimeoutError`): a client gone
+        while its pictures download would otherwise hold its slot until every fetch ended."""
+        task = asyncio.ensure_future(preparing)
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, timeout=max(timeout, 0.001),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            await _quietly(task)
+            if not task.cancelled() and task.exception() is None:
+                await _aclose(task.result().stream)  # done as it was cancelled: never to be read
+            if watcher in done:
+                raise ClientGone()
+            raise TimeoutError
+        finally:
+            watcher.cancel()
+            await _quietly(watcher)
+
     async def until_disconnect(self, request: Request, work: Awaitable[Any], prepared: Prepared) -> Any:
         """Await `work`, cancelling it (which aborts the engine request) if the client goes
         away or the per-request deadline passes."""

@@ -41,9 +41,9 @@ async def chat_completions(request: Request, rt: RuntimeDep):
     deadline = rt.settings.request_timeout  # counted from arrival, time in the queue included
     release = await rt.admit(request, max(deadline - (time.perf_counter() - arrived), 0.001))
     try:
-        prepared = await asyncio.wait_for(
-            service.prepare(body, request.state.request_id, started=arrived),
-            timeout=max(deadline - (time.perf_counter() - arrived), 0.001),
+        prepared = await rt.prepare_while_connected(
+            request, service.prepare(body, request.state.request_id, started=arrived),
+            timeout=deadline - (time.perf_counter() - arrived),
         )
         request.state.log.update(images=len(prepared.image_sizes), **prepared.stats)
         prepared.stats = request.state.log  # tokens, and how a stream ended, land in the log

@@ -554,7 +554,8 @@ class VLLMEngine(Engine):
             # they did not, and the next request with them would be sent without their data.
             self._forget_images(engine_input)
             raise
-        return self._stream(prompt, engine_input, params, request.request_id, copies)
+        return _UnsentGuard(self._stream(prompt, engine_input, params, request.request_id, copies),
+                            lambda: self._forget_images(engine_input))
 
     def _checked_params(self, request: GenerationRequest, engine_input) -> tuple[Any, int]:
         """The request's SamplingParams and how many copies of one answer make its n choices
@@ -695,23 +696,25 @@ class VLLMEngine(Engine):
         try:
             while True:
                 missed = False
+                # With n > 1 vLLM runs a request per choice, and each reports its miss in an
+                # output of its own; only the last one's is `finished`. Held back until then.
+                held = []
                 # aclosing: closing this stream closes vLLM's, whose GeneratorExit aborts the
                 # request then and there rather than whenever the event loop finalizes it.
                 async with contextlib.aclosing(self._llm.generate(engine_input, params, request_id)) as outs:
                     async for out in outs:
-                        if retry and out.finished and _failed_before_any_token(out):
-                            missed = True
-                            break
-                        retry = False
-                        choices = [self._choice(c) for c in out.outputs]
-                        if copies > 1:
-                            choices = [replace(c, index=i, copy=i > 0) for c in choices for i in range(copies)]
-                        yield GenerationChunk(
-                            prompt_tokens=len(out.prompt_token_ids or ()),
-                            choices=choices,
-                            finished=out.finished,
-                            cached_tokens=out.num_cached_tokens or 0,
-                        )
+                        if retry:
+                            if _failed_before_any_token(out):
+                                if out.finished:
+                                    missed = True
+                                    break
+                                held.append(out)
+                                continue
+                            retry = False
+                            for earlier in held:
+                                yield self._chunk(earlier, copies)
+                            held.clear()
+                        yield self._chunk(out, copies)
                 if not missed:
                     return
                 log.warning("request %s: the engine lacked a picture its front end thought sent; "
@@ -730,6 +733,17 @@ class VLLMEngine(Engine):
             with contextlib.suppress(Exception):
                 await self._llm.abort(request_id)
             raise
+
+    def _chunk(self, out, copies: int) -> GenerationChunk:
+        choices = [self._choice(c) for c in out.outputs]
+        if copies > 1:
+            choices = [replace(c, index=i, copy=i > 0) for c in choices for i in range(copies)]
+        return GenerationChunk(
+            prompt_tokens=len(out.prompt_token_ids or ()),
+            choices=choices,
+            finished=out.finished,
+            cached_tokens=out.num_cached_tokens or 0,
+        )
 
     def _forget_images(self, engine_input) -> None:
         """Tell vLLM's processor cache that this processed input never reached the engine."""
@@ -799,6 +813,43 @@ class VLLMEngine(Engine):
         llm.shutdown = _no_op
         del llm
         gc.collect()
+
+
+class _UnsentGuard:
+    """The stream `VLLMEngine.start` returns. Processing a request told vLLM's front end that
+    its pictures went to the engine; they go only when the stream is first read. A stream
+    closed or dropped before that (a deadline or a disconnect between the two) has vLLM's
+    cache forget them, or the next request with one of them would be sent without its data
+    and pay a failed round trip for it."""
+
+    def __init__(self, stream: AsyncIterator[GenerationChunk], forget) -> None:
+        self._stream = stream
+        self._forget = forget
+        self._begun = False
+
+    def __aiter__(self) -> "_UnsentGuard":
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if not self._begun:
+            # (set as the read runs, not as it is asked for: a read cancelled before it ran
+            # left the generator unstarted, and its pictures unsent)
+            self._begun = True
+            self._forget = None
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        self._unsent()
+        await self._stream.aclose()
+
+    def _unsent(self) -> None:
+        forget, self._forget = self._forget, None
+        if forget is not None:
+            forget()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # (at interpreter exit the engine may be gone)
+            self._unsent()
 
 
 def _failed_before_any_token(out) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from server.cli import parse_settings
@@ -209,11 +211,11 @@ def test_a_picture_the_engine_lacks_is_sent_again_once():
     from server.engine.base import GenerationRequest, ModelInfo, SamplingOptions
     from server.engine.vllm_engine import VLLMEngine
 
-    def output(reason, tokens=()):
-        choice = SimpleNamespace(index=0, text="x" * len(tokens), token_ids=list(tokens), logprobs=None,
+    def output(reason, tokens=(), index=0, finished=None):
+        choice = SimpleNamespace(index=index, text="x" * len(tokens), token_ids=list(tokens), logprobs=None,
                                  finish_reason=reason, stop_reason=None)
-        return SimpleNamespace(outputs=[choice], finished=reason is not None, prompt_token_ids=[1, 2, 3],
-                               num_cached_tokens=0)
+        return SimpleNamespace(outputs=[choice], finished=reason is not None if finished is None else finished,
+                               prompt_token_ids=[1, 2, 3], num_cached_tokens=0)
 
     class FakeAsyncLLM:
         errored = False
@@ -243,7 +245,9 @@ def test_a_picture_the_engine_lacks_is_sent_again_once():
                                     image_ids=["id"] * len(images), sampling=SamplingOptions(max_tokens=8))
 
         async def collect():
-            return [c.choices[0].finish_reason async for c in await engine.start(request)]
+            # (choice 0's finish reason; another choice's with its index)
+            return [c.choices[0].finish_reason if not c.choices[0].index else (c.choices[0].index, c.choices[0].finish_reason)
+                    async for c in await engine.start(request)]
 
         return asyncio.run(collect()), llm.processed
 
@@ -253,3 +257,75 @@ def test_a_picture_the_engine_lacks_is_sent_again_once():
     assert run([miss, miss], [picture]) == (["error"], 2)  # once only
     assert run([miss], []) == (["error"], 1)  # no picture: nothing to resend
     assert run([[output(None, [5]), output("error")]], [picture]) == ([None, "error"], 1)  # after a token: no
+    # n=2: vLLM runs a request per choice, each reporting its miss apart; only the last is finished
+    misses = [output("error", index=0, finished=False), output("error", index=1, finished=True)]
+    answers = [output("length", [5], index=0, finished=False), output("length", [6], index=1, finished=True)]
+    assert run([misses, answers], [picture]) == (["length", (1, "length")], 2)
+    # one choice failing while the other answers is not a missing picture: both reach the client
+    mixed = [output("error", index=0, finished=False), output("length", [6], index=1, finished=True)]
+    assert run([mixed], [picture]) == (["error", (1, "length")], 1)
+
+
+def test_a_request_never_sent_has_its_pictures_forgotten():
+    """Processing a request tells vLLM's front end that its pictures went to the engine; they
+    go when the stream is first read. A stream closed, or dropped, before that (a deadline or a
+    disconnect in between) has vLLM's cache forget them, so the next request with one of them
+    sends its data; a stream that was read does not."""
+    import asyncio
+    import gc
+    from types import SimpleNamespace
+
+    from server.engine.base import GenerationRequest, ModelInfo, SamplingOptions
+    from server.engine.vllm_engine import VLLMEngine
+
+    forgotten = []
+    answer = SimpleNamespace(outputs=[SimpleNamespace(index=0, text="x", token_ids=[5], logprobs=None,
+                                                      finish_reason="length", stop_reason=None)],
+                             finished=True, prompt_token_ids=[1, 2, 3], num_cached_tokens=0)
+
+    class FakeAsyncLLM:
+        errored = False
+        renderer = SimpleNamespace(mm_processor_cache=SimpleNamespace(invalidate=forgotten.append))
+
+        async def _process(self, prompt, arrival):
+            return {"prompt_token_ids": prompt["prompt_token_ids"], "mm_hashes": {"image": ["h1", "h2"]}}
+
+        async def generate(self, engine_input, params, request_id):
+            yield answer
+
+    FakeAsyncLLM.renderer.process_for_engine_async = FakeAsyncLLM()._process
+    engine = VLLMEngine(FakeAsyncLLM(), ModelInfo(family="qwen2-vl", max_model_len=64, tokenizer=None), stats=None)
+    request = GenerationRequest(request_id="r", prompt_token_ids=[1, 2, 3], images=[object(), object()],
+                                image_ids=["a", "b"], sampling=SamplingOptions(max_tokens=8))
+
+    async def closed_unread():
+        stream = await engine.start(request)
+        await stream.aclose()
+
+    async def read_then_closed():
+        stream = await engine.start(request)
+        assert [c.choices[0].finish_reason async for c in stream] == ["length"]
+        await stream.aclose()
+
+    async def read_cancelled_before_it_ran():
+        stream = await engine.start(request)
+        reading = asyncio.ensure_future(stream.__anext__())
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await stream.aclose()
+
+    async def dropped_unread():
+        await engine.start(request)
+        gc.collect()
+
+    asyncio.run(closed_unread())
+    assert forgotten == ["h1", "h2"]
+    forgotten.clear()
+    asyncio.run(read_then_closed())
+    assert forgotten == []
+    asyncio.run(read_cancelled_before_it_ran())
+    assert forgotten == ["h1", "h2"]
+    forgotten.clear()
+    asyncio.run(dropped_unread())
+    assert forgotten == ["h1", "h2"]

@@ -729,6 +729,28 @@ def test_disconnect_aborts_engine_request(tiny_tokenizer):
         assert srv.runtime.admission.active == 0
 
 
+def test_a_client_gone_while_its_pictures_download_frees_its_slot_at_once(tiny_tokenizer, image_server):
+    """The client gives up while the server still fetches its picture (an image host that
+    answers nothing for 6 s): its slot is free again within a second, not when the fetch
+    ends, and the next request is served rather than refused."""
+    from support.http_server import silent
+
+    image_server.routes["/silent.png"] = silent(6)
+    app, engine = scripted_app(tiny_tokenizer, max_concurrent_requests=1, max_queued_requests=0,
+                               image_allow_networks=[f"{IMAGE_HOST}/32"])
+    content = [{"type": "image_url", "image_url": {"url": image_server.url("/silent.png")}},
+               {"type": "text", "text": "x"}]
+    with AppServer(app) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            chat(srv.base_url, content, timeout=0.5)
+        deadline = time.monotonic() + 1
+        while srv.runtime.admission.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.runtime.admission.active == 0
+        assert chat(srv.base_url).status_code == 200
+        assert engine.history[-1].images == []  # (the abandoned request never reached the engine)
+
+
 def test_one_failed_choice_of_n_ends_the_others_at_once(tiny_tokenizer):
     """Non-streaming, n=2: the first choice fails while the second is still generating. The
     error goes back at once, and the second choice must stop then too, closed by the runtime,
