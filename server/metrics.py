@@ -90,6 +90,9 @@ class Metrics:
                                              buckets=_LATENCY_BUCKETS, registry=r)
         self.image_decode_seconds = Histogram(p + "image_decode_seconds", "Time to decode and resize one image.",
                                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.image_decode_wait_seconds = Histogram(
+            p + "image_decode_wait_seconds", "Time one image waited for a decode worker (--image-decode-workers).",
+            buckets=_LATENCY_BUCKETS, registry=r)
         self.image_bytes = Histogram(p + "image_bytes", "Encoded size of images received.",
                                      buckets=_BYTES_BUCKETS, registry=r)
         self.image_cache = Counter(p + "image_cache", "Image cache lookups by cache (url, content) and result "

@@ -60,6 +60,10 @@ def check_schema(schema: dict[str, Any]) -> None:
         if isinstance(pattern, str) and any(p in pattern for p in _UNSUPPORTED_PATTERN):
             raise ValueError("a 'pattern' with a lookahead or lookbehind is not supported: the grammar that "
                              "shapes the answer cannot enforce it, so an answer could break the schema")
+        if isinstance(pattern, str) and _misplaced_anchor(pattern):
+            raise ValueError("a 'pattern' with '^' or '$' other than at its start and end is not supported: "
+                             "the grammar that shapes the answer drops them, so an answer could break the "
+                             "schema (it matches the whole string, so leading and trailing ones change nothing)")
         bounds = [node[k] for k in _LENGTH_KEYWORDS if type(node.get(k)) is int and node[k] > 0]
         if bounds:
             length_cost += min(max(bounds), _LENGTH_COST_CAP)
@@ -93,6 +97,32 @@ def check_schema(schema: dict[str, Any]) -> None:
     if cycle:
         raise ValueError(f"'$ref' {cycle!r} leads back to itself with nothing written in between, "
                          "so no answer can follow the schema")
+
+
+def _misplaced_anchor(pattern: str) -> bool:
+    """Whether `pattern` has a `^` or `$` assertion anywhere but at its very start and end
+    (escaped ones and those in a character class are characters, not assertions)."""
+    in_class = False
+    i, last = 0, len(pattern) - 1
+    while i <= last:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+        elif c == "[":
+            in_class = True
+            # ("[]...]" and "[^]...]": a "]" first in the class is one of its characters)
+            i += 2 if pattern[i + 1:i + 2] == "^" else 1
+            if pattern[i:i + 1] == "]":
+                i += 1
+            continue
+        elif (c == "^" and i != 0) or (c == "$" and i != last):
+            return True
+        i += 1
+    return False
 
 
 def _subschemas(schema: dict[str, Any]) -> list[dict[str, Any]]:

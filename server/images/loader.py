@@ -15,7 +15,6 @@ import functools
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -26,6 +25,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from .cache import DEFAULT_CACHE_BYTES, ContentCache, URLCache
 from .decode import DecodeLimits, decode_image, prepare
+from .fair_pool import FairPool, owned_by
 from .family import effective_max_pixels, family_spec
 from .fetch import FetchLimits, HttpFetcher, build_transport
 from .limits import check_image_count
@@ -114,7 +114,7 @@ class ImageLoader:
         self._local = LocalMediaReader(settings.allowed_local_media_path, settings.image_max_bytes)
         self._decode_limits = DecodeLimits(settings.image_max_input_pixels, settings.image_max_frames)
         prepare(settings.image_max_input_pixels)
-        self._pool = ThreadPoolExecutor(settings.image_decode_workers, thread_name_prefix="image-decode")
+        self._pool = FairPool(settings.image_decode_workers, thread_name_prefix="image-decode")
         self._content: ContentCache[LoadedImage] = ContentCache(settings.image_cache_size, cache_bytes)
         self._urls = URLCache(settings.image_url_cache_ttl, settings.image_cache_size * URL_ENTRIES_PER_IMAGE)
         self._downloads: dict[str, _Shared] = {}
@@ -173,11 +173,12 @@ class ImageLoader:
             if key not in slot_of:
                 slot_of[key] = len(first)
                 first.append(i)
-        tasks = [
-            asyncio.create_task(self.load(urls[i], max_pixels=max_pixels, detail=details[i] if details else None,
-                                          param=params[i] if params else None))
-            for i in first
-        ]
+        with owned_by(object()):  # (the decode workers take each request's pictures in turn)
+            tasks = [
+                asyncio.create_task(self.load(urls[i], max_pixels=max_pixels, detail=details[i] if details else None,
+                                              param=params[i] if params else None))
+                for i in first
+            ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             failed = [t for t in tasks if t in done and t.exception() is not None]
@@ -191,7 +192,7 @@ class ImageLoader:
 
     async def aclose(self) -> None:
         """Release the worker pool and the HTTP transport."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self._system_resolver.close()
         await self._transport.aclose()
 
@@ -231,11 +232,15 @@ class ImageLoader:
     async def _decode(self, data: bytes, key: tuple[str, int | None]) -> LoadedImage:
         digest, ceiling = key
         started = time.perf_counter()
-        decode = functools.partial(
-            decode_image, data, limits=self._decode_limits, family=self.family, max_pixels=ceiling
-        )
-        image, original_size = await self._in_pool(decode)
-        self._metrics.image_decode_seconds.observe(time.perf_counter() - started)
+
+        def decode() -> tuple[tuple[Image.Image, tuple[int, int]], float]:
+            began = time.perf_counter()
+            decoded = decode_image(data, limits=self._decode_limits, family=self.family, max_pixels=ceiling)
+            return decoded, time.perf_counter() - began
+
+        (image, original_size), took = await self._in_pool(decode)
+        self._metrics.image_decode_seconds.observe(took)
+        self._metrics.image_decode_wait_seconds.observe(max(time.perf_counter() - started - took, 0.0))
         loaded = LoadedImage(image, original_size, digest, pixels_id=f"{digest}:{ceiling}")
         self._content.put(key, loaded, nbytes=image.width * image.height * 3)
         return loaded
@@ -284,7 +289,7 @@ class ImageLoader:
                 shared.task.cancel()
 
     async def _in_pool(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        return await self._pool.run(fn)
 
     async def _offload(self, size: int, fn: Callable[[], T]) -> T:
         """Run small jobs inline, large ones in the worker pool."""

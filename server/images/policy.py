@@ -22,9 +22,12 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 # that no image host lives in.
 _EXTRA_BLOCKED: tuple[IPNetwork, ...] = (
     ipaddress.IPv4Network("192.0.0.0/24"),  # IETF protocol assignments
+    ipaddress.IPv4Network("192.88.99.0/24"),  # 6to4 relay anycast (deprecated, RFC 7526)
     ipaddress.IPv4Network("255.255.255.255/32"),
     ipaddress.IPv6Network("ff00::/8"),
     ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, still routed on some sites)
+    ipaddress.IPv6Network("3fff::/20"),  # documentation (RFC 9637), as 2001:db8::/32
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215): a site's own translator
 )
 
 

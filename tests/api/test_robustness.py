@@ -729,10 +729,13 @@ def test_disconnect_aborts_engine_request(tiny_tokenizer):
         assert srv.runtime.admission.active == 0
 
 
-def test_a_client_gone_while_its_pictures_download_frees_its_slot_at_once(tiny_tokenizer, image_server):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_while_its_pictures_download_frees_its_slot_at_once(tiny_tokenizer, image_server,
+                                                                          stream, caplog):
     """The client gives up while the server still fetches its picture (an image host that
     answers nothing for 6 s): its slot is free again within a second, not when the fetch
-    ends, and the next request is served rather than refused."""
+    ends; the next request is served rather than refused; the log says 499, as nothing was
+    sent (a stream's was logged a 200)."""
     from support.http_server import silent
 
     image_server.routes["/silent.png"] = silent(6)
@@ -740,15 +743,19 @@ def test_a_client_gone_while_its_pictures_download_frees_its_slot_at_once(tiny_t
                                image_allow_networks=[f"{IMAGE_HOST}/32"])
     content = [{"type": "image_url", "image_url": {"url": image_server.url("/silent.png")}},
                {"type": "text", "text": "x"}]
-    with AppServer(app) as srv:
+    with AppServer(app) as srv, caplog.at_level(logging.INFO, logger="qwenvl.access"):
         with pytest.raises(httpx.ReadTimeout):
-            chat(srv.base_url, content, timeout=0.5)
+            chat(srv.base_url, content, timeout=0.5, stream=stream, headers={"X-Request-Id": "gone"})
         deadline = time.monotonic() + 1
         while srv.runtime.admission.active and time.monotonic() < deadline:
             time.sleep(0.02)
         assert srv.runtime.admission.active == 0
         assert chat(srv.base_url).status_code == 200
         assert engine.history[-1].images == []  # (the abandoned request never reached the engine)
+        assert logged(caplog, lambda message: '"request_id": "gone"' in message)
+    entry = next(e for e in (json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "qwenvl.access")
+                 if e["request_id"] == "gone")
+    assert entry["status"] == 499, entry
 
 
 def test_one_failed_choice_of_n_ends_the_others_at_once(tiny_tokenizer):

@@ -515,3 +515,43 @@ def test_decodes_every_load_left_never_run(monkeypatch):
     assert left == {}
     assert after.original_size == (5, 5)
     assert len(started) == 2  # the one a worker had begun, and the picture loaded after
+
+
+def test_the_decode_workers_take_each_requests_pictures_in_turn(monkeypatch):
+    """One worker; request A's four pictures come first, request B's one after A's first has
+    begun: B's decodes second, not fifth (first come, first served, a 32x32 picture waited
+    14 s behind large ones). The wait for a worker is a metric of its own, apart from the
+    decode time."""
+    import threading
+
+    import server.images.loader as loader_module
+
+    order, gate = [], threading.Semaphore(0)
+
+    def gated_decode(data, **kwargs):
+        image = decode_image(data, **kwargs)
+        order.append(image[1])
+        gate.acquire(timeout=10)
+        return image
+
+    monkeypatch.setattr(loader_module, "decode_image", gated_decode)
+    a = [data_url(samples.png(10 + i, 10, (i, 2, 3))) for i in range(4)]
+    b = data_url(samples.png(5, 5))
+    metrics = Metrics()
+
+    async def run(loader):
+        first = asyncio.create_task(loader.load_all(a))
+        while not order:
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(loader.load_all([b]))
+        await asyncio.sleep(0.1)  # (both requests' pictures queued)
+        for _ in range(5):
+            gate.release()
+        return await first, await second
+
+    first, second = asyncio.run(use_loader(run, settings=make_settings(image_decode_workers=1), metrics=metrics))
+    assert [im.original_size for im in first] == [(10, 10), (11, 10), (12, 10), (13, 10)]
+    assert order == [(10, 10), (5, 5), (11, 10), (12, 10), (13, 10)]
+    assert sample(metrics, "qwenvl_image_decode_wait_seconds_count") == 5
+    # (the decodes themselves are fast; the waits behind the gate are not)
+    assert sample(metrics, "qwenvl_image_decode_wait_seconds_sum") > sample(metrics, "qwenvl_image_decode_seconds_sum")

@@ -1,0 +1,85 @@
+"""`FairPool`: jobs start as they come while a worker is free, then by owner in turns; a job
+cancelled while waiting never runs, one cancelled while running keeps its worker until it
+ends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from server.images.fair_pool import FairPool, owned_by
+
+
+def test_waiting_jobs_start_one_owner_at_a_time():
+    async def run():
+        pool = FairPool(1, "test")
+        started, gates = [], {}
+
+        def job(name):
+            gates[name] = threading.Event()
+
+            def work():
+                started.append(name)
+                gates[name].wait(10)
+                return name
+            return work
+
+        tasks = []
+        for owner, names in (("a", ["a1", "a2", "a3"]), ("b", ["b1", "b2"]), ("c", ["c1"])):
+            with owned_by(owner):
+                tasks += [asyncio.create_task(pool.run(job(n))) for n in names]
+            await asyncio.sleep(0.05)
+        assert started == ["a1"] and pool.waiting == 5
+        for _ in range(6):
+            while not started or not gates.get(started[-1]):
+                await asyncio.sleep(0.01)
+            gates[started[-1]].set()
+            await asyncio.sleep(0.05)
+        assert await asyncio.gather(*tasks) == ["a1", "a2", "a3", "b1", "b2", "c1"]
+        pool.shutdown()
+        return started
+
+    assert asyncio.run(run()) == ["a1", "b1", "c1", "a2", "b2", "a3"]
+
+
+def test_cancelled_jobs():
+    async def run():
+        pool = FairPool(1, "test")
+        ran, release = [], threading.Event()
+
+        def blocking():
+            ran.append("blocking")
+            release.wait(10)
+
+        running = asyncio.create_task(pool.run(blocking))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(pool.run(lambda: ran.append("queued")))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        running.cancel()  # it runs on in its thread, and holds the worker
+        for task in (queued, running):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        after = asyncio.create_task(pool.run(lambda: ran.append("after") or "done"))
+        await asyncio.sleep(0.1)
+        assert ran == ["blocking"] and not after.done()
+        release.set()
+        assert await after == "done"
+        assert pool.waiting == 0 and pool._idle == 1
+        pool.shutdown()
+        return ran
+
+    assert asyncio.run(run()) == ["blocking", "after"]
+
+
+def test_a_failing_job_frees_its_worker():
+    async def run():
+        pool = FairPool(1, "test")
+        with pytest.raises(ZeroDivisionError):
+            await pool.run(lambda: 1 / 0)
+        assert await pool.run(lambda: 7) == 7
+        pool.shutdown()
+
+    asyncio.run(run())
