@@ -234,6 +234,11 @@ class Runtime:
         finally:
             watcher.cancel()
             await _quietly(watcher)
+            if not task.done():  # (this handler was cancelled: a shutdown)
+                task.cancel()
+                await _quietly(task)
+                if not task.cancelled() and task.exception() is None:
+                    await _aclose(task.result().stream)
 
     async def until_disconnect(self, request: Request, work: Awaitable[Any], prepared: Prepared) -> Any:
         """Await `work`, cancelling it (which aborts the engine request) if the client goes

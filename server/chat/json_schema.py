@@ -61,9 +61,10 @@ def check_schema(schema: dict[str, Any]) -> None:
             raise ValueError("a 'pattern' with a lookahead or lookbehind is not supported: the grammar that "
                              "shapes the answer cannot enforce it, so an answer could break the schema")
         if isinstance(pattern, str) and _misplaced_anchor(pattern):
-            raise ValueError("a 'pattern' with '^' or '$' other than at its start and end is not supported: "
-                             "the grammar that shapes the answer drops them, so an answer could break the "
-                             "schema (it matches the whole string, so leading and trailing ones change nothing)")
+            raise ValueError("a 'pattern' with '^' or '$' where something may come before or after it is not "
+                             "supported: the grammar that shapes the answer drops them, so an answer could "
+                             "break the schema (it matches the whole string, so anchors at the ends of the "
+                             "pattern or of its alternatives change nothing)")
         bounds = [node[k] for k in _LENGTH_KEYWORDS if type(node.get(k)) is int and node[k] > 0]
         if bounds:
             length_cost += min(max(bounds), _LENGTH_COST_CAP)
@@ -100,28 +101,60 @@ def check_schema(schema: dict[str, Any]) -> None:
 
 
 def _misplaced_anchor(pattern: str) -> bool:
-    """Whether `pattern` has a `^` or `$` assertion anywhere but at its very start and end
-    (escaped ones and those in a character class are characters, not assertions)."""
-    in_class = False
-    i, last = 0, len(pattern) - 1
-    while i <= last:
+    """Whether `pattern` has a `^` that something may come before, or a `$` that something
+    may come after (xgrammar drops both; `^a|^b`, `(^a$)` and `^(?:a$|b$)` are fine, as it
+    matches the whole string). Read as ECMA regexes are, and as xgrammar reads them: escaped
+    characters and character classes (in which `]` right after `[` or `[^` ends the class)
+    are atoms."""
+    tokens = _regex_tokens(pattern)
+    return _anchor_after_atom(tokens, "^", "(", ")") or _anchor_after_atom(tokens[::-1], "$", ")", "(")
+
+
+def _regex_tokens(pattern: str) -> list[str]:
+    """`pattern` as "(", ")", "|", "^", "$" and "a" (anything else: atoms, quantifiers)."""
+    tokens = []
+    i, n = 0, len(pattern)
+    while i < n:
         c = pattern[i]
         if c == "\\":
+            tokens.append("a")
             i += 2
-            continue
-        if in_class:
-            if c == "]":
-                in_class = False
         elif c == "[":
-            in_class = True
-            # ("[]...]" and "[^]...]": a "]" first in the class is one of its characters)
             i += 2 if pattern[i + 1:i + 2] == "^" else 1
-            if pattern[i:i + 1] == "]":
-                i += 1
-            continue
-        elif (c == "^" and i != 0) or (c == "$" and i != last):
-            return True
-        i += 1
+            while i < n and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            tokens.append("a")
+            i += 1
+        elif c == "(":
+            tokens.append("(")
+            i += 3 if pattern[i + 1:i + 3] == "?:" else 1
+        elif c in ")|^$":
+            tokens.append(c)
+            i += 1
+        else:
+            tokens.append("a")
+            i += 1
+    return tokens
+
+
+def _anchor_after_atom(tokens: list[str], anchor: str, opening: str, closing: str) -> bool:
+    """Whether an `anchor` in `tokens` can follow an atom (read in their order; the `$` case
+    reads them backwards, groups mirrored)."""
+    fresh, stack = True, []  # fresh: nothing matched yet on this path
+    for token in tokens:
+        if token == opening:
+            stack.append(fresh)
+        elif token == "|":
+            fresh = stack[-1] if stack else True
+        elif token == closing:
+            if stack:
+                stack.pop()
+            fresh = False
+        elif token == anchor:
+            if not fresh:
+                return True
+        elif token == "a":
+            fresh = False
     return False
 
 

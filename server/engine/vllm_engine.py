@@ -5,6 +5,7 @@ The only module of the server that imports vLLM (the Qwen-VL model plugin aside)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -541,7 +542,14 @@ class VLLMEngine(Engine):
         try:
             # Expands the image placeholders (runs the HF processor off the event loop), so
             # the true prompt length is known before anything is scheduled.
-            engine_input = await llm.renderer.process_for_engine_async(prompt, time.time())
+            processing = asyncio.ensure_future(llm.renderer.process_for_engine_async(prompt, time.time()))
+            try:
+                engine_input = await asyncio.shield(processing)
+            except asyncio.CancelledError:
+                # Its processor work goes on in a thread and counts the pictures as sent
+                # when it ends; they never will be.
+                processing.add_done_callback(self._forget_processed)
+                raise
         except (VLLMValidationError, ValueError) as exc:
             log.info("request %s: input rejected: %s", request.request_id, exc)
             raise InvalidRequestError(
@@ -693,6 +701,7 @@ class VLLMEngine(Engine):
         # the engine then ends a request whose picture it lacks with "error" before its first
         # token, having told the front end to forget it. Sent again, the data goes along.
         retry = bool(prompt.get("multi_modal_data"))
+        answered = False  # (an output came: the request, and its pictures, reached the engine)
         try:
             while True:
                 missed = False
@@ -703,6 +712,7 @@ class VLLMEngine(Engine):
                 # request then and there rather than whenever the event loop finalizes it.
                 async with contextlib.aclosing(self._llm.generate(engine_input, params, request_id)) as outs:
                     async for out in outs:
+                        answered = True
                         if retry:
                             if _failed_before_any_token(out):
                                 if out.finished:
@@ -725,8 +735,12 @@ class VLLMEngine(Engine):
             raise EngineDeadError("the inference engine stopped") from exc
         except VLLMValidationError as exc:
             log.info("request %s: rejected by engine: %s", request_id, exc)
+            if not answered:  # (refused before it was sent, its pictures with it)
+                self._forget_images(engine_input)
             raise InvalidRequestError("The engine rejected the request parameters.") from exc
         except Exception:
+            if not answered:
+                self._forget_images(engine_input)
             # A request vLLM failed to add (its serializer refusing a value, say) stays
             # registered in its client, counted unfinished for good; aborting it by our id
             # releases it.
@@ -744,6 +758,10 @@ class VLLMEngine(Engine):
             finished=out.finished,
             cached_tokens=out.num_cached_tokens or 0,
         )
+
+    def _forget_processed(self, processing: asyncio.Future) -> None:
+        if not processing.cancelled() and processing.exception() is None:
+            self._forget_images(processing.result())
 
     def _forget_images(self, engine_input) -> None:
         """Tell vLLM's processor cache that this processed input never reached the engine."""
@@ -763,12 +781,14 @@ class VLLMEngine(Engine):
             for token_id, position in zip(c.token_ids, c.logprobs):
                 chosen = position.get(token_id) if position else None
                 top = sorted((position or {}).items(), key=lambda item: item[1].rank or 0)
+                own = token_bytes(token_id)
                 logprobs.append(
                     TokenLogprob(
-                        token=(chosen.decoded_token if chosen else "") or "",
+                        token=_token_text(chosen.decoded_token if chosen else None, own),
                         logprob=_json_logprob(chosen.logprob) if chosen else -9999.0,
-                        top=[(lp.decoded_token or "", _json_logprob(lp.logprob), token_bytes(i)) for i, lp in top],
-                        bytes=token_bytes(token_id),
+                        top=[(_token_text(lp.decoded_token, raw), _json_logprob(lp.logprob), raw)
+                             for i, lp in top for raw in (token_bytes(i),)],
+                        bytes=own,
                     )
                 )
         finish = c.finish_reason
@@ -826,6 +846,7 @@ class _UnsentGuard:
         self._stream = stream
         self._forget = forget
         self._begun = False
+        self._loop = asyncio.get_running_loop()
 
     def __aiter__(self) -> "_UnsentGuard":
         return self
@@ -848,13 +869,30 @@ class _UnsentGuard:
             forget()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # (at interpreter exit the engine may be gone)
-            self._unsent()
+        # (a collection can run this on any thread, vLLM's processing thread among them,
+        # which changes the same cache: the loop's thread does it)
+        forget, self._forget = self._forget, None
+        if forget is not None:
+            try:
+                self._loop.call_soon_threadsafe(forget)
+            except RuntimeError:  # the loop has closed: nothing to keep in step
+                pass
 
 
 def _failed_before_any_token(out) -> bool:
     """The engine ended the request with "error" before it produced anything."""
     return bool(out.outputs) and all(c.finish_reason == "error" and not c.token_ids for c in out.outputs)
+
+
+def _token_text(decoded: str | None, raw: bytes | None) -> str:
+    """A token's text in logprobs: vLLM's decoding of it, or, where that is empty (a token
+    that ends inside a UTF-8 character), its bytes with those that are no whole character
+    escaped (`\\xe5`), so that a client keying alternatives by text keeps them apart."""
+    if decoded:
+        return decoded
+    if raw:
+        return raw.decode("utf-8", "backslashreplace")
+    return ""
 
 
 def _json_logprob(value: float) -> float:

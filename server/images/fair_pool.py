@@ -3,9 +3,10 @@
 Decoding a picture is CPU work of up to a second or so (a 50-megapixel PNG of 150 KB, within
 the decode limits), done by a few threads. First come, first served, one request with many
 such pictures, or a few clients sending them, put every other request's pictures behind
-theirs: a 32x32 picture waited 14 s behind 28 large ones. Here, while jobs wait, a free
+theirs: a 32x32 picture waited 5 s behind 28 large ones. Here, while jobs wait, a free
 worker takes the next job of the owner (a request) whose turn it is, round robin, so a
-request waits for at most one job of each other request ahead of it, not for all of them.
+request waits for about one job of each other request ahead of it, not for all of them,
+and one with many pictures gets a turn in every round however many requests come after it.
 """
 
 from __future__ import annotations
@@ -35,17 +36,18 @@ def owned_by(owner: object) -> Iterator[None]:
 
 class FairPool:
     """`workers` threads; jobs start as they come while a worker is free, then in turns by
-    owner (`owned_by`; jobs outside any block share one owner): a free worker takes the
-    first waiting job of the owner that has had the fewest jobs started (ties: the owner
-    that has waited longest)."""
+    owner (`owned_by`; jobs outside any block share one owner), round robin: owners queue in
+    the order they came, and one whose job ends goes to the back of that queue. A free
+    worker takes the first waiting job of the first owner in the queue with no job running,
+    else of the first owner in it."""
 
     def __init__(self, workers: int, thread_name_prefix: str) -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=thread_name_prefix)
         self._idle = workers
-        # owner -> its waiting jobs' start signals, owners in the order they began to wait
-        self._waiting: OrderedDict[object | None, deque[asyncio.Future[None]]] = OrderedDict()
-        # owner -> jobs started and jobs running, while it has any running or waiting
-        self._started: dict[object | None, int] = {}
+        # owner -> its waiting jobs' start signals
+        self._waiting: dict[object | None, deque[asyncio.Future[None]]] = {}
+        # owners with jobs running or waiting, in turn order; and their running jobs
+        self._order: OrderedDict[object | None, None] = OrderedDict()
         self._running: dict[object | None, int] = {}
 
     @property
@@ -77,9 +79,10 @@ class FairPool:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _turn(self, owner: object | None) -> None:
+        self._order.setdefault(owner)
         if self._idle and not self._waiting:
             self._idle -= 1
-            self._start(owner)
+            self._running[owner] = self._running.get(owner, 0) + 1
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(owner, deque()).append(waiter)
@@ -97,23 +100,23 @@ class FairPool:
                 self._forget(owner)
             raise
 
-    def _start(self, owner: object | None) -> None:
-        self._started[owner] = self._started.get(owner, 0) + 1
-        self._running[owner] = self._running.get(owner, 0) + 1
-
     def _finished(self, owner: object | None) -> None:
-        """A job of `owner` ended (or gave up its turn): its worker takes the next job."""
+        """A job of `owner` ended (or gave up its turn): the owner goes to the back of the
+        queue, and the worker takes the next job."""
         self._running[owner] -= 1
+        if owner in self._order:
+            self._order.move_to_end(owner)
         self._forget(owner)
         while self._waiting:
-            started = self._started
-            turn = min(self._waiting, key=lambda o: started.get(o, 0))
+            turn = next((o for o in self._order if o in self._waiting and not self._running.get(o)), None)
+            if turn is None:
+                turn = next(o for o in self._order if o in self._waiting)
             queue = self._waiting[turn]
             waiter = queue.popleft()
             if not queue:
                 del self._waiting[turn]
             if not waiter.done():
-                self._start(turn)
+                self._running[turn] = self._running.get(turn, 0) + 1
                 waiter.set_result(None)
                 return
             self._forget(turn)
@@ -122,7 +125,7 @@ class FairPool:
     def _forget(self, owner: object | None) -> None:
         if not self._running.get(owner) and owner not in self._waiting:
             self._running.pop(owner, None)
-            self._started.pop(owner, None)
+            self._order.pop(owner, None)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:

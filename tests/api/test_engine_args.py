@@ -111,6 +111,18 @@ def test_an_image_ceiling_above_the_checkpoints_raises_the_processors_bound(tiny
     assert not args.mm_processor_kwargs
 
 
+def test_a_token_that_ends_inside_a_character_has_its_bytes_as_text():
+    """vLLM decodes such a token to nothing; its text is then its bytes, the incomplete
+    character escaped, so that alternatives stay apart."""
+    from server.engine.vllm_engine import _token_text
+
+    assert _token_text("", "寷".encode()[:1]) == "\\xe5"
+    assert _token_text("", b"a" + "寷".encode()[:2]) == "a\\xe5\\xaf"
+    assert _token_text("", "é".encode()) == "é"
+    assert _token_text("寷", "寷".encode()[2:]) == "寷"  # vLLM's text wins where it has one
+    assert _token_text(None, None) == "" and _token_text("", None) == ""
+
+
 def test_log_probabilities_json_cannot_carry_become_minus_9999():
     """-inf (a token the sampler ruled out) and NaN (a model gone numerically wrong) are not
     JSON: the response encoder refused them (a 500), and a stream wrote a bare NaN."""
@@ -269,8 +281,9 @@ def test_a_picture_the_engine_lacks_is_sent_again_once():
 def test_a_request_never_sent_has_its_pictures_forgotten():
     """Processing a request tells vLLM's front end that its pictures went to the engine; they
     go when the stream is first read. A stream closed, or dropped, before that (a deadline or a
-    disconnect in between) has vLLM's cache forget them, so the next request with one of them
-    sends its data; a stream that was read does not."""
+    disconnect in between), a start cancelled while the processing ran on (in vLLM's thread),
+    and a request vLLM refused as it added it have vLLM's cache forget them, so the next
+    request with one of them sends its data; a stream that was read does not."""
     import asyncio
     import gc
     from types import SimpleNamespace
@@ -286,15 +299,24 @@ def test_a_request_never_sent_has_its_pictures_forgotten():
     class FakeAsyncLLM:
         errored = False
         renderer = SimpleNamespace(mm_processor_cache=SimpleNamespace(invalidate=forgotten.append))
+        processing_time = 0.0
+        refuse = False
 
         async def _process(self, prompt, arrival):
+            await asyncio.sleep(self.processing_time)
             return {"prompt_token_ids": prompt["prompt_token_ids"], "mm_hashes": {"image": ["h1", "h2"]}}
 
         async def generate(self, engine_input, params, request_id):
+            if self.refuse:  # (vLLM refusing the request as it adds it: never sent)
+                raise RuntimeError("cannot serialize")
             yield answer
 
-    FakeAsyncLLM.renderer.process_for_engine_async = FakeAsyncLLM()._process
-    engine = VLLMEngine(FakeAsyncLLM(), ModelInfo(family="qwen2-vl", max_model_len=64, tokenizer=None), stats=None)
+        async def abort(self, request_id):
+            pass
+
+    llm = FakeAsyncLLM()
+    FakeAsyncLLM.renderer.process_for_engine_async = llm._process
+    engine = VLLMEngine(llm, ModelInfo(family="qwen2-vl", max_model_len=64, tokenizer=None), stats=None)
     request = GenerationRequest(request_id="r", prompt_token_ids=[1, 2, 3], images=[object(), object()],
                                 image_ids=["a", "b"], sampling=SamplingOptions(max_tokens=8))
 
@@ -318,6 +340,26 @@ def test_a_request_never_sent_has_its_pictures_forgotten():
     async def dropped_unread():
         await engine.start(request)
         gc.collect()
+        await asyncio.sleep(0)  # (the event loop forgets them)
+
+    async def cancelled_while_processing():
+        llm.processing_time = 0.2
+        starting = asyncio.ensure_future(engine.start(request))
+        await asyncio.sleep(0.05)
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        before = list(forgotten)
+        await asyncio.sleep(0.3)  # the processing ends, and counts them sent
+        llm.processing_time = 0.0
+        return before
+
+    async def refused_as_it_was_sent():
+        llm.refuse = True
+        with pytest.raises(RuntimeError):
+            async for _ in await engine.start(request):
+                pass
+        llm.refuse = False
 
     asyncio.run(closed_unread())
     assert forgotten == ["h1", "h2"]
@@ -328,4 +370,10 @@ def test_a_request_never_sent_has_its_pictures_forgotten():
     assert forgotten == ["h1", "h2"]
     forgotten.clear()
     asyncio.run(dropped_unread())
+    assert forgotten == ["h1", "h2"]
+    forgotten.clear()
+    assert asyncio.run(cancelled_while_processing()) == []
+    assert forgotten == ["h1", "h2"]
+    forgotten.clear()
+    asyncio.run(refused_as_it_was_sent())
     assert forgotten == ["h1", "h2"]

@@ -207,9 +207,11 @@ def test_unknown_model_names_are_quoted_short(srv):
     # anchors inside a pattern, which the grammar drops: "a^b" matches nothing, and "ab" came out
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
         "a": {"type": "string", "pattern": "a^b"}}, "required": ["a"]}}},
-     "response_format.json_schema.schema", "'^' or '$' other than at its start and end"),
+     "response_format.json_schema.schema", "'^' or '$' where something may come before or after it"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(x$|y)z"}}},
-     "response_format.json_schema.schema", "'^' or '$' other than at its start and end"),
+     "response_format.json_schema.schema", "'^' or '$' where something may come before or after it"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "[^]a$b"}}},
+     "response_format.json_schema.schema", "'^' or '$' where something may come before or after it"),
     # length bounds: seconds of compiling each (ten of them in 550 bytes: 92 s)
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
         f"p{i}": {"type": "string", "maxLength": 666_666_001 + i} for i in range(10)}}}},
@@ -233,9 +235,11 @@ def test_recursive_and_fully_required_schemas_are_served(srv):
     # keyword names as property names and in enum values are not keywords
     names = {"type": "object", "properties": {k: {"type": "string", "enum": [{"not": 1}, "if"]} for k in
                                               ("not", "if", "then", "else", "dependentRequired", "$ref")}}
-    # anchors at the ends, and "^" and "$" as characters (escaped, in a class, a class's negation)
+    # anchors at the ends (of alternatives too), and "^" and "$" as characters (escaped, in a
+    # class, a class's negation)
     anchored = {"type": "object", "properties": {k: {"type": "string", "pattern": v} for k, v in (
-        ("a", "^[a-z]+$"), ("b", "[^$]x\\^"), ("c", "^\\$[0-9]+$"), ("d", "[]^]y"))}}
+        ("a", "^[a-z]+$"), ("b", "[^$]x\\^"), ("c", "^\\$[0-9]+$"), ("d", "[\\]^]y"), ("e", "^\\d{5}$|^$"),
+        ("f", "^(?:ab$|c$)"))}}
     bounded = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 100},
                                                 "summary": {"type": "string", "minLength": 10, "maxLength": 200},
                                                 "tags": {"type": "array", "maxItems": 5000}}}

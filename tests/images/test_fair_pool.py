@@ -83,3 +83,42 @@ def test_a_failing_job_frees_its_worker():
         pool.shutdown()
 
     asyncio.run(run())
+
+
+def test_an_owner_with_many_jobs_is_not_starved_by_new_owners():
+    """Owners that come while an owner's jobs wait queue behind it: a request with many
+    pictures gets a turn in every round, however many one-picture requests keep coming."""
+    async def run():
+        pool = FairPool(1, "test")
+        started, gates = [], {}
+
+        def job(name):
+            gates[name] = threading.Event()
+
+            def work():
+                started.append(name)
+                gates[name].wait(10)
+            return work
+
+        def submit(owner, name):
+            with owned_by(owner):
+                return asyncio.create_task(pool.run(job(name)))
+
+        async def finish(name):
+            gates[name].set()
+            await asyncio.sleep(0.05)
+
+        tasks = [submit("a", n) for n in ("a1", "a2", "a3")]
+        await asyncio.sleep(0.05)
+        tasks += [submit("b", "b1"), submit("c", "c1")]
+        await asyncio.sleep(0.05)
+        await finish("a1")  # b1 starts
+        tasks.append(submit("d", "d1"))  # comes while a waits: after a's next turn
+        await asyncio.sleep(0.05)
+        for name in ("b1", "c1", "a2", "d1", "a3"):
+            await finish(name)
+        await asyncio.gather(*tasks)
+        pool.shutdown()
+        return started
+
+    assert asyncio.run(run()) == ["a1", "b1", "c1", "a2", "d1", "a3"]
