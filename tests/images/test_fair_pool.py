@@ -12,20 +12,28 @@ import pytest
 from server.images.fair_pool import FairPool, owned_by
 
 
+class GatedJobs:
+    """`job(name)`: a job that records its start in `started` and ends when `gates[name]` is set."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.gates: dict[str, threading.Event] = {}
+
+    def job(self, name: str):
+        self.gates[name] = threading.Event()
+
+        def work():
+            self.started.append(name)
+            self.gates[name].wait(10)
+            return name
+        return work
+
+
 def test_waiting_jobs_start_one_owner_at_a_time():
     async def run():
         pool = FairPool(1, "test")
-        started, gates = [], {}
-
-        def job(name):
-            gates[name] = threading.Event()
-
-            def work():
-                started.append(name)
-                gates[name].wait(10)
-                return name
-            return work
-
+        jobs = GatedJobs()
+        started, gates, job = jobs.started, jobs.gates, jobs.job
         tasks = []
         for owner, names in (("a", ["a1", "a2", "a3"]), ("b", ["b1", "b2"]), ("c", ["c1"])):
             with owned_by(owner):
@@ -90,15 +98,8 @@ def test_an_owner_with_many_jobs_is_not_starved_by_new_owners():
     pictures gets a turn in every round, however many one-picture requests keep coming."""
     async def run():
         pool = FairPool(1, "test")
-        started, gates = [], {}
-
-        def job(name):
-            gates[name] = threading.Event()
-
-            def work():
-                started.append(name)
-                gates[name].wait(10)
-            return work
+        jobs = GatedJobs()
+        started, gates, job = jobs.started, jobs.gates, jobs.job
 
         def submit(owner, name):
             with owned_by(owner):
