@@ -127,10 +127,27 @@ def target_size(spec: FamilySpec, width: int, height: int, max_pixels: int | Non
             if w * h > max_pixels:
                 w = max(f, math.floor(width * scale / f) * f)
                 h = max(f, math.floor(height * scale / f) * f)
+            # A thin picture's short side stays one patch (f) however small the scale, so its
+            # long side takes what the ceiling leaves (3000x16 under 20,000 pixels: 608x32,
+            # not 1920x32, which was more than the picture cost with no ceiling at all).
+            if w * h > max_pixels:
+                if h == f:
+                    w = max(f, max_pixels // (f * f) * f)
+                elif w == f:
+                    h = max(f, max_pixels // (f * f) * f)
     if spec.max_aspect_ratio is not None:
-        # Rounding a short side down can push a ratio just under the limit over it.
-        if w > h * spec.max_aspect_ratio:
-            h = math.ceil(w / spec.max_aspect_ratio)
-        elif h > w * spec.max_aspect_ratio:
-            w = math.ceil(h / spec.max_aspect_ratio)
+        # Rounding a short side down can push a ratio just under the limit over it. On the
+        # processor's grid the long side gives way (to a multiple of `factor`, the area
+        # still under the ceiling); without one the short side grows by the few pixels needed.
+        limit = spec.max_aspect_ratio
+        if spec.factor is not None and max(w, h) > min(w, h) * limit:
+            f = spec.factor
+            if w > h:
+                w = max(f, math.floor(h * limit / f) * f)
+            else:
+                h = max(f, math.floor(w * limit / f) * f)
+        elif w > h * limit:
+            h = math.ceil(w / limit)
+        elif h > w * limit:
+            w = math.ceil(h / limit)
     return w, h

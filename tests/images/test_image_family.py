@@ -90,6 +90,27 @@ def test_a_downscaled_picture_is_one_the_processor_keeps(spec):
 
 
 @pytest.mark.parametrize("spec", [QWEN2, QWEN3])
+def test_a_thin_picture_keeps_under_a_small_ceiling(spec):
+    """Its short side cannot shrink below one patch, so the long side gives way: a 3000x16
+    picture under max_pixels 20,000 was sent as 1920x32 (three times the ceiling, and more
+    tokens than with no ceiling at all). Nor does keeping the aspect ratio within 200:1 after
+    rounding take it over the ceiling or off the processor's grid (7585x41 under 247,247
+    pixels went out as 7588x38)."""
+    f = spec.factor
+    assert target_size(spec, 3000, 16, 20_000) == (20_000 // (f * f) * f, f)
+    assert target_size(spec, 16, 3000, 20_000) == (f, 20_000 // (f * f) * f)
+    rng = random.Random(5)
+    for _ in range(2000):
+        short, ratio = rng.randint(1, 60), rng.randint(2, 200)
+        width, height = (short * ratio, short) if rng.random() < 0.5 else (short, short * ratio)
+        ceiling = rng.randint(1, 400_000)
+        w, h = target_size(spec, width, height, ceiling)
+        if width * height > ceiling:
+            assert w * h <= max(ceiling, f * f), (width, height, ceiling, w, h)
+            assert w % f == 0 and h % f == 0 and max(w, h) <= 200 * min(w, h)
+
+
+@pytest.mark.parametrize("spec", [QWEN2, QWEN3])
 def test_smart_resize_accepts_every_image_we_pass_on(spec):
     rng = random.Random(7)
     shapes = [(1, 1), (1, 200), (200, 1), (41, 8190), (8190, 41), (3, 599), (27, 27), (28, 5600), (1, 150)]
