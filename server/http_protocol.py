@@ -51,6 +51,40 @@ def _framed(status: int, reason: str, body: bytes) -> bytes:
             f"content-length: {len(body)}\r\nx-request-id: {rid}\r\nconnection: close\r\n\r\n").encode() + body
 
 
+class _LingeringTransport:
+    """A connection's transport as the protocol and uvicorn's request cycles see it. Closed
+    while the client is still sending its request (an answer given before the whole body
+    arrived: the app's 408 for a body too slow, 413, 401), it ends the connection as a
+    refusal does (`_answer`): the kernel resets a socket closed with unread input, and the
+    reset could discard the answer before the client read it (seen: a client dripping its
+    body got "connection reset" instead of the 408)."""
+
+    def __init__(self, transport: Any, protocol: Any) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._eof = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._eof or self._transport.is_closing()
+
+    def write_eof(self) -> None:
+        self._eof = True
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        protocol, transport = self._protocol, self._transport
+        if (not self._eof and protocol._in_message and not transport.is_closing()
+                and transport.can_write_eof()):
+            protocol._refused = True  # what the client still sends is read and dropped
+            self.write_eof()
+            protocol.loop.call_later(_LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
+
+
 def guarded_protocol(max_header_bytes: int, header_timeout: float,
                      send_timeout: float | None = None) -> type[HttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)`.
@@ -94,6 +128,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = _LingeringTransport(self.transport, self)
             self._arm_head_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
