@@ -17,7 +17,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import ValidationError
 
@@ -177,6 +177,15 @@ def serve(settings: Settings, model: str) -> int:
     return exit_code["code"]
 
 
+def _refusal_counter(app) -> Callable[[str], None] | None:
+    """Counts the HTTP layer's own refusals (431, 414, 408, malformed HTTP) in the app's
+    error counter, beside the app's errors."""
+    metrics = getattr(getattr(getattr(app, "state", None), "runtime", None), "metrics", None)
+    if metrics is None:
+        return None
+    return lambda code: metrics.errors.labels(code).inc()
+
+
 def uvicorn_config(app, settings: Settings, **overrides: Any):
     """uvicorn's configuration for `app` under `settings` (`overrides`: uvicorn.Config's own
     arguments, for tests)."""
@@ -188,7 +197,8 @@ def uvicorn_config(app, settings: Settings, **overrides: Any):
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout, settings.send_timeout),
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout, settings.send_timeout,
+                              on_refusal=_refusal_counter(app)),
         ws="none",  # no WebSocket routes: an Upgrade header gets plain HTTP handling
         timeout_keep_alive=75,  # longer than typical LB idle timeouts (nginx keepalive 60 s)
         access_log=False,  # one structured line per request comes from our middleware

@@ -15,7 +15,7 @@ import json
 import logging
 import struct
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -86,8 +86,11 @@ class _LingeringTransport:
 
 
 def guarded_protocol(max_header_bytes: int, header_timeout: float,
-                     send_timeout: float | None = None) -> type[HttpToolsProtocol]:
-    """A protocol class for `uvicorn.Config(http=...)`.
+                     send_timeout: float | None = None,
+                     on_refusal: Callable[[str], None] | None = None) -> type[HttpToolsProtocol]:
+    """A protocol class for `uvicorn.Config(http=...)`. `on_refusal` is called with the
+    error code of every refusal it answers itself (the app never sees those requests, so
+    its error counter would not).
 
     - A request head (request line and headers) larger than `max_header_bytes` gets a 431
       and the connection is closed, with at most one read's worth (256 KiB) buffered past it.
@@ -338,6 +341,8 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
             "connection reset"): so shut down our side, drop what still arrives, and close
             when the client does or after a grace period."""
             self.transport.write(_framed(*response))
+            if on_refusal is not None:
+                on_refusal(json.loads(response[2])["error"]["code"])
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(_LINGER_SECONDS, self.transport.close)

@@ -95,22 +95,42 @@ class Runtime:
             post_start()
 
     async def _watch_engine(self) -> None:
+        busy_since: float | None = None  # (monotonic) since when the engine has held requests
         while True:
             await asyncio.sleep(0.5)
             engine = self.engine
-            if engine is not None and engine.is_dead and not self.dead:
-                self.dead = True
+            if engine is None or self.dead:
+                continue
+            if engine.is_dead:
                 log.error("the inference engine died; failing open requests and exiting")
-                # End open requests ourselves rather than wait for vLLM to fail them: its
-                # teardown can outlast the server's own exit, and a stream cut mid-way
-                # tells the client nothing.
-                self.abort(ENGINE_STOPPED)
-                try:
-                    await asyncio.wait_for(self.admission.wait_idle(), 5)
-                except asyncio.TimeoutError:
-                    log.error("requests still open after the engine died")
-                self._fatal(1)
+                await self._engine_lost()
                 return
+            limit = self.settings.engine_stall_timeout
+            if not limit or engine.num_unfinished_requests() == 0:
+                busy_since = None
+                continue
+            now = time.monotonic()
+            busy_since = busy_since or now
+            quiet = now - max(busy_since, engine.last_output_at() or busy_since)
+            if quiet > limit:
+                log.error("the inference engine has held requests for %.0f s without any output "
+                          "(--engine-stall-timeout %g); taking it for hung, failing open requests "
+                          "and exiting", quiet, limit)
+                await self._engine_lost()
+                return
+
+    async def _engine_lost(self) -> None:
+        """The engine died or hung: fail every open request, then end the process (status 1)."""
+        self.dead = True
+        # End open requests ourselves rather than wait for vLLM to fail them: its
+        # teardown can outlast the server's own exit, and a stream cut mid-way
+        # tells the client nothing.
+        self.abort(ENGINE_STOPPED)
+        try:
+            await asyncio.wait_for(self.admission.wait_idle(), 5)
+        except asyncio.TimeoutError:
+            log.error("requests still open after the engine stopped")
+        self._fatal(1)
 
     def abort(self, message: str) -> None:
         """End every open request: streams with an SSE error event saying `message`, the

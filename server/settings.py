@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         "assistant tool calls, together) over all of one request's messages.")
     max_n: int = Field(8, ge=1, description="Largest n.")
     request_timeout: float = Field(600.0, gt=0, description="Per-request deadline in seconds.")
+    engine_stall_timeout: float = Field(
+        300.0, ge=0, description="Seconds the engine may hold requests without handing out any "
+        "output (not one engine step) before it is taken for hung (a stuck device, a frozen "
+        "process): open requests then fail with a 503, /health and /ready turn 503, and the "
+        "process exits 1 for its supervisor to restart it. Raise it for a model whose single "
+        "steps take minutes; 0 turns the check off.")
     send_timeout: float = Field(
         60.0, gt=0, description="Longest wait, in seconds, for a client to take the next part of "
         "a response; a client that stops reading then loses the connection (and its slot)."

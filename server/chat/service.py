@@ -18,7 +18,14 @@ from typing import Any
 from server.chat.prompt import Conversation, PromptRenderer, collect
 from server.chat.specials import SpecialTokenFilter
 from server.chat.sse import sse_done, sse_event
-from server.engine.base import Engine, GenerationChunk, GenerationRequest, SamplingOptions, TokenLogprob
+from server.engine.base import (
+    LARGE_DELTA_TOKENS,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingOptions,
+    TokenLogprob,
+)
 from server.errors import (
     APIError,
     ContextLengthError,
@@ -430,8 +437,12 @@ class ChatService:
                             text = cleaner.feed(text) + (cleaner.flush() if c.finish_reason else "")
                         texts[c.index].append(text)
                         if text or c.logprobs:
-                            held.append(chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=text),
-                                                           logprobs=self._logprobs(p, c.logprobs or []))]))
+                            def event(c=c, text=text) -> str:
+                                return chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=text),
+                                                          logprobs=self._logprobs(p, c.logprobs or []))])
+
+                            held.append(await asyncio.to_thread(event) if len(c.logprobs or ()) > LARGE_DELTA_TOKENS
+                                        else event())
                         if c.finish_reason:
                             unfinished -= 1
                             text = "".join(texts[c.index])

@@ -128,6 +128,13 @@ class GenerationChunk:
     cached_tokens: int = 0  # prompt tokens found in the engine's prefix cache
 
 
+#: Tokens with logprobs in one delta beyond which turning it into events is done off the
+#: event loop. A delta is one token while its client keeps up; a stream whose client stalls
+#: gets every token made meanwhile merged into one delta (vLLM's DELTA outputs), and
+#: converting 10,000 tokens with 20 alternatives each held the loop, /health with it, 3 s.
+LARGE_DELTA_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class EngineStats:
     running: int = 0
@@ -169,6 +176,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def num_unfinished_requests(self) -> int: ...
+
+    def last_output_at(self) -> float | None:
+        """`time.monotonic()` when the engine last handed out anything (any request's output,
+        or a step's statistics); None when it cannot tell. Read to find an engine that is
+        alive but makes no progress (a hung device, a frozen process)."""
+        return None
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...

@@ -6,6 +6,7 @@ grounding boxes; this one writes exactly what a test asks for.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -42,6 +43,7 @@ class ScriptedEngine(Engine):
         self._running: set[str] = set()
         self.aborted: list[str] = []
         self.dead = False
+        self.last_output: float | None = None
 
     def enqueue(self, *replies: str) -> None:
         self._replies.extend(replies)
@@ -92,6 +94,7 @@ class ScriptedEngine(Engine):
                         continue
                     choices.append(ChoiceDelta(index=k, text=piece, token_ids=[0], logprobs=logprobs,
                                                finish_reason=finish if last else None))
+                self.last_output = time.monotonic()
                 yield GenerationChunk(prompt_tokens=n_prompt, choices=choices, finished=last)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request.request_id)
@@ -115,6 +118,9 @@ class ScriptedEngine(Engine):
 
     def num_unfinished_requests(self) -> int:
         return len(self._running)
+
+    def last_output_at(self) -> float | None:
+        return self.last_output
 
     async def shutdown(self) -> None:
         return None

@@ -22,6 +22,7 @@ from typing import Any
 from server.chat.specials import keep_grounding_tags_when_skipping
 from server.engine import parent_watch
 from server.engine.base import (
+    LARGE_DELTA_TOKENS,
     ChoiceDelta,
     Engine,
     EngineDeadError,
@@ -300,6 +301,7 @@ class _StatsCapture:
 
     def __init__(self) -> None:
         self.latest = EngineStats()
+        self.recorded_at: float | None = None  # (monotonic) the latest engine step's record
 
     def factory(self, vllm_config, engine_index: int = 0):
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -311,6 +313,7 @@ class _StatsCapture:
                 pass
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                capture.recorded_at = time.monotonic()
                 if scheduler_stats is not None:
                     capture.latest = EngineStats(
                         running=scheduler_stats.num_running_reqs,
@@ -724,7 +727,11 @@ class VLLMEngine(Engine):
                             for earlier in held:
                                 yield self._chunk(earlier, copies)
                             held.clear()
-                        yield self._chunk(out, copies)
+                        if out.outputs and out.outputs[0].logprobs is not None and \
+                                sum(len(c.token_ids) for c in out.outputs) > LARGE_DELTA_TOKENS:
+                            yield await asyncio.to_thread(self._chunk, out, copies)
+                        else:
+                            yield self._chunk(out, copies)
                 if not missed:
                     return
                 log.warning("request %s: the engine lacked a picture its front end thought sent; "
@@ -821,6 +828,9 @@ class VLLMEngine(Engine):
 
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()
+
+    def last_output_at(self) -> float | None:
+        return self._stats.recorded_at
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, _Closed()

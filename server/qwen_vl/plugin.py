@@ -15,8 +15,10 @@ it reads a model's config. Three registrations make a published Qwen-VL checkpoi
 Every registration overwrites the previous one for the same key, so calling this again is
 harmless. It imports transformers and tiktoken (already loaded in any vLLM process), not torch.
 
-The same hook, being the one piece of this project that runs in vLLM's engine core, starts
-`server.engine.parent_watch` there (which does nothing in other processes).
+The same hook, being the one piece of this project that runs in vLLM's engine core and model
+workers, starts `server.engine.parent_watch` there (which does nothing in other processes)
+and lets seeded sampling survive a chunked prefill on the CPU build
+(`server.engine.seeded_sampling`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def register() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from server.engine.parent_watch import watch_parent
+    from server.engine.seeded_sampling import install as install_seeded_sampling
     from server.qwen_vl.config import QWenConfig
     from server.qwen_vl.tokenizer import QWenTokenizer
     from vllm import ModelRegistry
@@ -39,3 +42,4 @@ def register() -> None:
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, MODEL_CLASS)
     watch_parent()
+    install_seeded_sampling()

@@ -67,6 +67,16 @@ def error_of(response: bytes) -> tuple[int, dict]:
     return status, json.loads(body)["error"]
 
 
+def refusal_of(srv, raw: bytes) -> tuple[int, dict]:
+    """Send `raw` on a new connection; the status and error of the answer that ends it."""
+    sock = connect(srv)
+    try:
+        sock.sendall(raw)
+        return error_of(read_all(sock))
+    finally:
+        sock.close()
+
+
 def healthy(srv) -> bool:
     return httpx.get(srv.base_url + "/health", timeout=5).status_code == 200
 
@@ -262,12 +272,7 @@ def test_a_slow_body_is_the_body_timeouts_business_not_the_heads(srv):
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
 ])
 def test_bytes_that_are_not_http_get_a_json_400(srv, raw):
-    sock = connect(srv)
-    try:
-        sock.sendall(raw)
-        status, err = error_of(read_all(sock))
-    finally:
-        sock.close()
+    status, err = refusal_of(srv, raw)
     assert status == 400 and err["code"] == "invalid_http"
     assert healthy(srv)
 
@@ -448,3 +453,25 @@ def test_a_request_target_over_the_limit_gets_a_414(srv, whole):
         status, err = error_of(read_all(sock))
     assert status == 414 and err["code"] == "uri_too_long", err
     assert healthy(srv)
+
+
+def _errors_counted(srv, code: str) -> float:
+    text = httpx.get(srv.base_url + "/metrics", timeout=5).text
+    m = re.search(rf'(?m)^qwenvl_errors_total\{{code="{code}"\}} (\S+)$', text)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"GARBAGE\r\n\r\n", "invalid_http"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 10) + b"\r\n\r\n",
+     "headers_too_large"),
+    (b"GET /" + b"a" * (MAX_HEADER_BYTES + 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n", "uri_too_long"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n", "header_timeout"),
+])
+def test_the_protocols_own_refusals_are_counted_as_errors(srv, raw, code):
+    """Alerts on the error counter see header floods, slow heads and garbage too, not only
+    what reached the app."""
+    before = _errors_counted(srv, code)
+    _, err = refusal_of(srv, raw)
+    assert err["code"] == code
+    assert _errors_counted(srv, code) == before + 1

@@ -303,6 +303,34 @@ def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path, ht
     assert saw_503 or code != 0
 
 
+def test_a_frozen_engine_core_is_taken_for_hung_and_the_process_exits(tiny_model, tmp_path, http):
+    """An engine core that stops (SIGSTOP here; a hung device or a deadlock alike) is not
+    dead to vLLM: past --engine-stall-timeout without output the server fails its requests
+    and exits non-zero (/health says 503 meanwhile: the scripted test in test_robustness.py),
+    and leaves no engine process behind."""
+    srv = start(tiny_model, tmp_path, "--engine-stall-timeout", "3")
+    results: list = []
+    stream = open_stream(http, srv.base_url, results, **LONG)
+    wait_streaming([stream], srv, results)
+    family = psutil.Process(srv.proc.pid).children(recursive=True)
+    cores = [p for p in family if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+    assert cores, "no engine core process found"
+    for p in cores:
+        p.suspend()
+    code = srv.wait(40)
+    assert code != 0
+    stream.thread.join(30)
+    assert results and results[0][0] == "ok", f"{results}\n{srv.log_tail(30)}"
+    lines = results[0][2]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["code"] == "service_unavailable"
+    assert "taking it for hung" in srv.log_tail(200)
+    deadline = time.monotonic() + 25
+    while left := [p for p in family if p.is_running() and not _zombie(p)]:
+        assert time.monotonic() < deadline, left
+        time.sleep(0.2)
+
+
 def test_an_engine_core_outlives_no_killed_server(tiny_model, tmp_path, http):
     """SIGKILL (or the OOM killer) gives the server no chance to stop its engine core, which
     ran on, with its model workers, as an orphan holding their memory."""

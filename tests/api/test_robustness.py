@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from server.app import create_app
-from server.engine.base import ModelInfo
+from server.engine.base import LARGE_DELTA_TOKENS, ChoiceDelta, GenerationChunk, ModelInfo, TokenLogprob
 from server.engine.scripted import ScriptedEngine
 from server.settings import Settings
 from support.app_server import AppServer, scripted_app, scripted_server
@@ -431,6 +431,90 @@ def test_a_dead_engine_ends_open_requests_cleanly_and_the_process_exits(tiny_tok
             time.sleep(0.05)
         assert fatal == [1]  # the process exits non-zero (the orchestrator restarts it)
         assert httpx.get(srv.base_url + "/health").status_code == 503
+
+
+class MergedDeltaEngine(ScriptedEngine):
+    """Hands a whole answer out as one delta, as vLLM does for a stream whose client fell
+    behind (every token made meanwhile merged), each token with its alternatives."""
+
+    tokens = 3 * LARGE_DELTA_TOKENS
+
+    async def _stream(self, request, reply, n_prompt, cut=None, only=None):
+        k = request.sampling.logprobs
+        logprobs = None if k is None else [
+            TokenLogprob(token=f"t{i}", logprob=-0.5, top=[(f"t{i}", -0.5, None)] + [(f"a{j}", -1.0 - j, None)
+                                                                                  for j in range(k)])
+            for i in range(self.tokens)]
+        text = "".join(f"t{i}" for i in range(self.tokens))
+        yield GenerationChunk(prompt_tokens=n_prompt, finished=True, choices=[
+            ChoiceDelta(index=0, text=text, token_ids=list(range(self.tokens)), logprobs=logprobs,
+                        finish_reason="length")])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_delta_of_many_tokens_with_logprobs_comes_out_whole(tiny_tokenizer, stream):
+    """A delta past LARGE_DELTA_TOKENS is turned into events off the event loop: the same
+    events, every token with its alternatives, in order."""
+    engine = MergedDeltaEngine(ModelInfo(family="qwen2-vl", max_model_len=8192, tokenizer=tiny_tokenizer))
+    app, _ = scripted_app(tiny_tokenizer, engine=engine)
+    with AppServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        ask = dict(model="scripted", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=3)
+        if stream:
+            content, logprobs = "", []
+            for ch in client.chat.completions.create(stream=True, **ask):
+                if ch.choices and ch.choices[0].delta.content:
+                    content += ch.choices[0].delta.content
+                if ch.choices and ch.choices[0].logprobs and ch.choices[0].logprobs.content:
+                    logprobs += ch.choices[0].logprobs.content
+        else:
+            choice = client.chat.completions.create(**ask).choices[0]
+            content, logprobs = choice.message.content, choice.logprobs.content
+    n = MergedDeltaEngine.tokens
+    assert content == "".join(f"t{i}" for i in range(n))
+    assert [lp.token for lp in logprobs] == [f"t{i}" for i in range(n)]
+    assert all([t.token for t in lp.top_logprobs] == [lp.token, "a0", "a1"] for lp in logprobs)
+
+
+@pytest.mark.parametrize("stall_timeout", [1.0, 0.0])
+def test_an_engine_that_holds_requests_and_outputs_nothing_is_taken_for_hung(tiny_tokenizer, stall_timeout):
+    """A hung engine (a stuck device, a frozen engine process) is not dead: vLLM reports
+    nothing wrong. Past --engine-stall-timeout without any output it is treated as dead:
+    open requests fail, /health turns 503, the process exits 1. 0 turns that off."""
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer),
+                            default_reply="ab", chunk_chars=1, delay=6.0)  # silent 6 s before each token
+    fatal: list[int] = []
+    settings = Settings(served_model_name="scripted", engine_stall_timeout=stall_timeout)
+    app = create_app(settings, engine=engine, model_names=["scripted"], on_fatal=fatal.append)
+    with AppServer(app) as srv:
+        started = time.monotonic()
+        r = chat(srv.base_url, timeout=20, max_tokens=1)
+        took = time.monotonic() - started
+        if stall_timeout:
+            assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+            assert took < 4  # the stall, not the engine, ended it
+            deadline = time.monotonic() + 5
+            while not fatal and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fatal == [1]
+            assert httpx.get(srv.base_url + "/health").status_code == 503
+        else:
+            assert r.status_code == 200 and took >= 6
+            assert not fatal and httpx.get(srv.base_url + "/health").status_code == 200
+
+
+def test_an_engine_that_keeps_handing_out_tokens_is_not_taken_for_hung(tiny_tokenizer):
+    """Slow but moving: tokens every 0.4 s for 3 s under a 1 s stall limit."""
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer),
+                            default_reply="abcdefgh", chunk_chars=1, delay=0.4)
+    fatal: list[int] = []
+    settings = Settings(served_model_name="scripted", engine_stall_timeout=1.0)
+    app = create_app(settings, engine=engine, model_names=["scripted"], on_fatal=fatal.append)
+    with AppServer(app) as srv:
+        time.sleep(2)  # idle for longer than the limit first: an idle engine owes no output
+        r = chat(srv.base_url, timeout=20)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "abcdefgh"
+        assert not fatal and httpx.get(srv.base_url + "/health").status_code == 200
 
 
 @pytest.mark.parametrize(("reason", "status", "code"), [("error", 500, "generation_failed"),
