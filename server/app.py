@@ -28,8 +28,10 @@ def default_images_factory(settings: Settings, metrics: Metrics) -> Callable[[En
         from server.images import ImageLoader
 
         max_pixels = engine.info.image_processor.get("max_pixels")
+        square = engine.info.image_processor.get("image_size")
         return ImageLoader(settings, metrics, family=engine.info.family,
-                           model_max_pixels=max_pixels if isinstance(max_pixels, int) else None)
+                           model_max_pixels=max_pixels if isinstance(max_pixels, int) else None,
+                           model_square_side=square if isinstance(square, int) else None)
 
     return build
 

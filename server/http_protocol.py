@@ -30,6 +30,10 @@ try:  # the kernel's count of a socket's unsent and unacknowledged bytes (Linux,
 except (ImportError, AttributeError):
     _TIOCOUTQ = None
 
+#: The ASGI scope extension (a callable) that sends the next response head with the body
+#: written after it (`_LingeringTransport.hold_next_write`).
+HOLD_HEAD = "qwenvl.hold_head"
+
 #: How long a refused connection is kept reading (and dropping) input after its answer.
 _LINGER_SECONDS = 2.0
 
@@ -63,18 +67,46 @@ class _LingeringTransport:
         self._transport = transport
         self._protocol = protocol
         self._eof = False
+        self._hold = False
+        self._held = b""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+    def hold_next_write(self) -> None:
+        """Keep the next write (a response head) and send it with the one after (the body
+        that follows at once): one send, and one wake-up of the client, where uvicorn
+        makes two. Whatever is held goes out with any later write, and before an EOF or close."""
+        self._hold = True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        if self._hold:
+            self._hold = False
+            self._held = bytes(data)
+            return
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        self._hold = False
+        if self._held and not self._transport.is_closing():
+            self._transport.write(self._held)
+        self._held = b""
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._held)
 
     def is_closing(self) -> bool:
         return self._eof or self._transport.is_closing()
 
     def write_eof(self) -> None:
+        self._flush()
         self._eof = True
         self._transport.write_eof()
 
     def close(self) -> None:
+        self._flush()
         protocol, transport = self._protocol, self._transport
         if (not self._eof and protocol._in_message and not transport.is_closing()
                 and transport.can_write_eof()):
@@ -244,8 +276,10 @@ def guarded_protocol(max_header_bytes: int, header_timeout: float,
             self._disarm_head_timer()
             if self._head_size <= max_header_bytes:
                 super().on_headers_complete()
-                if self.cycle is not None and self.cycle.scope.get("http_version") == "1.0":
-                    _unframed_for_http10(self.cycle)
+                if self.cycle is not None:
+                    self.cycle.scope.setdefault("extensions", {})[HOLD_HEAD] = self.transport.hold_next_write
+                    if self.cycle.scope.get("http_version") == "1.0":
+                        _unframed_for_http10(self.cycle)
                 return
             # A head that arrived whole in one read, measured as parsed. (The parser goes on
             # with the rest of this read; every callback below ignores it once refused.)

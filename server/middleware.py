@@ -30,6 +30,7 @@ from server.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from server.http_protocol import HOLD_HEAD
 from server.settings import Settings
 
 access_log = logging.getLogger("qwenvl.access")
@@ -44,6 +45,18 @@ _LOGGED_PATH_CHARS = 256
 
 class _State(dict):
     """Per-request fields for the access log (status, tokens, images, ...)."""
+
+
+def _body_follows(scope: Scope, response_headers: MutableHeaders) -> bool:
+    """Whether a response's body is written right after its head, so that the head can wait
+    for it (`HOLD_HEAD`): a body of known, non-zero length (Starlette's responses send it at
+    once), or an event stream (`EventStreamResponse` sends its head with the first event)."""
+    if scope.get("method") == "HEAD":
+        return False  # (no body is written)
+    if response_headers.get("content-type", "").startswith("text/event-stream"):
+        return True
+    length = response_headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) > 0
 
 
 async def _send_error(send: Send, err: APIError, extra_headers: dict[str, str]) -> None:
@@ -116,6 +129,8 @@ class GatewayMiddleware:
         if body_unasked:
             receive = _on_first_call(receive, lambda: status_holder.update(body_asked=True))
 
+        hold_head = scope.get("extensions", {}).get(HOLD_HEAD)
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
@@ -127,6 +142,8 @@ class GatewayMiddleware:
                     # (a client, or a proxy's kept-alive upstream connection, goes on to a
                     # replica that stays, rather than sending here until the process exits)
                     response_headers["connection"] = "close"
+                if hold_head is not None and _body_follows(scope, response_headers):
+                    hold_head()
                 await send(message)
                 return
             # A client that stops reading would otherwise hold the response (and its

@@ -295,15 +295,19 @@ class Runtime:
     async def stream_with_deadline(
         self, events: AsyncIterator[str], prepared: Prepared, release: Callable[[], None]
     ) -> AsyncIterator[str]:
-        """Wrap an SSE stream: keep-alive comments, the per-request deadline, failures turned
-        into an error event plus `[DONE]`, tracking for draining, and the admission slot
-        released at the end."""
+        """Wrap an SSE stream: keep-alive comments, the per-request deadline, tracking for
+        draining, and the admission slot released at the end. A failure before the first
+        event is raised as an `APIError` (the response has not begun: it becomes an HTTP
+        error, a 503 that clients and proxies retry elsewhere); after it, it becomes an error
+        event plus `[DONE]`."""
         deadline = prepared.started + self.settings.request_timeout
         pumped = with_keepalive(events, self.settings.sse_keepalive_interval, deadline, self.abort_all,
-                                lambda: ServiceUnavailableError(self.abort_message))
+                                lambda: ServiceUnavailableError(self.abort_message, headers=RETRY_SOON))
+        began = False
         try:
             try:
                 async for item in pumped:
+                    began = True
                     yield item
                 return
             except TimeoutError:
@@ -311,13 +315,15 @@ class Runtime:
                     f"The request took longer than the server's {self.settings.request_timeout:g} s deadline."
                 )
             except EngineDeadError:
-                err = ServiceUnavailableError(ENGINE_STOPPED)
+                err = ServiceUnavailableError(ENGINE_STOPPED, headers=RETRY_SOON)
             except APIError as exc:
                 err = exc
             except Exception:
                 log.exception("stream failed")
                 err = InternalError("The server failed while generating the response.")
             stream_ended_with(prepared.stats, err)
+            if not began:
+                raise err
             yield sse_event(err.to_dict())
             yield sse_done()
         finally:

@@ -10,6 +10,7 @@ of 300,000 tiny messages held the event loop for seconds before its count was re
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -72,7 +73,9 @@ def parse_json_body(raw: bytes) -> Any:
             f"The request body is not valid UTF-8 (byte {exc.start}); send JSON encoded as UTF-8.",
             code="invalid_json") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json_constant, parse_float=_finite_float)
+    except _NotFinite as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(
             f"The request body is not valid JSON ({exc.msg.removesuffix(' at')} at line {exc.lineno}, "
@@ -84,6 +87,23 @@ def parse_json_body(raw: bytes) -> Any:
     except ValueError:  # an integer of more digits than Python converts
         raise InvalidRequestError("The request body holds a number with too many digits.",
                                   code="invalid_json") from None
+
+
+class _NotFinite(ValueError):
+    """A number JSON cannot hold (RFC 8259 has no NaN or infinities)."""
+
+
+def _not_json_constant(name: str) -> float:
+    # Python's parser takes NaN, Infinity and -Infinity by default; they are not JSON, and
+    # would reach the engine (a schema's `minimum: Infinity`) as values no client sent.
+    raise _NotFinite(f"{name} is not a JSON number.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(f"the number {text[:40]} is too large for a double-precision float.")
+    return value
 
 
 def validate_body(model: type[Model], data: Any) -> Model:

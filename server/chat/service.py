@@ -388,7 +388,8 @@ class ChatService:
     async def stream(self, p: Prepared) -> AsyncIterator[str]:
         """SSE events: a role chunk per choice, content deltas, a finish chunk per choice
         (carrying the grounding boxes), an optional usage chunk, then `[DONE]`. An error
-        after the first byte becomes an error event followed by `[DONE]`."""
+        before the first event is raised (the response has not begun: an HTTP error); after
+        it, it becomes an error event followed by `[DONE]`."""
         n = p.request.n
         options = p.request.stream_options
         include_usage = bool(options and options.include_usage)
@@ -412,8 +413,10 @@ class ChatService:
         # event): the role chunks with the first output, and the events of the output that
         # finishes the last choice with the usage chunk and [DONE]. Each write is a syscall and
         # a pass through the ASGI stack; on a busy front end they were a third of its event
-        # loop's time (text only, 64 streams). The response headers still go out at once.
+        # loop's time (text only, 64 streams). The response head goes out with the first
+        # (api.event_stream.EventStreamResponse).
         unfinished = n
+        sent = False  # whether any event has been yielded
         # (with usage in every chunk, the role chunks are made once the prompt's size is known)
         held = [] if continuous else roles()
         waiting_roles = n  # role chunks held until there is a first event to send with them
@@ -424,7 +427,7 @@ class ChatService:
                 async for out in p.stream:
                     if unfinished == 0 and held:  # an output after the last finish: not expected
                         yield "".join(held)
-                        held = []
+                        held, sent = [], True
                     prompt_tokens = out.prompt_tokens or prompt_tokens
                     cached = max(cached, out.cached_tokens)
                     if continuous and waiting_roles and not held:
@@ -454,9 +457,11 @@ class ChatService:
                                                            stop_reason=c.stop_reason)]))
                     if len(held) > waiting_roles and unfinished > 0:
                         yield "".join(held)
-                        held, waiting_roles = [], 0
+                        held, waiting_roles, sent = [], 0, True
             except APIError as exc:
                 stream_ended_with(p.stats, exc)
+                if not sent:
+                    raise
                 held += [sse_event(exc.to_dict()), sse_done()]
                 yield "".join(held)
                 return

@@ -63,6 +63,9 @@ async def with_keepalive(events, interval: float, deadline: float | None = None,
                 timeout = min(interval, deadline - time.perf_counter())
                 if timeout <= 0:
                     raise TimeoutError
+            # (a wait cut short by the deadline sends no comment: the loop's timers may wake
+            # it a moment early, and a comment then would begin a response about to fail)
+            for_comment = timeout == interval
             waiting = {pending} if stopper is None else {pending, stopper}
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if stopper is not None and stopper in done:
@@ -70,7 +73,7 @@ async def with_keepalive(events, interval: float, deadline: float | None = None,
                     raise stop_error()
                 raise ServiceUnavailableError("The server shut down before the response was complete.")
             if not done:
-                if deadline is None or time.perf_counter() < deadline:
+                if for_comment:
                     yield sse_comment()
                 continue
             task, pending = pending, None

@@ -510,6 +510,11 @@ class VLLMEngine(Engine):
         image_processor = _image_processor_config(model, settings)
         if (raised := _raised_max_pixels(settings, model)) is not None:
             image_processor["max_pixels"] = raised  # as engine_args_from_settings told vLLM
+        if family == "qwen-vl":  # the square every picture is stretched to
+            from server.qwen_vl.config import VisualConfig
+
+            visual = getattr(model_config.hf_config, "visual", None)
+            image_processor["image_size"] = VisualConfig.from_dict(visual if isinstance(visual, dict) else {}).image_size
         # vLLM matches stop strings against the text it decodes: decoded with special tokens
         # skipped and the grounding tags kept, that is the text the client gets.
         keep_grounding_tags_when_skipping(tokenizer)
@@ -895,10 +900,12 @@ def _failed_before_any_token(out) -> bool:
 
 
 def _token_text(decoded: str | None, raw: bytes | None) -> str:
-    """A token's text in logprobs: vLLM's decoding of it, or, where that is empty (a token
-    that ends inside a UTF-8 character), its bytes with those that are no whole character
-    escaped (`\\xe5`), so that a client keying alternatives by text keeps them apart."""
-    if decoded:
+    """A token's text in logprobs: vLLM's decoding of it where that is the token's own bytes,
+    else its bytes with those that are no whole character escaped (`\\xe5`), so that a client
+    keying alternatives by text keeps them apart. vLLM's text is empty for a token that ends
+    inside a UTF-8 character, and for one that completes a character begun by the token
+    before, it is the whole character: joined, the texts would repeat those earlier bytes."""
+    if decoded and (raw is None or decoded.encode("utf-8") == raw):
         return decoded
     if raw:
         return raw.decode("utf-8", "backslashreplace")

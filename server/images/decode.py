@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 #: JPEGs with several pictures come back from the JPEG plugin as format "MPO".
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 SUPPORTED_TEXT = "JPEG, PNG, GIF, WebP or BMP"
-RESAMPLE = Image.Resampling.BICUBIC
-#: Background for transparent pixels (what Qwen's own preprocessing composites onto).
+RESAMPLE = Image.Resampling.BICUBIC  # (also Qwen-VL's own, for its square)
+#: Background for transparent pixels (what the Qwen2-VL family's preprocessing composites onto).
 BACKGROUND = (255, 255, 255)
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 #: Pillow decodes run-length-encoded BMPs in Python, about a pixel per loop turn (a 30 KB
@@ -132,16 +132,25 @@ def _decode(
             width, height = height, width
         target = target_size(family, width, height, max_pixels)  # upright
         stored_target = (target[1], target[0]) if swapped else target  # as stored, before rotation
-        if im.format in ("JPEG", "MPO") and target[0] * target[1] < width * height:
+        square = family.square_side is not None and target == (family.square_side, family.square_side)
+        if im.format in ("JPEG", "MPO") and target[0] * target[1] < width * height and not square:
             # libjpeg may decode at 1/2, 1/4 or 1/8 scale while still covering the target.
             im.draft("RGB", stored_target)
         im.load()
-        out = _to_rgb(im)
-    if out.size != stored_target:
-        shrinking = out.size[0] > stored_target[0]
-        out = out.resize(stored_target, RESAMPLE, reducing_gap=2.0 if shrinking else None)
-    if orientation in _TRANSPOSE:
-        out = out.transpose(_TRANSPOSE[orientation])
+        out = _to_rgb(im, composite=not family.drop_alpha)
+    if square:
+        # The model's processor's own resize, on the upright picture (the processor then
+        # finds the picture at its size and leaves it as it is: the same pixels either way).
+        if orientation in _TRANSPOSE:
+            out = out.transpose(_TRANSPOSE[orientation])
+        if out.size != target:
+            out = out.resize(target, RESAMPLE)
+    else:
+        if out.size != stored_target:
+            shrinking = out.size[0] > stored_target[0]
+            out = out.resize(stored_target, RESAMPLE, reducing_gap=2.0 if shrinking else None)
+        if orientation in _TRANSPOSE:
+            out = out.transpose(_TRANSPOSE[orientation])
     out.load()
     # The pixels are upright now, but Pillow carried the file's metadata along; vLLM applies
     # any EXIF (or XMP) orientation it finds to every image it is handed, which would turn
@@ -170,11 +179,14 @@ _TRANSPOSE = {
 }
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _to_rgb(im: Image.Image, composite: bool = True) -> Image.Image:
     """A new RGB image: palette and alpha composited on white (a transparent colour key of a
     palette, greyscale or RGB image too), CMYK/YCbCr/L/1 converted, 16- and 32-bit greyscale
-    scaled down to 8 bits (Pillow's own conversion clips)."""
+    scaled down to 8 bits (Pillow's own conversion clips). `composite=False`: transparency
+    dropped instead, as Pillow's `convert("RGB")` drops it (the colour under it stays)."""
     mode = im.mode
+    if not composite and mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return im.convert("RGB")
     if mode in ("P", "L", "RGB") and "transparency" in im.info:
         im = im.convert("RGBA")
         mode = im.mode

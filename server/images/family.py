@@ -10,12 +10,20 @@ them itself in the transformers releases vLLM 0.32 requires (5.16 and later; rel
 before mid-2025 raised instead). Enlarging them here as well gave other sizes than the
 model's own processor does, and up to 7 times the image tokens for a thin picture.
 
-Qwen-VL (v1) stretches every image to 448x448 in its own processor, so only the safety
-limits and an explicit pixel ceiling apply to it.
+Qwen-VL (v1) stretches every image to a square (448x448) in its own processor, with a
+bicubic resize from the picture as sent. That resize is done here instead, in the decode
+pool, with the same operation (so the processor's own resize then has nothing to do): in
+the processor it ran on the event loop, 0.7 s for a 7000x7000 picture. Its published
+pipeline keeps no transparency: Pillow's `convert("RGB")` drops the alpha channel, where
+the Qwen2-VL family composites onto white. Its processor takes any shape, but a picture
+over 200:1 says nothing once stretched to a square, and a thin one is costly out of all
+proportion to its pixels (1x49,000,000: 3 s to decode, 10 s and 3 GB to resize, from a
+69-byte PNG), so it is refused as for the other families.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,6 +45,11 @@ class FamilySpec:
         for max_pixels=1 gets the smallest image the model can use, not a 1x1 one.
     low_detail_max_pixels: the ceiling for an image sent with `detail: "low"` (None: the
         family's processor gives every image the same cost, so "low" changes nothing).
+    square_side: the side of the square the processor stretches every picture to (Qwen-VL:
+        the checkpoint's `visual.image_size`; None: the family keeps the aspect ratio, or
+        the side is not known).
+    drop_alpha: transparency is dropped as Pillow's `convert("RGB")` drops it, rather than
+        composited onto white.
     """
 
     name: str
@@ -45,6 +58,8 @@ class FamilySpec:
     default_max_pixels: int | None
     min_pixels: int
     low_detail_max_pixels: int | None = None
+    square_side: int | None = None
+    drop_alpha: bool = False
 
 
 #: `detail: "low"` caps a picture at 448x448 pixels: Qwen-VL's own fixed input size, 256
@@ -55,7 +70,8 @@ _QWEN2 = dict(factor=28, max_aspect_ratio=SMART_RESIZE_MAX_RATIO, default_max_pi
               low_detail_max_pixels=LOW_DETAIL_MAX_PIXELS)
 
 FAMILIES: dict[str, FamilySpec] = {
-    "qwen-vl": FamilySpec("qwen-vl", factor=None, max_aspect_ratio=None, default_max_pixels=None, min_pixels=1),
+    "qwen-vl": FamilySpec("qwen-vl", factor=None, max_aspect_ratio=SMART_RESIZE_MAX_RATIO, default_max_pixels=None,
+                          min_pixels=1, square_side=448, drop_alpha=True),
     "qwen2-vl": FamilySpec("qwen2-vl", **_QWEN2),
     "qwen2.5-vl": FamilySpec("qwen2.5-vl", **_QWEN2),
     # Qwen3-VL: patch 16 x merge 2; its checkpoints ship max_pixels 16777216.
@@ -66,12 +82,16 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
-def family_spec(family: str) -> FamilySpec:
-    """The spec of `family`; raises ValueError for an unknown name (a configuration error)."""
+def family_spec(family: str, square_side: int | None = None) -> FamilySpec:
+    """The spec of `family`; raises ValueError for an unknown name (a configuration error).
+    `square_side`: the checkpoint's own square, for a family that stretches to one."""
     try:
-        return FAMILIES[family]
+        spec = FAMILIES[family]
     except KeyError:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}") from None
+    if square_side is not None and spec.square_side is not None:
+        spec = dataclasses.replace(spec, square_side=square_side)
+    return spec
 
 
 def effective_max_pixels(
@@ -105,7 +125,10 @@ def check_shape(spec: FamilySpec, width: int, height: int) -> None:
 def target_size(spec: FamilySpec, width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
     """The size to resize a (width, height) image to before it goes to the model.
 
-    Downscales (keeping the aspect ratio) so that width*height <= max_pixels; never
+    A family that stretches every picture to a square gets that square, unless a ceiling
+    below it asks for less detail (the picture is then downscaled to the ceiling, and the
+    processor stretches that). Otherwise:
+    downscales (keeping the aspect ratio) so that width*height <= max_pixels; never
     upscales (the processor enlarges small images itself). The result never has an aspect
     ratio above the family's limit, even after rounding. Call `check_shape` first.
 
@@ -116,6 +139,9 @@ def target_size(spec: FamilySpec, width: int, height: int, max_pixels: int | Non
     the ceiling allows (a 448x448 ceiling: 252 image tokens for a 700x560 upload, where the
     processor's own 448x448 limit gives 238).
     """
+    side = spec.square_side
+    if side is not None and (max_pixels is None or max_pixels >= side * side):
+        return side, side
     w, h = width, height
     if max_pixels is not None and w * h > max_pixels:
         scale = math.sqrt(max_pixels / (w * h))

@@ -76,6 +76,7 @@ class ImageLoader:
         *,
         family: str,
         model_max_pixels: int | None = None,
+        model_square_side: int | None = None,
         transport: Transport | None = None,
         resolver: Resolver | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -85,11 +86,12 @@ class ImageLoader:
         loader closes it), else an aiohttp one is created.
         `model_max_pixels`: the engine's image processor's pixel bound (the checkpoint's
         `max_pixels`, or what --image-max-pixels raised it to), the ceiling when the
-        settings set none.
+        settings set none. `model_square_side`: the side of the square a family that
+        stretches pictures to one uses (Qwen-VL: `visual.image_size`; default the family's).
         `resolver`: host name resolution (default: the system resolver in a thread).
         Raises ValueError for an unknown family or a malformed --image-allow-networks."""
         self.settings = settings
-        self.family = family_spec(family)
+        self.family = family_spec(family, model_square_side)
         # The server's ceiling: --image-max-pixels, else the engine processor's own bound
         # (a picture above it would be shrunk again there), else the family's default.
         self._ceiling = settings.image_max_pixels or (model_max_pixels if self.family.factor else None)

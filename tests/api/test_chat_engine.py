@@ -6,6 +6,7 @@ The engine starts once per model family (module-scoped fixture, parametrized).""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 from typing import Literal
@@ -13,6 +14,7 @@ from typing import Literal
 import httpx
 import openai
 import pytest
+from PIL import Image
 from pydantic import BaseModel
 
 from support import grounding_case
@@ -191,8 +193,6 @@ def test_the_image_shapes_the_answer_and_a_repeat_gives_the_same_one(client, ser
 
 def test_prompt_tokens_match_hf_processor(client, server):
     """usage.prompt_tokens counts image tokens exactly as the checkpoint's own processor."""
-    from PIL import Image
-    import io
 
     raw = picture(200, 120)
     content = [image_part(data_url(raw)), {"type": "text", "text": "How many objects are there? 这是什么？"}]
@@ -205,8 +205,6 @@ def test_low_detail_sends_a_smaller_picture(client, server):
     """image_url.detail "low" caps the picture at 448x448 pixels' worth: fewer image tokens,
     exactly what the processor gives for the downscaled picture. Qwen-VL's fixed 448x448
     input has one cost whatever the detail."""
-    from PIL import Image
-    import io
 
     from server.images.family import FAMILIES, LOW_DETAIL_MAX_PIXELS, target_size
 
@@ -227,6 +225,37 @@ def test_low_detail_sends_a_smaller_picture(client, server):
     assert low == hf_prompt_tokens(server, [small], text) and low < high - 200
 
 
+def test_first_generation_pictures_reach_the_model_as_its_own_pipeline_makes_them(client, server):
+    """Qwen-VL stretches every picture to its square: the server does it in its decode pool
+    (the processor did it on the event loop), with the processor's own resize, so a large
+    picture gives the model what the picture pre-stretched by the client gives it. The
+    published pipeline's `convert("RGB")` drops transparency (the colour under it stays),
+    and a picture over 200:1 is refused before it is decoded."""
+    if server.arch != "qwen-vl":
+        pytest.skip("the first-generation model's pipeline")
+
+    def logprobs(raw: bytes) -> list[float]:
+        r = ask(client, server, [image_part(data_url(raw)), {"type": "text", "text": "Describe."}],
+                max_tokens=3, logprobs=True, top_logprobs=3)
+        return [t.logprob for c in r.choices[0].logprobs.content for t in c.top_logprobs]
+
+    def png(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return buf.getvalue()
+
+    large = Image.open(io.BytesIO(picture(1500, 1000))).convert("RGB")
+    stretched = large.resize((448, 448), Image.Resampling.BICUBIC)
+    assert logprobs(png(large)) == logprobs(png(stretched))
+    # red under transparent pixels: the model sees red, as the model's own pipeline shows it
+    clear = Image.new("RGBA", (64, 48), (200, 30, 30, 0))
+    assert logprobs(png(clear)) == logprobs(png(Image.new("RGB", (64, 48), (200, 30, 30))))
+    assert logprobs(png(clear)) != logprobs(png(Image.new("RGB", (64, 48), (255, 255, 255))))
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, server, [image_part(data_url(png(Image.new("L", (1, 2000))))), {"type": "text", "text": "x"}])
+    assert info.value.body["code"] == "invalid_image" and "aspect ratio" in info.value.body["message"]
+
+
 # --- grounding on the real path (support.grounding_case) ---------------------------------
 
 
@@ -245,8 +274,6 @@ def test_grounding_off_leaves_the_text_alone(client, server):
 def test_grounding_tags_in_the_request_are_read_as_the_model_writes_them(client, server):
     """A referring expression and an earlier answer's box, in each generation's own tags:
     the prompt holds the tags as single tokens, as the reference processor makes it."""
-    from PIL import Image
-    import io
 
     if server.arch == "qwen-vl":
         text = "Where is <ref>the dog</ref>? Earlier: <ref>cat</ref><box>(1,2),(300,400)</box>"
@@ -441,9 +468,9 @@ def test_logprobs(client, server):
 
 def test_logprob_bytes_are_the_tokens_own(client, server):
     """A token can be a piece of a UTF-8 character: its bytes are still the token's, and
-    together they spell the answer; its text is a replacement character, or the whole
-    character it ends, or its bytes escaped (`\\xe5`), never empty (a client keying
-    alternatives by their text lost all of those but one)."""
+    together they spell the answer; its text is those bytes too, the incomplete character
+    escaped (`\\xe5`), never empty (a client keying alternatives by their text lost all of
+    those but one) nor the whole character it ends (the texts joined repeated its bytes)."""
     # (top_p 1: the whole vocabulary, not the checkpoint's default nucleus)
     kwargs = dict(max_tokens=40, temperature=1.0, top_p=1.0, seed=3, logprobs=True, top_logprobs=2,
                   extra_body={"ignore_eos": True, "skip_special_tokens": False})
@@ -459,6 +486,8 @@ def test_logprob_bytes_are_the_tokens_own(client, server):
     for item in items:
         for text, raw in [(item.token, item.bytes)] + [(alt.token, alt.bytes) for alt in item.top_logprobs]:
             assert text or not raw, (text, raw)
+            if raw:
+                assert text == bytes(raw).decode("utf-8", "backslashreplace"), (text, raw)
 
 
 def _whole_characters(raw: bytes) -> bool:

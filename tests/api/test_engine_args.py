@@ -111,15 +111,19 @@ def test_an_image_ceiling_above_the_checkpoints_raises_the_processors_bound(tiny
     assert not args.mm_processor_kwargs
 
 
-def test_a_token_that_ends_inside_a_character_has_its_bytes_as_text():
-    """vLLM decodes such a token to nothing; its text is then its bytes, the incomplete
-    character escaped, so that alternatives stay apart."""
+def test_a_token_that_is_part_of_a_character_has_its_bytes_as_text():
+    """vLLM decodes a token that ends inside a character to nothing, and one that completes
+    a character to the whole character; its text is its own bytes, the incomplete character
+    escaped, so that alternatives stay apart and the texts joined spell the answer once."""
     from server.engine.vllm_engine import _token_text
 
     assert _token_text("", "寷".encode()[:1]) == "\\xe5"
     assert _token_text("", b"a" + "寷".encode()[:2]) == "a\\xe5\\xaf"
     assert _token_text("", "é".encode()) == "é"
-    assert _token_text("寷", "寷".encode()[2:]) == "寷"  # vLLM's text wins where it has one
+    assert _token_text("寷", "寷".encode()[2:]) == "\\xb7"  # the character's last byte
+    assert _token_text("Ŝ", b"\x9c") == "\\x9c"
+    assert _token_text(" Ŝ", " Ŝ".encode()) == " Ŝ"  # vLLM's text where it is the token's bytes
+    assert _token_text("<|im_end|>", None) == "<|im_end|>"  # (no bytes known: vLLM's text)
     assert _token_text(None, None) == "" and _token_text("", None) == ""
 
 

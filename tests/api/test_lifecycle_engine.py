@@ -274,10 +274,17 @@ def test_second_sigterm_exits_at_once(tiny_model, tmp_path, http):
 
 
 def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path, http):
-    srv = start(tiny_model, tmp_path)
+    """A stream under way ends with an error event; one still waiting for its first token
+    (queued in the engine: one sequence at a time here) gets a plain 503, which the SDKs
+    retry and a proxy passes to another replica."""
+    srv = start(tiny_model, tmp_path, "--max-num-seqs", "1")
     results: list = []
     stream = open_stream(http, srv.base_url, results, **LONG)
     wait_streaming([stream], srv, results)
+    queued: list = []
+    waiting = open_stream(http, srv.base_url, queued, **LONG)
+    time.sleep(2)  # (taken in and handed to the engine in milliseconds; the first stream runs for seconds)
+    assert not waiting.started.is_set() and stream.thread.is_alive(), srv.log_tail(20)
     cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
              if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
     assert cores, "no engine core process found"
@@ -301,6 +308,9 @@ def test_dead_engine_core_is_reported_and_process_exits(tiny_model, tmp_path, ht
     err = json.loads(lines[-2][6:])["error"]
     assert err["code"] == "service_unavailable" and "Traceback" not in lines[-2]
     assert saw_503 or code != 0
+    waiting.thread.join(30)
+    assert queued and queued[0][:2] == ("ok", 503), f"{queued}\n{srv.log_tail(30)}"
+    assert json.loads("".join(queued[0][2]))["error"]["code"] == "service_unavailable"
 
 
 def test_a_frozen_engine_core_is_taken_for_hung_and_the_process_exits(tiny_model, tmp_path, http):

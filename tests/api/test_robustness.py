@@ -765,20 +765,25 @@ def test_a_non_streamed_answer_its_client_never_reads_is_dropped_after_the_send_
 
 def test_errors_are_counted_by_code_wherever_they_are_answered(tiny_tokenizer):
     """qwenvl_errors_total counted the app's error responses only: not a stream that ended
-    with an error event, nor the gateway's own 401 and 413."""
+    with an error event, nor the gateway's own 401 and 413. Each is counted once, whether a
+    stream failed before its first event (an HTTP error) or after it (an error event)."""
     engine = FailingEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer))
     app, _ = scripted_app(tiny_tokenizer, engine=engine, api_keys=["k"], max_request_bytes=1000)
     key = {"Authorization": "Bearer k"}
+    payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     with AppServer(app) as srv:
         assert chat(srv.base_url).status_code == 401
         assert chat(srv.base_url, content="x" * 2000, headers=key).status_code == 413
-        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", headers=key,
-                          json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", headers=key, json=payload) as r:
+            r.read()
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        engine.default_reply = "hello"  # (a token first: the stream begins, then fails)
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", headers=key, json=payload) as r:
             assert r.status_code == 200
             assert any('"internal_error"' in line for line in r.iter_lines())
         metrics = httpx.get(srv.base_url + "/metrics", headers=key).text
-        for code in ("invalid_api_key", "request_too_large", "internal_error"):
-            assert f'qwenvl_errors_total{{code="{code}"}} 1.0' in metrics, code
+        for code, count in (("invalid_api_key", 1), ("request_too_large", 1), ("internal_error", 2)):
+            assert f'qwenvl_errors_total{{code="{code}"}} {count:.1f}' in metrics, code
 
 
 def test_under_a_root_path_the_gateway_knows_the_paths(tiny_tokenizer, caplog):
@@ -1041,6 +1046,39 @@ def test_engine_death_reported(tiny_tokenizer):
         assert httpx.get(srv.base_url + "/health").status_code == 503
         assert httpx.get(srv.base_url + "/ready").status_code == 503
         assert chat(srv.base_url).status_code == 503
+
+
+def test_a_stream_that_fails_before_its_first_event_is_an_http_error(tiny_tokenizer):
+    """Its head goes out with its first event: before it, nothing has begun, and a failure is
+    the status the SDK raises and retries (a 503 when the engine stops: a proxy passes that
+    to another replica) rather than a 200 whose stream holds an error event."""
+    engine = SilentlyDeadEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer),
+                                default_reply="abc", chunk_chars=1, delay=1.0)
+    fatal: list[int] = []
+    app = create_app(Settings(served_model_name="scripted", request_timeout=0.5), engine=engine,
+                     model_names=["scripted"], on_fatal=fatal.append)
+    with AppServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        # the deadline, before the first token: a 504 (which the SDK does not retry)
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="scripted", messages=messages, stream=True)
+        assert info.value.status_code == 504 and info.value.body["code"] == "request_timeout"
+        assert info.value.response.headers["x-should-retry"] == "false"
+        # the engine stops while the request waits for its first token: a 503 to retry
+        srv.runtime.settings.request_timeout = 30
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(lambda: httpx.post(srv.base_url + "/v1/chat/completions", timeout=10, json={
+                "model": "scripted", "messages": messages, "stream": True}))
+            deadline = time.monotonic() + 5
+            while srv.runtime.admission.active < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            engine.died = True
+            r = waiting.result()
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "service_unavailable" and "engine" in r.json()["error"]["message"]
+        assert r.headers["content-type"].startswith("application/json")
 
 
 def test_the_startup_heap_is_frozen_once_a_loaded_engine_is_installed(tiny_tokenizer):

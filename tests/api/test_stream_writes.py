@@ -1,13 +1,19 @@
 """How a stream reaches the socket: one write per engine output, the role chunk with the
-first output, and the last output's events together with the usage chunk and [DONE] (each write is a syscall on a busy front end).
+first output, and the last output's events together with the usage chunk and [DONE] (each write is a syscall on a busy front end);
+the response head goes out with the first write, the chunked encoding's end with the last.
 The app is served by uvicorn as in production; an ASGI wrapper records each body message the
-app hands to the server, which uvicorn writes to the socket as one `transport.write`."""
+app hands to the server, and a wrapper of the connection's transport each write that reaches it."""
 
 from __future__ import annotations
 
 import json
+import time
 
+import httpx
 import openai
+import pytest
+
+from server import http_protocol
 
 from server.engine.base import ModelInfo
 from server.engine.scripted import ScriptedEngine
@@ -42,6 +48,35 @@ def events(body: bytes) -> list[dict | str]:
             payload = "\n".join(data)
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+
+class RecordingTransport:
+    """A connection's transport that keeps a copy of every write (each one `send` on the socket)."""
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+        self.writes: list[bytes] = []
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+        self._transport.write(data)
+
+
+@pytest.fixture
+def socket_writes(monkeypatch):
+    """The writes of every connection the server accepts from now on, by connection."""
+    connections: list[RecordingTransport] = []
+    wrap = http_protocol._LingeringTransport.__init__
+
+    def recording(self, transport, protocol):
+        connections.append(RecordingTransport(transport))
+        wrap(self, connections[-1], protocol)
+
+    monkeypatch.setattr(http_protocol._LingeringTransport, "__init__", recording)
+    return connections
 
 
 def run_stream(tokenizer, reply: str, **request):
@@ -97,3 +132,58 @@ def test_every_choice_finishes_in_the_final_write(tiny_tokenizer):
         for choice in c.choices:
             texts[choice.index] += choice.delta.content or ""
     assert texts == {0: "xyz", 1: "xyz"}
+
+
+def chat_writes(connections: list[RecordingTransport]) -> list[bytes]:
+    """The writes of the one connection that carried a chat completion."""
+    chats = [c.writes for c in connections if any(b"chatcmpl-" in w for w in c.writes)]
+    assert len(chats) == 1, chats
+    return chats[0]
+
+
+def test_a_stream_is_one_socket_write_per_engine_output_with_the_head_and_the_end(tiny_tokenizer, socket_writes):
+    bodies, chunks = run_stream(tiny_tokenizer, "abcdef")
+    writes = chat_writes(socket_writes)
+    # six outputs, six sends: the head goes with the first (uvicorn would send it alone),
+    # the chunked encoding's last chunk with the last (Starlette sends it as a message of its own)
+    assert len(writes) == 6, writes
+    head, _, first = writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head
+    assert b'"role":"assistant"' in first and b'"content":"a"' in first
+    assert writes[-1].endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "abcdef"
+
+
+def test_a_whole_answer_goes_out_in_one_write_and_a_head_only_answer_at_once(tiny_tokenizer, socket_writes):
+    app, _ = scripted_app(tiny_tokenizer)
+    with AppServer(app) as srv:
+        r = httpx.post(srv.base_url + "/v1/chat/completions", json={
+            "model": "scripted", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
+        [write] = chat_writes(socket_writes)
+        assert write.startswith(b"HTTP/1.1 200 ") and write.endswith(r.content)
+        # a refusal too: its head and its error body in one write
+        bad = httpx.post(srv.base_url + "/v1/chat/completions", json={"model": "scripted", "messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+        assert any(w.startswith(b"HTTP/1.1 400 ") and w.endswith(bad.content)
+                   for c in socket_writes for w in c.writes)
+        # answers without a body are not held back for one
+        with httpx.Client(timeout=3) as client:
+            assert client.head(srv.base_url + "/health").status_code in (200, 405)
+            assert client.options(srv.base_url + "/v1/models").status_code in (200, 204, 405)
+
+
+def test_a_slow_first_token_gets_the_head_with_the_first_keepalive_comment(tiny_tokenizer):
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer),
+                            default_reply="ab", chunk_chars=1, delay=2.0)
+    app, _ = scripted_app(tiny_tokenizer, engine=engine, sse_keepalive_interval=0.3)
+    with AppServer(app) as srv:
+        began = time.monotonic()
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", timeout=10, json={
+                "model": "scripted", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
+            headed = time.monotonic() - began
+            lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200
+    assert headed < 1.5, headed  # the first comment's time, not the first token's (2 s)
+    assert lines[0] == ": keep-alive"
+    assert lines[-1] == "data: [DONE]"

@@ -235,10 +235,17 @@ def test_a_constrained_answer_the_engine_ends_with_an_error_is_the_clients_400(s
     r = post(srv, {"response_format": fmt})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "response_format" and r.json()["error"]["code"] == "invalid_response_format"
+    # streamed, failing on its first output: the response has not begun, the same 400
     srv.engine.enqueue_cut("ab", "error")
     r = post(srv, {"structured_outputs": {"choice": ["abc"]}, "stream": True})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_structured_outputs"
+    # failing later: an error event ends the stream begun
+    srv.engine.enqueue_cut("abcdef", "error")
+    r = post(srv, {"structured_outputs": {"choice": ["abcdefg"]}, "stream": True})
     assert r.status_code == 200
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert [e["choices"][0]["delta"].get("content") for e in events[:2]] == ["", "abc"]
     assert events[-1]["error"]["code"] == "invalid_structured_outputs", events[-1]
     # without a constraint, the same engine failure stays a server error
     srv.engine.enqueue_cut("ab", "error")

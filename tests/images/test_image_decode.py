@@ -199,28 +199,28 @@ def test_oversized_png_metadata_is_named():
 
 
 def test_frame_limit_is_configurable_and_first_frame_is_used():
-    image, size = decode(samples.animated_gif(50), family="qwen-vl")
+    image, size = decode(samples.animated_gif(50))
     assert size == (1, 1) and image.mode == "RGB" and image.getpixel((0, 0)) == (0, 0, 0)
     with pytest.raises(ImageTooLargeError):
         decode(samples.animated_gif(50), limits=DecodeLimits(50_000_000, 10))
 
 
 def test_cmyk_jpeg_becomes_rgb():
-    image, _ = decode(samples.cmyk_jpeg(), family="qwen-vl")
+    image, _ = decode(samples.cmyk_jpeg())
     r, g, b = image.getpixel((5, 5))
     assert image.mode == "RGB" and r > 240 and g < 15 and b < 15
 
 
 def test_16_bit_png_is_scaled_not_clipped():
-    image, _ = decode(samples.png16_rgb(8, 8, (65535, 0, 32768)), family="qwen-vl")
+    image, _ = decode(samples.png16_rgb(8, 8, (65535, 0, 32768)))
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 0, 128)
-    grey, _ = decode(samples.png16_grey([0, 30000, 65535]), family="qwen-vl")
+    grey, _ = decode(samples.png16_grey([0, 30000, 65535]))
     assert [grey.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (117, 117, 117), (255, 255, 255)]
 
 
 def test_exif_orientation_is_applied():
     data = samples.rotated_jpeg()
-    image, size = decode(data, family="qwen-vl")
+    image, size = decode(data)
     assert size == (20, 40) and image.size == (20, 40)
     top, bottom = image.getpixel((10, 2)), image.getpixel((10, 37))
     assert top[0] > 200 and top[2] < 60  # red on top
@@ -257,18 +257,53 @@ def test_rotated_jpeg_is_resized_in_display_orientation():
     assert image.size[0] < image.size[1]
 
 
-def test_alpha_and_palette_transparency_composite_on_white():
-    image, _ = decode(samples.transparent_png(), family="qwen-vl")
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_alpha_and_palette_transparency_composite_on_white(family):
+    image, _ = decode(samples.transparent_png(), family=family)
     assert image.getpixel((0, 0)) == (0, 0, 255) and image.getpixel((5, 5)) == (255, 255, 255)
-    image, _ = decode(samples.palette_png_with_transparency(), family="qwen-vl")
+    image, _ = decode(samples.palette_png_with_transparency(), family=family)
     assert image.getpixel((0, 0)) == (0, 255, 0) and image.getpixel((5, 5)) == (255, 255, 255)
-    image, _ = decode(samples.rgb_png_with_colour_key(), family="qwen-vl")
+    image, _ = decode(samples.rgb_png_with_colour_key(), family=family)
     assert image.getpixel((0, 0)) == (0, 0, 255) and image.getpixel((5, 5)) == (255, 255, 255)
-    image, _ = decode(samples.encode(Image.new("L", (8, 8), 0), "PNG", transparency=0), family="qwen-vl")
+    image, _ = decode(samples.encode(Image.new("L", (8, 8), 0), "PNG", transparency=0), family=family)
     assert image.getpixel((5, 5)) == (255, 255, 255)  # a greyscale colour key too
     for mode, color in (("L", 128), ("LA", (128, 255)), ("1", 1), ("P", 3)):
-        image, _ = decode(samples.png(4, 4, color, mode=mode), family="qwen-vl")
+        image, _ = decode(samples.png(4, 4, color, mode=mode), family=family)
         assert image.mode == "RGB"
+
+
+def test_qwen_vl_drops_transparency_as_its_published_pipeline_does():
+    """Qwen-VL's own `visual.py` opens a picture and calls `convert("RGB")`: the colour
+    under a transparent pixel stays (here red, or the palette's black), not white."""
+    for data in (samples.transparent_png(), samples.palette_png_with_transparency(),
+                 samples.rgb_png_with_colour_key(), samples.png(4, 4, (128, 0), mode="LA")):
+        image, _ = decode(data, family="qwen-vl")
+        expected = Image.open(io.BytesIO(data)).convert("RGB").resize((448, 448), Image.Resampling.BICUBIC)
+        assert image.mode == "RGB" and image.tobytes() == expected.tobytes()
+    image, _ = decode(samples.transparent_png(), family="qwen-vl")
+    assert image.getpixel((447, 447)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: samples.noise_jpeg(1200, 900),  # larger than the square: no JPEG draft, the full decode
+    lambda: samples.noise_jpeg(300, 200),
+    lambda: samples.encode(Image.new("RGB", (990, 5), (10, 200, 30)), "PNG"),
+    samples.rotated_jpeg,
+])
+def test_qwen_vl_pictures_reach_its_model_as_its_processor_made_them(make):
+    """The plugin's preprocessing of the decoded picture (already its square) gives the very
+    tensor it gave for the upright picture as sent (which it stretched itself)."""
+    from server.qwen_vl.image import preprocess_image
+
+    data = make()
+    image, size = decode(data, family="qwen-vl")
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert image.size == (448, 448) and size == upright.size
+    assert preprocess_image(image, 448).equal(preprocess_image(upright, 448))
+    # a ceiling under the square: the picture is downscaled, its shape kept
+    small, _ = decode(data, family="qwen-vl", max_pixels=20_000)
+    assert small.width * small.height <= 20_000 or small.size == upright.size
+    assert abs(small.width / small.height - upright.width / upright.height) < 0.2 * upright.width / upright.height
 
 
 def test_an_elongated_picture_is_refused_before_its_pixels_are_decoded(monkeypatch):
@@ -276,19 +311,36 @@ def test_an_elongated_picture_is_refused_before_its_pixels_are_decoded(monkeypat
 
     loads = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: loads.append(im.size))
-    with pytest.raises(ImageError) as info:
-        decode(samples.png(1, 300))
-    assert "aspect ratio" in info.value.message and loads == []
+    for family in ("qwen-vl", "qwen2-vl", "qwen3-vl"):
+        with pytest.raises(ImageError) as info:
+            decode(samples.png(1, 300), family=family)
+        assert "aspect ratio" in info.value.message and loads == []
+
+
+def test_a_thin_picture_of_a_few_bytes_is_refused_at_once():
+    """69 bytes of PNG: 1x49,000,000 grey pixels, four rows of them in the data. Qwen-VL
+    took it (3 s to decode, then 10 s and 3 GB in its processor's resize, on the event loop)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = (1).to_bytes(4, "big") + (49_000_000).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0\x07" * 4))
+            + chunk(b"IEND", b""))
+    assert len(data) < 100
+    for family in ("qwen-vl", "qwen2-vl"):
+        with pytest.raises(ImageError) as info:
+            decode(data, family=family)
+        assert info.value.code == "invalid_image" and "1x49000000" in info.value.message
 
 
 def test_tiny_and_elongated_images():
     # Left as they are: the model's processor enlarges them to its own minimum.
     image, size = decode(samples.png(1, 1))
     assert size == (1, 1) and image.size == (1, 1) and image.getpixel((0, 0)) == (255, 0, 0)
-    image, size = decode(samples.png(1, 1), family="qwen-vl")
-    assert image.size == (1, 1)
-    image, size = decode(samples.png(1, 10000), family="qwen-vl")  # Qwen-VL stretches to 448x448 itself
-    assert size == (1, 10000)
+    image, size = decode(samples.png(1, 1), family="qwen-vl")  # stretched to Qwen-VL's square
+    assert size == (1, 1) and image.size == (448, 448) and image.getpixel((200, 300)) == (255, 0, 0)
+    image, size = decode(samples.png(1, 200), family="qwen-vl")
+    assert size == (1, 200) and image.size == (448, 448)
     image, _ = decode(samples.png(3, 500))
     assert image.size == (3, 500)
 
