@@ -7,7 +7,7 @@ from starlette.types import Send
 
 from server.chat.sse import sse_done
 
-_DONE = sse_done()
+_DONE = sse_done().encode()
 
 
 class EventStreamResponse(StreamingResponse):
@@ -31,12 +31,14 @@ class EventStreamResponse(StreamingResponse):
             if not started:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 started = True
-            if chunk.endswith(_DONE.encode()):
-                await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                # The events' generator finishes on (its clean-up: the admission slot,
-                # the token counts for the log); nothing it yields after [DONE] is sent.
+            if chunk.endswith(_DONE):
+                # The events' generator finishes first (its clean-up: the engine stream, the
+                # admission slot), as it did before the end of the body went out: once that
+                # is sent, the server reports the client gone, and the clean-up would race
+                # the cancellation. Nothing it yields after [DONE] is sent.
                 async for _ in iterator:
                     pass
+                await send({"type": "http.response.body", "body": chunk, "more_body": False})
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if not started:
