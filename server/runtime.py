@@ -182,8 +182,14 @@ class Runtime:
         log.info("draining: %d requests open, %.0f s left; engine: %d unfinished, %d running, %d waiting",
                  self.admission.active, left, engine.num_unfinished_requests(), stats.running, stats.waiting)
 
+    @property
+    def engine_dead(self) -> bool:
+        """Whether the engine has died: as soon as the engine says so, not only once the
+        watcher (every 0.5 s) has seen it and begun failing open requests."""
+        return self.dead or (self.engine is not None and self.engine.is_dead)
+
     def state(self) -> str:
-        if self.dead or self.load_failed:
+        if self.engine_dead or self.load_failed:
             return "dead"
         if self.draining:
             return "draining"

@@ -16,7 +16,7 @@ router = APIRouter()
 @router.head("/health", include_in_schema=False)  # for load balancers that probe with HEAD
 async def health(rt: RuntimeDep) -> Response:
     """Liveness: the process is up and the engine (once loaded) is alive."""
-    if rt.dead:
+    if rt.engine_dead:
         return JSONResponse({"status": "dead"}, status_code=503)
     return JSONResponse({"status": "ok" if rt.engine is not None else "loading"})
 

@@ -1048,6 +1048,22 @@ def test_engine_death_reported(tiny_tokenizer):
         assert chat(srv.base_url).status_code == 503
 
 
+def test_probes_say_dead_as_soon_as_the_engine_does(tiny_tokenizer):
+    """/health and /ready turned 503 only once the watcher (every 0.5 s) had seen the dead
+    engine: a load balancer's probe in between was told the replica was fine."""
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer))
+    app = create_app(Settings(served_model_name="scripted"), engine=engine, model_names=["scripted"],
+                     on_fatal=lambda code: None)
+    with AppServer(app) as srv, httpx.Client(base_url=srv.base_url) as client:
+        assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
+        engine.dead = True  # (the probes below come within milliseconds, the watcher's look within 0.5 s)
+        r = client.get("/ready")
+        assert (r.status_code, r.json()["status"]) == (503, "dead")
+        assert client.get("/health").status_code == 503
+        r = chat(srv.base_url)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
 def test_a_stream_that_fails_before_its_first_event_is_an_http_error(tiny_tokenizer):
     """Its head goes out with its first event: before it, nothing has begun, and a failure is
     the status the SDK raises and retries (a 503 when the engine stops: a proxy passes that
