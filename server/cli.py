@@ -202,6 +202,7 @@ def uvicorn_config(app, settings: Settings, **overrides: Any):
         ws="none",  # no WebSocket routes: an Upgrade header gets plain HTTP handling
         timeout_keep_alive=75,  # longer than typical LB idle timeouts (nginx keepalive 60 s)
         access_log=False,  # one structured line per request comes from our middleware
+        server_header=False,  # ("server: uvicorn" tells a scanner what to try; clients need nothing of it)
         timeout_graceful_shutdown=5,
         # "auto" takes an app whose start-up raises for one without lifespan support, and
         # serves on without a model; a start-up failure must end the process

@@ -327,6 +327,53 @@ class _StatsCapture:
         return _Logger(vllm_config, engine_index)
 
 
+class _HeldTail:
+    """The end of an answer that vLLM's detokenizer never releases. While the text so far ends
+    in an incomplete UTF-8 character (a byte-level token can hold part of one) it holds back
+    everything since the last whole character, and when max_tokens ends the answer there it
+    drops that text, whole characters before the broken one included. Here each choice's
+    token ids and released text are kept, and a choice that ends by its length with its
+    bytes ending mid-character gets the rest of the decoded answer added to its last text,
+    the incomplete character as U+FFFD, as the tokenizer decodes it (and as the logprobs'
+    texts, joined, spell it). Only when the decoded answer begins with the released text:
+    anything else is left as vLLM gave it."""
+
+    def __init__(self, tokenizer: Any, token_bytes, params) -> None:
+        self._tokenizer = tokenizer
+        self._token_bytes = token_bytes
+        self._skip_special = params.skip_special_tokens
+        self._spaces = params.spaces_between_special_tokens
+        self._ids: dict[int, list[int]] = {}
+        self._texts: dict[int, list[str]] = {}
+
+    def settle(self, choice: ChoiceDelta) -> ChoiceDelta:
+        ids = self._ids.setdefault(choice.index, [])
+        ids.extend(choice.token_ids)
+        texts = self._texts.setdefault(choice.index, [])
+        texts.append(choice.text)
+        if choice.finish_reason != "length" or not _ends_mid_character(self._tail_bytes(ids)):
+            return choice
+        try:
+            answer = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special,
+                                            spaces_between_special_tokens=self._spaces)
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot: the text as vLLM gave it
+            return choice
+        released = "".join(texts)
+        if len(answer) <= len(released) or not answer.startswith(released):
+            return choice
+        return replace(choice, text=choice.text + answer[len(released):])
+
+    def _tail_bytes(self, ids: list[int]) -> bytes:
+        parts = [self._token_bytes(i) for i in ids[-4:]]  # a character is at most 4 bytes
+        return b"".join(p for p in parts if p is not None)
+
+
+def _ends_mid_character(data: bytes) -> bool:
+    """Whether `data` ends in bytes that are no whole UTF-8 character (what vLLM's
+    detokenizer holds back: text that decodes to a final U+FFFD)."""
+    return data[-8:].decode("utf-8", "replace").endswith("\ufffd")
+
+
 def token_bytes_of(tokenizer: Any):
     """`f(token_id) -> bytes | None`: the bytes a token stands for, for byte-level BPE
     tokenizers (all of the Qwen-VL family's); a token can be part of a UTF-8 character, which
@@ -585,8 +632,9 @@ class VLLMEngine(Engine):
         s = request.sampling
         if n_prompt >= limit:
             raise ContextLengthError(
-                f"The prompt is {n_prompt} tokens (images included), but this model's context "
-                f"is {limit} tokens. Shorten the messages or send fewer or smaller images.",
+                f"The prompt is {n_prompt} tokens (images included), which leaves no room for an answer "
+                f"in this model's context of {limit} tokens. Shorten the messages or send fewer or "
+                f"smaller images.",
                 param="messages",
             )
         if s.max_tokens is not None:
@@ -710,6 +758,7 @@ class VLLMEngine(Engine):
         # token, having told the front end to forget it. Sent again, the data goes along.
         retry = bool(prompt.get("multi_modal_data"))
         answered = False  # (an output came: the request, and its pictures, reached the engine)
+        tails = _HeldTail(self.info.tokenizer, self._token_bytes, params)
         try:
             while True:
                 missed = False
@@ -730,13 +779,13 @@ class VLLMEngine(Engine):
                                 continue
                             retry = False
                             for earlier in held:
-                                yield self._chunk(earlier, copies)
+                                yield self._chunk(earlier, copies, tails)
                             held.clear()
                         if out.outputs and out.outputs[0].logprobs is not None and \
                                 sum(len(c.token_ids) for c in out.outputs) > LARGE_DELTA_TOKENS:
-                            yield await asyncio.to_thread(self._chunk, out, copies)
+                            yield await asyncio.to_thread(self._chunk, out, copies, tails)
                         else:
-                            yield self._chunk(out, copies)
+                            yield self._chunk(out, copies, tails)
                 if not missed:
                     return
                 log.warning("request %s: the engine lacked a picture its front end thought sent; "
@@ -760,8 +809,10 @@ class VLLMEngine(Engine):
                 await self._llm.abort(request_id)
             raise
 
-    def _chunk(self, out, copies: int) -> GenerationChunk:
+    def _chunk(self, out, copies: int, tails: _HeldTail | None = None) -> GenerationChunk:
         choices = [self._choice(c) for c in out.outputs]
+        if tails is not None:
+            choices = [tails.settle(c) for c in choices]
         if copies > 1:
             choices = [replace(c, index=i, copy=i > 0) for c in choices for i in range(copies)]
         return GenerationChunk(

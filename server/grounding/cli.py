@@ -153,7 +153,7 @@ def _draw(parser: argparse.ArgumentParser, args: argparse.Namespace, text: str) 
             except Exception:  # malformed EXIF: unrotated, as the server takes it
                 picture = image.copy()
             picture.load()
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:  # (the bomb error is not an OSError)
         return _fail(f"cannot read image {args.image}: {exc}")
     boxes = _boxes(parser, args, text, [picture.size])
     try:

@@ -20,14 +20,20 @@ B64_STEP = 128 * 1024
 
 async def decode_data_url(url: DataURL, max_bytes: int) -> bytes:
     """The bytes of a base64 `data:` URL. The size is checked from the encoded length before
-    anything is decoded. Raises ImageTooLargeError, or ImageDecodeError for what is not
-    base64 even read leniently (see `_lenient`)."""
+    anything is decoded (the length without line breaks, spaces and percent-escapes, which
+    carry no bytes). Raises ImageTooLargeError, or ImageDecodeError for what is not base64
+    even read leniently (see `_lenient`)."""
     text, start, end = url.url, url.start, len(url.url)
-    size = end - start
-    padding = text.endswith("=") + text.endswith("==")  # no copy of the payload anywhere here
-    if size // 4 * 3 - padding > max_bytes:
-        raise too_large(max_bytes)
-    if size % 4 or text.find("=", start, end - 2) >= 0:
+    if _decoded_size(text, start, end) > max_bytes:  # no copy of the payload here
+        if not _needs_lenient(text, start, end):
+            raise too_large(max_bytes)
+        # Lines or escapes make the encoded length overstate the bytes: measure the payload
+        # as it will be decoded (a copy, bounded by the body's own size limit).
+        payload = _lenient(text[start:end])
+        if _decoded_size(payload, 0, len(payload)) > max_bytes:
+            raise too_large(max_bytes)
+        data = await _decode_steps(payload, 0)
+    elif (end - start) % 4 or text.find("=", start, end - 2) >= 0:
         data = await _decode_steps(_lenient(text[start:end]), 0)
     else:
         try:
@@ -37,6 +43,17 @@ async def decode_data_url(url: DataURL, max_bytes: int) -> bytes:
     if not data:
         raise ImageDecodeError("The data: URL holds no image data.")
     return data
+
+
+def _decoded_size(text: str, start: int, end: int) -> int:
+    """The bytes that strict base64 in `text[start:end]` decodes to."""
+    padding = (text.endswith("=", start, end)) + (text.endswith("==", start, end))
+    return (end - start) // 4 * 3 - padding
+
+
+def _needs_lenient(text: str, start: int, end: int) -> bool:
+    """Whether `text[start:end]` holds characters `_lenient` takes out or shortens."""
+    return any(text.find(c, start, end) >= 0 for c in "\n\r \t%")
 
 
 def _not_base64() -> ImageDecodeError:

@@ -696,6 +696,58 @@ def test_error_prompt_too_long(client, server):
     expect_error(lambda: ask(client, server, "word " * (MAX_MODEL_LEN * 2)), 400, "context_length_exceeded")
 
 
+def test_a_prompt_that_fills_the_context_is_refused_and_one_token_less_is_served(client, server):
+    """The boundary: a prompt of exactly the context's length leaves no room for an answer
+    (its message said only that the context is that long); one token shorter gets its token."""
+    def prompt_tokens(text: str) -> int:
+        return ask(client, server, text, max_tokens=1).usage.prompt_tokens
+
+    base = prompt_tokens("a")
+    assert prompt_tokens("a" + " a" * 10) == base + 10  # " a" is one token in both tiny vocabularies
+    fits = "a" + " a" * (MAX_MODEL_LEN - 1 - base)
+    served = ask(client, server, fits, max_tokens=1)
+    assert served.usage.prompt_tokens == MAX_MODEL_LEN - 1 and served.usage.completion_tokens == 1
+    err = expect_error(lambda: ask(client, server, fits + " a", max_tokens=None), 400, "context_length_exceeded")
+    message = err.response.json()["error"]["message"]
+    assert f"The prompt is {MAX_MODEL_LEN} tokens" in message and "no room for an answer" in message, message
+
+
+def test_an_answer_cut_off_inside_a_character_keeps_its_last_text(client, server):
+    """vLLM's detokenizer holds back text while it ends in part of a UTF-8 character; when
+    max_tokens ended the answer there, that text (whole characters before the broken one
+    too) was dropped: a token of one Cyrillic letter and half of the next, written 3 times,
+    gave ''. The answer is now the tokens' text as the tokenizer decodes it."""
+    from server.engine.vllm_engine import token_bytes_of
+
+    if server.arch == "qwen-vl":
+        from server.qwen_vl.tokenizer import QWenTokenizer
+
+        tokenizer = QWenTokenizer(vocab_file=str(server.model_dir / "qwen.tiktoken"))
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(server.model_dir)
+    token_bytes = token_bytes_of(tokenizer)
+
+    def whole_then_part(token_id: int) -> bool:  # e.g. "世" and the first two bytes of "界"
+        text = (token_bytes(token_id) or b"").decode("utf-8", "replace")
+        return text.endswith("\ufffd") and "\ufffd" not in text[:-1] and bool(text[:-1].strip())
+
+    token = next(i for i in range(min(len(tokenizer), 50_000)) if whole_then_part(i))
+    for max_tokens in (1, 3):
+        expected = tokenizer.decode([token] * max_tokens)
+        assert expected.endswith("\ufffd") and len(expected) > 1
+        answer = ask(client, server, "hi", max_tokens=max_tokens, logprobs=True,
+                     extra_body={"allowed_token_ids": [token]})
+        choice = answer.choices[0]
+        assert choice.finish_reason == "length" and answer.usage.completion_tokens == max_tokens
+        assert choice.message.content == expected
+        assert b"".join(bytes(t.bytes) for t in choice.logprobs.content) == token_bytes(token) * max_tokens
+        stream = ask(client, server, "hi", max_tokens=max_tokens, stream=True,
+                     extra_body={"allowed_token_ids": [token]})
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
 def test_error_max_tokens_over_context(client, server):
     err = expect_error(lambda: ask(client, server, "hi", max_tokens=MAX_MODEL_LEN + 1), 400, "context_length_exceeded")
     assert err.response.json()["error"]["param"] == "max_tokens"

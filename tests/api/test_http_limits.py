@@ -88,6 +88,18 @@ def chat_request(extra_headers: str = "", body: bytes | None = None) -> bytes:
             f"{extra_headers}Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+def test_answers_do_not_name_the_server_software(srv):
+    """uvicorn added `server: uvicorn` to every answer, refusals too."""
+    answers = [httpx.get(srv.base_url + "/health", timeout=5),
+               httpx.post(srv.base_url + "/v1/chat/completions", json={"messages": []}, timeout=5),
+               httpx.post(srv.base_url + "/v1/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})]
+    assert [a.status_code for a in answers] == [200, 400, 200]
+    for answer in answers:
+        assert "server" not in answer.headers, answer.headers
+        assert "uvicorn" not in str(answer.headers).lower()
+
+
 @pytest.mark.parametrize("size", [MAX_HEADER_BYTES + 1, 10 * 1024 * 1024])
 def test_a_head_over_the_limit_gets_a_431_and_the_connection_closes(srv, size):
     sock = connect(srv)

@@ -118,6 +118,18 @@ def test_draw_reports_unreadable_files(monkeypatch, capsys, tmp_path):
     assert "cannot read image" in err
 
 
+def test_draw_reports_a_picture_over_pillows_pixel_limit(monkeypatch, capsys, tmp_path):
+    """Pillow's decompression-bomb error is not an OSError: it ended the command in a traceback."""
+    picture = tmp_path / "huge.png"
+    Image.new("1", (1000, 1000)).save(picture)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400_000)  # 1,000,000 pixels: over twice the limit
+    argv = ["draw", "--image", str(picture), "--family", "qwen-vl", "--out", str(tmp_path / "o.png"), "--text", ""]
+    code, _, err = run(monkeypatch, capsys, argv)
+    assert code == 1
+    assert "cannot read image" in err and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_draw_reports_an_unusable_font(monkeypatch, capsys, tmp_path):
     picture = tmp_path / "in.png"
     Image.new("RGB", (40, 30)).save(picture)

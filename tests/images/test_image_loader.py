@@ -253,6 +253,29 @@ def test_base64_as_common_tools_write_it_is_read():
         assert "not valid base64" in info.value.message or "could not be decoded" in info.value.message
 
 
+def test_the_size_limit_counts_the_bytes_not_the_lines_or_escapes_around_them():
+    """A payload under the limit was refused as too large when wrapped in MIME lines or
+    percent-escaped: the limit was checked against the encoded length, newlines and `%2B`s
+    included."""
+    from server.images.local import decode_data_url
+    from server.images.urls import parse_image_url
+
+    def decode(payload: str, limit: int) -> bytes:
+        return asyncio.run(decode_data_url(parse_image_url("data:image/png;base64," + payload), limit))
+
+    raw = os.urandom(990)
+    standard = base64.b64encode(raw).decode()
+    escaped = standard.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+    for payload in (base64.encodebytes(raw).decode(), base64.encodebytes(raw).decode().replace("\n", "\r\n"),
+                    escaped, " " + standard + "\n"):
+        assert decode(payload, 1000) == raw
+        with pytest.raises(ImageTooLargeError):  # one byte less than the payload holds
+            decode(payload, 989)
+    assert decode(standard, 990) == raw
+    with pytest.raises(ImageTooLargeError):
+        decode(standard, 989)
+
+
 def test_file_urls(tmp_path):
     media = tmp_path / "media"
     media.mkdir()
