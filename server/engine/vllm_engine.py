@@ -336,13 +336,17 @@ class _HeldTail:
     bytes ending mid-character gets the rest of the decoded answer added to its last text,
     the incomplete character as U+FFFD, as the tokenizer decodes it (and as the logprobs'
     texts, joined, spell it). Only when the decoded answer begins with the released text:
-    anything else is left as vLLM gave it."""
+    anything else is left as vLLM gave it. vLLM never looked for the stop strings in that
+    text: one that ends there ends the answer, as vLLM would have ended it ("stop", the
+    answer cut before the string, or after it with include_stop_str_in_output)."""
 
     def __init__(self, tokenizer: Any, token_bytes, params) -> None:
         self._tokenizer = tokenizer
         self._token_bytes = token_bytes
         self._skip_special = params.skip_special_tokens
         self._spaces = params.spaces_between_special_tokens
+        self._stops = [stop for stop in params.stop or () if stop]
+        self._include_stop = params.include_stop_str_in_output
         self._ids: dict[int, list[int]] = {}
         self._texts: dict[int, list[str]] = {}
 
@@ -361,7 +365,22 @@ class _HeldTail:
         released = "".join(texts)
         if len(answer) <= len(released) or not answer.startswith(released):
             return choice
-        return replace(choice, text=choice.text + answer[len(released):])
+        return self._cut_at_stop(choice, choice.text + answer[len(released):])
+
+    def _cut_at_stop(self, choice: ChoiceDelta, text: str) -> ChoiceDelta:
+        """`choice` with `text`, ended at the first stop string that ends past its old text.
+        One that begins before it lies within it: vLLM holds back as many characters as the
+        longest stop string has, less one, until an answer ends, so they came in this output."""
+        first: tuple[int, str] | None = None
+        for stop in self._stops:
+            at = text.find(stop, max(0, len(choice.text) - len(stop) + 1))
+            if at >= 0 and (first is None or at < first[0]):
+                first = (at, stop)
+        if first is None:
+            return replace(choice, text=text)
+        at, stop = first
+        end = at + len(stop) if self._include_stop else at
+        return replace(choice, text=text[:end], finish_reason="stop", stop_reason=stop)
 
     def _tail_bytes(self, ids: list[int]) -> bytes:
         parts = [self._token_bytes(i) for i in ids[-4:]]  # a character is at most 4 bytes

@@ -11,13 +11,21 @@ deadlines apply. The HTTP exchange itself is the transport's (transport.py).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from .. import __version__
-from ..errors import ImageFetchError, ImageTooLargeError, ServiceUnavailableError
+from ..errors import (
+    ImageError,
+    ImageFetchError,
+    ImageTooLargeError,
+    ImageURLForbiddenError,
+    ServiceUnavailableError,
+    shown,
+)
 from .policy import AddressPolicy, DomainPolicy
 from .resolve import ResolutionError, Resolver
 from .transport import (
@@ -53,6 +61,15 @@ def human_bytes(n: int) -> str:
 def too_large(max_bytes: int) -> ImageTooLargeError:
     """The error for an encoded image over the byte cap (fetched, data: or file:)."""
     return ImageTooLargeError(f"The image is larger than this server's limit of {human_bytes(max_bytes)}.")
+
+
+def _after_redirect(exc: ImageError, url: HttpURL) -> ImageError:
+    """`exc`, raised on the hop to `url`, with a message that names the redirect: otherwise
+    the client reads a refusal or failure about a host it never sent."""
+    wrapped = copy.copy(exc)
+    wrapped.message = f"The image URL redirected to {shown(str(url), 200)}, which failed: {exc.message}"
+    wrapped.args = (wrapped.message,)
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -115,18 +132,24 @@ class HttpFetcher:
             ) from None
 
     async def _fetch(self, url: HttpURL) -> bytes:
-        for _ in range(self._limits.max_redirects + 1):
-            addresses = await self._check(url)
-            async with self._send(url, addresses) as response:
-                if response.status in REDIRECT_STATUSES:
-                    location = response.headers.get("location")
-                    if not location:
-                        raise ImageFetchError("The image server sent a redirect without a Location.")
-                    url = join_redirect(url, location)
-                    continue
-                if not 200 <= response.status < 300:
-                    raise ImageFetchError(f"The image server answered HTTP {response.status}; check the image URL.")
-                return await self._read_body(response)
+        for hop in range(self._limits.max_redirects + 1):
+            try:
+                addresses = await self._check(url)
+                async with self._send(url, addresses) as response:
+                    if response.status in REDIRECT_STATUSES:
+                        location = response.headers.get("location")
+                        if not location:
+                            raise ImageFetchError("The image server sent a redirect without a Location.")
+                        url = join_redirect(url, location)
+                        continue
+                    if not 200 <= response.status < 300:
+                        raise ImageFetchError(
+                            f"The image server answered HTTP {response.status}; check the image URL.")
+                    return await self._read_body(response)
+            except (ImageURLForbiddenError, ImageFetchError) as exc:
+                if hop == 0:
+                    raise
+                raise _after_redirect(exc, url) from exc.__cause__
         raise ImageFetchError(
             f"The image URL redirected more than {self._limits.max_redirects} times; link the image directly."
         )

@@ -29,6 +29,10 @@ _MAX_SCHEME = 16
 _MAX_DATA_HEADER = 256
 # Visible ASCII except the backslash: anything else never belongs in a URL we accept.
 _BAD_CHARS = re.compile(r"[^\x21-\x7e]|\\")
+# In a redirect Location, only these are malformed: other non-ASCII is percent-encoded.
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f\\\s]")
+# What a header decoder (surrogateescape) makes of bytes that were not UTF-8.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 # WHATWG URL: a host whose last label is a number is parsed as an IPv4 address.
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
@@ -144,9 +148,12 @@ def _as_browsers_send(url: str) -> str:
 
 def join_redirect(base: HttpURL, location: str) -> HttpURL:
     """Resolve a redirect `Location` against `base` and validate the result like any image
-    URL. A redirect to anything but http(s) is forbidden."""
-    if _BAD_CHARS.search(location):
+    URL. A redirect to anything but http(s) is forbidden. Non-ASCII in `location` (servers
+    do send raw UTF-8 there) is percent-encoded as browsers do before following it; bytes
+    that were not UTF-8 arrive as surrogate escapes and are percent-encoded as those bytes."""
+    if _SPACE_OR_CONTROL.search(location):
         raise _forbidden("The image server redirected to a malformed URL.")
+    location = _ESCAPED_BYTE.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}", location)
     try:
         target = urllib.parse.urljoin(str(base), location)
     except ValueError:  # e.g. an unclosed "[" in the host

@@ -746,6 +746,18 @@ def test_an_answer_cut_off_inside_a_character_keeps_its_last_text(client, server
         stream = ask(client, server, "hi", max_tokens=max_tokens, stream=True,
                      extra_body={"allowed_token_ids": [token]})
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    # vLLM never looks for stop strings in that text; one there ends the answer all the same.
+    expected = tokenizer.decode([token] * 3)
+    stop = expected[len(expected) // 2:len(expected) // 2 + 2]
+    at = expected.index(stop)
+    for include, content in ((False, expected[:at]), (True, expected[:at + len(stop)])):
+        extra = {"allowed_token_ids": [token], "include_stop_str_in_output": include}
+        answer = ask(client, server, "hi", max_tokens=3, stop=[stop, "never"], extra_body=extra)
+        assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == (content, "stop")
+        chunks = [c for c in ask(client, server, "hi", max_tokens=3, stop=[stop], stream=True, extra_body=extra)
+                  if c.choices]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
+        assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_error_max_tokens_over_context(client, server):

@@ -99,6 +99,37 @@ def test_a_malformed_redirect_location_is_refused(image_server):
         assert "redirected to a malformed URL" in info.value.message
 
 
+def test_a_redirect_location_in_raw_utf8_is_followed_percent_encoded(image_server):
+    # Servers do send raw UTF-8 in Location; browsers percent-encode it and follow.
+    image_server.routes["/caf%C3%A9.png"] = image_server.routes["/red.png"]
+    image_server.routes["/x%E9.png"] = image_server.routes["/red.png"]
+    image_server.routes["/to-utf8"] = raw("HTTP/1.0 302 Found\r\nLocation: /café.png\r\n"
+                                          "Content-Length: 0\r\n\r\n".encode())
+    image_server.routes["/to-latin1"] = raw(b"HTTP/1.0 302 Found\r\nLocation: /x\xe9.png\r\n"
+                                            b"Content-Length: 0\r\n\r\n")
+    assert load_one(image_server.url("/to-utf8")).original_size == (64, 48)
+    assert load_one(image_server.url("/to-latin1")).original_size == (64, 48)
+    assert [path for path, _ in image_server.requests[-4:]] == ["/to-utf8", "/caf%C3%A9.png",
+                                                                "/to-latin1", "/x%E9.png"]
+
+
+def test_a_failure_after_a_redirect_names_the_redirect(canary_server, image_server):
+    image_server.routes["/to-canary-2"] = redirect(f"http://127.0.0.1:{canary_server.port}/red.png")
+    with pytest.raises(ImageURLForbiddenError) as info:
+        load_one(image_server.url("/to-canary-2"))
+    assert info.value.message.startswith(
+        f"The image URL redirected to http://127.0.0.1:{canary_server.port}/red.png, which failed: ")
+    assert info.value.code == "image_url_forbidden"
+    with pytest.raises(ImageFetchError) as info:
+        load_one(image_server.url("/missing-redirect"))
+    assert info.value.message == (f"The image URL redirected to {image_server.url('/does-not-exist')}, which "
+                                  "failed: The image server answered HTTP 404; check the image URL.")
+    with pytest.raises(ImageFetchError) as info:
+        load_one(image_server.url("/nothing-here"))
+    assert info.value.message == "The image server answered HTTP 404; check the image URL."
+    assert canary_server.requests == []
+
+
 def test_redirects_followed_within_the_hop_limit(image_server):
     assert load_one(image_server.url("/redirect-ok")).original_size == (64, 48)
     with pytest.raises(ImageFetchError) as info:

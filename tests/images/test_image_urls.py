@@ -111,6 +111,18 @@ def test_redirects_are_resolved_then_checked_like_any_url():
             join_redirect(base, location)
 
 
+def test_non_ascii_in_a_redirect_location_is_percent_encoded_as_browsers_do():
+    base = parse_image_url("https://cdn.example.com/img/a.png")
+    assert join_redirect(base, "/bilder/straße.png?q=ü").target == "/bilder/stra%C3%9Fe.png?q=%C3%BC"
+    assert join_redirect(base, "//bücher.example/x.png").host == "xn--bcher-kva.example"
+    # A Latin-1 byte, not UTF-8, as a surrogateescape header decoder hands it over.
+    assert join_redirect(base, "caf\udce9.png").target == "/img/caf%E9.png"
+    for location in ("/a b.png", "/a\u00a0b.png", "/a\x85b.png", "/a\tb.png", "/a\\b.png"):
+        with pytest.raises(ImageURLForbiddenError) as info:
+            join_redirect(base, location)
+        assert "malformed" in info.value.message
+
+
 @pytest.mark.parametrize("url", ["file://[x]/a.png", "file://]", "file://[::1/a.png", "file://a]b/c"])
 def test_file_urls_with_brackets_are_refused_not_crashed(url):
     with pytest.raises(ImageURLForbiddenError):
