@@ -127,15 +127,29 @@ class Message(_Lenient):
     # (assistant turns only; read there as text, so the model sees which call a result answers)
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     function_call: FunctionCall | None = None  # OpenAI's older single call
+    # An assistant turn's refusal as OpenAI answers it (the SDK's message sent back as
+    # history): read as a refusal part after the content (ignored in other roles).
+    refusal: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _calls_only_from_the_assistant(cls, data: Any) -> Any:
-        # Other roles make no calls: the fields are ignored there, as unknown ones are.
+        # Other roles make no calls nor refusals: the fields are ignored there, as unknown ones are.
         if isinstance(data, dict) and data.get("role") != "assistant" and (
-                "tool_calls" in data or "function_call" in data):
-            data = {k: v for k, v in data.items() if k not in ("tool_calls", "function_call")}
+                "tool_calls" in data or "function_call" in data or "refusal" in data):
+            data = {k: v for k, v in data.items() if k not in ("tool_calls", "function_call", "refusal")}
         return data
+
+    @model_validator(mode="after")
+    def _refusal_as_a_part(self) -> "Message":
+        if self.refusal:
+            if isinstance(self.content, str):
+                parts = [TextPart(type="text", text=self.content)] if self.content else []
+            else:
+                parts = list(self.content or [])
+            self.content = [*parts, RefusalPart(type="refusal", refusal=self.refusal)]
+            self.refusal = None
+        return self
 
 
 class StreamOptions(_Lenient):

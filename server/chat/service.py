@@ -435,11 +435,14 @@ class ChatService:
                     for c in out.choices:
                         tracker.tokens(len(c.token_ids), c.index, c.copy)
                         tokens[c.index] += len(c.token_ids)
-                        text = c.text
+                        # The tokens of an output that ends in "error" are never sent: they are
+                        # the ones a grammar refused (vLLM's other errors come without tokens).
+                        refused = c.finish_reason == "error"
+                        text = "" if refused else c.text
                         if (cleaner := pieces[c.index]) is not None:
                             text = cleaner.feed(text) + (cleaner.flush() if c.finish_reason else "")
                         texts[c.index].append(text)
-                        if text or c.logprobs:
+                        if text or (c.logprobs and not refused):
                             def event(c=c, text=text) -> str:
                                 return chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=text),
                                                           logprobs=self._logprobs(p, c.logprobs or []))])

