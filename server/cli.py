@@ -105,7 +105,11 @@ def model_problem(model: str | None) -> str | None:
     that does not exist reached vLLM as a hub id, which failed after start-up with "Repo id
     must be in the form 'repo_name' or 'namespace/repo_name'".) Checked when serving only:
     the health check reads the same flags elsewhere."""
-    if model is None or Path(model).is_dir():
+    if model is None:
+        return None
+    if Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            return f"--model {model} has no config.json; give a checkpoint's directory (its config and weights)"
         return None
     if Path(model).exists():
         return f"--model {model} is a file; give the checkpoint's directory"

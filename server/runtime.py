@@ -4,6 +4,7 @@ control, and the lifecycle flags that /health and /ready report."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -83,8 +84,18 @@ class Runtime:
             self.load_failed = True
             self._fatal(1)
             return
+        try:
+            self._install(engine)
+        except Exception:
+            # (otherwise the task ends with its exception unseen, and the server stays
+            # "loading" for good while its liveness probe says it is fine)
+            log.exception("the server failed to start with the loaded engine")
+            self.load_failed = True
+            with contextlib.suppress(Exception):
+                await engine.shutdown()
+            self._fatal(1)
+            return
         _freeze_startup_heap()
-        self._install(engine)
 
     def _install(self, engine: Engine) -> None:
         self.images = self._images_factory(engine)

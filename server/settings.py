@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when a GPU is visible, else CPU."
     )
-    dtype: str = Field("auto", description="Weights and activations dtype (auto, bfloat16, float16, float32).")
+    dtype: Literal["auto", "bfloat16", "float16", "half", "float32", "float"] = Field(
+        "auto", description="Weights and activations dtype (auto, bfloat16, float16, float32).")
     max_model_len: int | None = Field(None, ge=16, description="Context length (default: from the model config).")
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once by the engine (default: vLLM's).")
     max_num_batched_tokens: int | None = Field(None, ge=16, description="Tokens per engine step (default: vLLM's).")
@@ -245,6 +246,35 @@ class Settings(BaseSettings):
 
         for name in value:
             normalise_domain(name)  # (refused here, at start-up, rather than when first used)
+        return value
+
+    @field_validator("image_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                # (refused here: later, the first image loader built would fail, once the
+                # engine had loaded, and leave the server loading for good)
+                raise ValueError(f"{net!r} is not an IP network (write it as a CIDR, like 10.0.0.0/8)") from None
+        return value
+
+    @field_validator("allowed_local_media_path")
+    @classmethod
+    def _existing_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{str(value)!r} is not a directory (every file: image URL would fail)")
+        return value
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config(cls, value: str) -> str:
+        if value not in ("auto", "vllm") and not (Path(value) / "generation_config.json").is_file():
+            raise ValueError(f"'auto', 'vllm' or a directory holding a generation_config.json; "
+                             f"{value!r} has none")
         return value
 
     @field_validator("log_level", mode="before")

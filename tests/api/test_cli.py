@@ -10,6 +10,7 @@ import time
 
 
 def test_a_taken_port_fails_fast_before_the_engine_loads(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -42,7 +43,36 @@ def test_a_model_that_is_neither_a_directory_nor_a_hub_id_stops_the_server_at_on
     from server.cli import model_problem
 
     assert model_problem("Qwen/Qwen2-VL-7B-Instruct") is None and model_problem("Qwen-VL-Chat") is None
+    assert "has no config.json" in model_problem(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
     assert model_problem(str(tmp_path)) is None
+
+
+def test_bad_start_up_values_are_refused_at_once_in_one_line(tmp_path):
+    """Values that only failed once the engine had loaded: a malformed CIDR left the server
+    "loading" for good (its liveness probe fine, nothing in the log), a directory that is
+    no checkpoint, an unknown dtype or a missing generation config ended in a traceback
+    after the port was open, and a missing media directory was accepted without a word."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    (tmp_path / "not-a-checkpoint").mkdir()
+    for flags, words in (
+            (["--image-allow-networks", "10.0.0.0/33"], "'10.0.0.0/33' is not an IP network"),
+            (["--image-allow-networks", "10.0.0.0/8,notacidr"], "'notacidr' is not an IP network"),
+            (["--allowed-local-media-path", str(tmp_path / "missing")], "is not a directory"),
+            (["--dtype", "bogus"], "--dtype"),
+            (["--generation-config", str(tmp_path)], "has none"),
+            (["--model", str(tmp_path / "not-a-checkpoint")], "has no config.json")):
+        argv = [sys.executable, "-m", "server.cli", "--model", str(checkpoint), "--port", "0", *flags]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (flags, proc.stderr[-500:])
+        assert words in proc.stderr.splitlines()[-1], (flags, proc.stderr[-500:])
+        assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "--model", str(checkpoint), "--port", "0"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "QWENVL_IMAGE_ALLOW_NETWORKS": "192.168.0.0/16,10.1"})
+    assert proc.returncode == 2 and "'10.1' is not an IP network" in proc.stderr, proc.stderr[-500:]
 
 
 def test_an_api_key_file_that_cannot_be_read_or_holds_no_keys_stops_the_server(tmp_path):

@@ -1100,6 +1100,27 @@ def test_a_stream_that_fails_before_its_first_event_is_an_http_error(tiny_tokeni
         assert r.headers["content-type"].startswith("application/json")
 
 
+def test_a_failure_to_start_serving_with_the_loaded_engine_ends_the_process(tiny_tokenizer, caplog):
+    """Building what serves the engine (its image loader, say) failed in a task nobody
+    awaited: the server stayed "loading" for good, /health 200, nothing in the log."""
+    engine = ScriptedEngine(ModelInfo(family="qwen2-vl", max_model_len=4096, tokenizer=tiny_tokenizer))
+    fatal = []
+
+    def images_factory(_engine):
+        raise ValueError("no image loader today")
+
+    app = create_app(Settings(served_model_name="scripted"), engine_factory=lambda: engine,
+                     images_factory=images_factory, model_names=["scripted"], on_fatal=fatal.append)
+    with caplog.at_level(logging.ERROR), AppServer(app, wait_ready=False) as srv:
+        deadline = time.monotonic() + 10
+        while not fatal and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fatal == [1]
+        assert httpx.get(srv.base_url + "/ready").status_code == 503
+        assert chat(srv.base_url).status_code == 503
+    assert "failed to start" in caplog.text and "no image loader today" in caplog.text
+
+
 def test_the_startup_heap_is_frozen_once_a_loaded_engine_is_installed(tiny_tokenizer):
     """Full garbage collections must not walk the millions of start-up objects while serving
     (0.4 s for the imports alone, measured): the server freezes them once the engine loads."""

@@ -21,9 +21,11 @@ from support.live_server import free_port
 
 
 class AppServer:
-    def __init__(self, app, host: str = "127.0.0.1") -> None:
+    def __init__(self, app, host: str = "127.0.0.1", wait_ready: bool = True) -> None:
+        """`wait_ready=False`: entering returns once the server listens, ready or not."""
         self.app = app
         self.host = host
+        self.wait_ready = wait_ready
         self.port = free_port(host)
         # the server's own uvicorn configuration (its HTTP protocol and limits), on a free port
         config = uvicorn_config(app, app.state.runtime.settings, host=host, port=self.port,
@@ -62,7 +64,7 @@ class AppServer:
                 raise RuntimeError("app server did not start")
             time.sleep(0.02)
         # 401: probes behind a key (auth_health_endpoints) — up all the same.
-        while httpx.get(self.base_url + "/ready").status_code not in (200, 401):
+        while self.wait_ready and httpx.get(self.base_url + "/ready").status_code not in (200, 401):
             if time.monotonic() > deadline:
                 raise RuntimeError("app server not ready")
             time.sleep(0.02)
