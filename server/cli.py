@@ -29,8 +29,17 @@ log = logging.getLogger("qwenvl")
 _FLAG_NAMES = {"api_keys": "--api-key"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused flag prints one line naming the problem and where the flags are
+    listed, not the whole usage: with every setting a flag, the usage is 4 KB and the error
+    itself scrolls away under it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qwen-vl-serve",
         description="OpenAI-compatible server for the Qwen-VL family on vLLM. Every option "
         "can also be set as QWENVL_<NAME> in the environment.",

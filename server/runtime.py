@@ -16,7 +16,7 @@ from fastapi import Request
 from server.admission import Admission, BodyBudget
 from server.chat.service import ChatService, Prepared, stream_ended_with
 from server.chat.sse import sse_done, sse_event, with_keepalive
-from server.engine.base import Engine, EngineDeadError
+from server.engine.base import Engine, EngineDeadError, EngineSettingsError
 from server.errors import APIError, InternalError, RequestTimeoutError, ServiceUnavailableError
 from server.metrics import Metrics
 from server.settings import Settings
@@ -79,6 +79,11 @@ class Runtime:
         try:
             # Loading blocks for tens of seconds; a thread keeps /health and /ready answering.
             engine = await asyncio.to_thread(self._engine_factory)
+        except EngineSettingsError as exc:
+            log.error("the engine refused its settings: %s", exc)
+            self.load_failed = True
+            self._fatal(2)  # (as the settings refused before loading)
+            return
         except Exception:
             log.exception("engine failed to start")
             self.load_failed = True

@@ -18,6 +18,11 @@ class EngineDeadError(RuntimeError):
     """The engine can no longer serve; the process should exit so it is restarted."""
 
 
+class EngineSettingsError(ValueError):
+    """The engine refused the settings it was given (a `--max-model-len` beyond the model's,
+    a device this build cannot use): the operator's mistake, told in one line, not a crash."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the server needs to know about the loaded model."""

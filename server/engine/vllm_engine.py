@@ -26,6 +26,7 @@ from server.engine.base import (
     ChoiceDelta,
     Engine,
     EngineDeadError,
+    EngineSettingsError,
     EngineStats,
     GenerationChunk,
     GenerationRequest,
@@ -54,13 +55,13 @@ def family_of(model_type: str) -> str:
 def detect_device(requested: str) -> str:
     """The device vLLM will run on: the platform of the installed vLLM build.
 
-    Raises `RuntimeError` if `requested` names a device this build cannot use.
+    Raises `EngineSettingsError` if `requested` names a device this build cannot use.
     """
     from vllm.platforms import current_platform
 
     actual = "cuda" if current_platform.is_cuda_alike() else current_platform.device_type
     if requested not in ("auto", actual):
-        raise RuntimeError(
+        raise EngineSettingsError(
             f"--device {requested} requested, but the installed vLLM build runs on {actual}"
         )
     return actual
@@ -104,6 +105,22 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
     if (raised := _raised_max_pixels(settings, model)) is not None:
         kwargs["mm_processor_kwargs"] = {"max_pixels": raised}
     return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _engine_config(args):
+    """vLLM's config for `args`, as `AsyncLLM.from_engine_args` builds it. Settings vLLM
+    refuses (a `--max-model-len` beyond the model's, a tensor-parallel size that does not
+    divide the heads) raise `EngineSettingsError` with vLLM's words, without pydantic's dump
+    of every engine argument."""
+    from pydantic import ValidationError
+    from vllm.usage.usage_lib import UsageContext
+
+    try:
+        return args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    except ValidationError as exc:
+        raise EngineSettingsError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from exc
+    except ValueError as exc:
+        raise EngineSettingsError(str(exc)) from exc
 
 
 def _trust_remote_code(settings: Settings, model: str) -> bool:
@@ -559,8 +576,11 @@ class VLLMEngine(Engine):
         stats = _StatsCapture()
         args = engine_args_from_settings(settings, model, device)
         os.environ[parent_watch.ENV] = str(os.getpid())  # (the engine core stops itself without us)
+        vllm_config = _engine_config(args)
         before = _child_pids()
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
+        llm = AsyncLLM.from_vllm_config(vllm_config, stat_loggers=[stats.factory],
+                                        enable_log_requests=args.enable_log_requests,
+                                        disable_log_stats=args.disable_log_stats)
         core_pids = _child_pids() - before
         nice = settings.engine_nice if settings.engine_nice is not None else (10 if device == "cpu" else 0)
         if nice:

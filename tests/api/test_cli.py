@@ -75,6 +75,21 @@ def test_bad_start_up_values_are_refused_at_once_in_one_line(tmp_path):
     assert proc.returncode == 2 and "'10.1' is not an IP network" in proc.stderr, proc.stderr[-500:]
 
 
+def test_settings_only_vllm_can_judge_end_the_server_in_one_line(tiny_model):
+    """A --max-model-len beyond the model's, or a device the installed build cannot use, ended
+    in vLLM's traceback (and pydantic's dump of every engine argument) with exit status 1."""
+    for flags, words in ((["--max-model-len", "99999999"], "the engine refused its settings: User-specified "
+                          "max_model_len (99999999) is greater than the derived max_model_len"),
+                         (["--device", "cuda"], "the engine refused its settings: --device cuda requested, "
+                          "but the installed vLLM build runs on cpu")):
+        proc = subprocess.run([sys.executable, "-m", "server.cli", "--model", str(tiny_model("qwen2-vl")),
+                               "--host", "127.0.0.1", "--port", "0", *flags],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (flags, proc.stderr[-1500:])
+        assert words in proc.stderr, (flags, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr and "input_value" not in proc.stderr
+
+
 def test_an_api_key_file_that_cannot_be_read_or_holds_no_keys_stops_the_server(tmp_path):
     """A missing file failed inside the app, where uvicorn took the error for an app without
     lifespan and served 500s without ever loading the model; an empty one (a secret mounted
@@ -180,6 +195,23 @@ def test_the_log_level_is_one_of_the_known_ones(monkeypatch, capsys):
     monkeypatch.setenv("QWENVL_LOG_LEVEL", "verbose")
     with pytest.raises(SystemExit):
         parse_settings([])
+
+
+def test_a_refused_flag_is_one_line_that_points_at_help(capsys):
+    """argparse printed the whole usage first: 4 KB, under which the error scrolled away."""
+    import pytest
+
+    from server.cli import parse_settings
+
+    for argv, words in ((["--port", "abc"], "--port: Input should be a valid integer"),
+                        (["--bogus"], "unrecognized arguments: --bogus"),
+                        (["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'")):
+        with pytest.raises(SystemExit) as exited:
+            parse_settings(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2
+        assert len(err.splitlines()) == 1 and err.startswith(f"qwen-vl-serve: error: {words}"), err
+        assert err.endswith("(see qwen-vl-serve --help)\n"), err
 
 
 def test_help_shows_each_default_that_has_a_value():
