@@ -137,6 +137,8 @@ def _decode(
             # libjpeg may decode at 1/2, 1/4 or 1/8 scale while still covering the target.
             im.draft("RGB", stored_target)
         im.load()
+        if im.format == "PNG" and "transparency" in im.info and im.mode in ("1", "L"):
+            _scale_grey_key(im, data)
         out = _to_rgb(im, composite=not family.drop_alpha)
     if square:
         # The model's processor's own resize, on the upright picture (the processor then
@@ -179,6 +181,17 @@ _TRANSPOSE = {
 }
 
 
+def _scale_grey_key(im: Image.Image, data: bytes) -> None:
+    """Pillow scales the pixels of a 1-, 2- or 4-bit greyscale PNG up to 8 bits (x255, x85,
+    x17) but keeps the tRNS colour key as the file's own sample value, so the key matched the
+    wrong pixels or none: scale it the same way. (`check_layout` found IHDR first: its bit
+    depth is byte 24 of the file, its colour type byte 25.)"""
+    depth, colour_type = data[24], data[25]
+    key = im.info["transparency"]
+    if colour_type == 0 and depth < 8 and isinstance(key, int):
+        im.info["transparency"] = key * (255 // ((1 << depth) - 1))
+
+
 def _to_rgb(im: Image.Image, composite: bool = True) -> Image.Image:
     """A new RGB image: palette and alpha composited on white (a transparent colour key of a
     palette, greyscale or RGB image too), CMYK/YCbCr/L/1 converted, 16- and 32-bit greyscale
@@ -187,6 +200,11 @@ def _to_rgb(im: Image.Image, composite: bool = True) -> Image.Image:
     mode = im.mode
     if not composite and mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         return im.convert("RGB")
+    if mode == "1" and "transparency" in im.info:
+        key = im.info["transparency"]
+        im = im.convert("L")  # (0 and 255, the key with it; Pillow drops a "1" image's key)
+        im.info["transparency"] = key
+        mode = im.mode
     if mode in ("P", "L", "RGB") and "transparency" in im.info:
         im = im.convert("RGBA")
         mode = im.mode
@@ -195,7 +213,10 @@ def _to_rgb(im: Image.Image, composite: bool = True) -> Image.Image:
         mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
-        return Image.fromarray((arr >> 8).astype(np.uint8)).convert("RGB")  # 2-D uint8: mode L
+        grey = (arr >> 8).astype(np.uint8)
+        if composite and isinstance(key := im.info.get("transparency"), int):
+            grey[arr == key] = BACKGROUND[0]  # (the key matches the 16-bit samples, not the 8)
+        return Image.fromarray(grey).convert("RGB")  # 2-D uint8: mode L
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = im.convert("RGBA")
         background = Image.new("RGB", rgba.size, BACKGROUND)

@@ -11,7 +11,6 @@ deadlines apply. The HTTP exchange itself is the transport's (transport.py).
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,12 +18,10 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..errors import (
-    ImageError,
     ImageFetchError,
     ImageTooLargeError,
     ImageURLForbiddenError,
     ServiceUnavailableError,
-    shown,
 )
 from .policy import AddressPolicy, DomainPolicy
 from .resolve import ResolutionError, Resolver
@@ -38,7 +35,7 @@ from .transport import (
     TransportError,
     TransportTimeout,
 )
-from .urls import HttpURL, IPAddress, join_redirect
+from .urls import HttpURL, IPAddress, join_redirect, redirect_failed
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +58,6 @@ def human_bytes(n: int) -> str:
 def too_large(max_bytes: int) -> ImageTooLargeError:
     """The error for an encoded image over the byte cap (fetched, data: or file:)."""
     return ImageTooLargeError(f"The image is larger than this server's limit of {human_bytes(max_bytes)}.")
-
-
-def _after_redirect(exc: ImageError, url: HttpURL) -> ImageError:
-    """`exc`, raised on the hop to `url`, with a message that names the redirect: otherwise
-    the client reads a refusal or failure about a host it never sent."""
-    wrapped = copy.copy(exc)
-    wrapped.message = f"The image URL redirected to {shown(str(url), 200)}, which failed: {exc.message}"
-    wrapped.args = (wrapped.message,)
-    return wrapped
 
 
 @dataclass(frozen=True)
@@ -136,20 +124,20 @@ class HttpFetcher:
             try:
                 addresses = await self._check(url)
                 async with self._send(url, addresses) as response:
-                    if response.status in REDIRECT_STATUSES:
-                        location = response.headers.get("location")
-                        if not location:
-                            raise ImageFetchError("The image server sent a redirect without a Location.")
-                        url = join_redirect(url, location)
-                        continue
-                    if not 200 <= response.status < 300:
-                        raise ImageFetchError(
-                            f"The image server answered HTTP {response.status}; check the image URL.")
-                    return await self._read_body(response)
+                    if response.status not in REDIRECT_STATUSES:
+                        if not 200 <= response.status < 300:
+                            raise ImageFetchError(
+                                f"The image server answered HTTP {response.status}; check the image URL.")
+                        return await self._read_body(response)
+                    location = response.headers.get("location")
+                    if not location:
+                        raise ImageFetchError("The image server sent a redirect without a Location.")
             except (ImageURLForbiddenError, ImageFetchError) as exc:
                 if hop == 0:
                     raise
-                raise _after_redirect(exc, url) from exc.__cause__
+                raise redirect_failed(exc, str(url)) from exc.__cause__
+            # (outside the hop's handler: a refused target is named by join_redirect itself)
+            url = join_redirect(url, location)
         raise ImageFetchError(
             f"The image URL redirected more than {self._limits.max_redirects} times; link the image directly."
         )

@@ -12,13 +12,14 @@ some resolvers read as IPv4 numbers).
 
 from __future__ import annotations
 
+import copy
 import functools
 import ipaddress
 import re
 import urllib.parse
 from dataclasses import dataclass, field
 
-from ..errors import ImageError, ImageURLForbiddenError
+from ..errors import ImageError, ImageURLForbiddenError, shown
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -29,6 +30,8 @@ _MAX_SCHEME = 16
 _MAX_DATA_HEADER = 256
 # Visible ASCII except the backslash: anything else never belongs in a URL we accept.
 _BAD_CHARS = re.compile(r"[^\x21-\x7e]|\\")
+_BAD_CHARS_MESSAGE = ("The image URL contains whitespace, control characters, backslashes or "
+                      "non-ASCII characters; percent-encode them.")
 # In a redirect Location, only these are malformed: other non-ASCII is percent-encoded.
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f\\\s]")
 # What a header decoder (surrogateescape) makes of bytes that were not UTF-8.
@@ -98,6 +101,8 @@ def parse_image_url(url: str) -> ImageURL:
     not allowed by its form alone, ImageError for one that is not a URL at all."""
     if not isinstance(url, str) or not url:
         raise ImageError("The image URL is empty.")
+    if _SPACE_OR_CONTROL.match(url):  # (else the message would be that it has no scheme)
+        raise _forbidden(_BAD_CHARS_MESSAGE)
     colon = url.find(":", 0, _MAX_SCHEME + 1)
     scheme = url[:colon].lower()
     if colon < 1 or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
@@ -109,8 +114,7 @@ def parse_image_url(url: str) -> ImageURL:
     if scheme in _HTTP_SCHEMES and not url.isascii():
         url = _as_browsers_send(url)
     if _BAD_CHARS.search(url):
-        raise _forbidden("The image URL contains whitespace, control characters, backslashes or "
-                         "non-ASCII characters; percent-encode them.")
+        raise _forbidden(_BAD_CHARS_MESSAGE)
     if scheme in _HTTP_SCHEMES:
         return _parse_http(url)
     if scheme == "file":
@@ -156,12 +160,25 @@ def join_redirect(base: HttpURL, location: str) -> HttpURL:
     location = _ESCAPED_BYTE.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}", location)
     try:
         target = urllib.parse.urljoin(str(base), location)
+        scheme = urllib.parse.urlsplit(target).scheme.lower()
     except ValueError:  # e.g. an unclosed "[" in the host
         raise _forbidden("The image server redirected to a malformed URL.") from None
-    parsed = parse_image_url(target)
-    if not isinstance(parsed, HttpURL):
+    if scheme not in _HTTP_SCHEMES:
         raise _forbidden("The image server redirected to a non-http(s) URL.")
-    return parsed
+    try:
+        return parse_image_url(target)  # (an HttpURL: the scheme is http or https)
+    except ImageError as exc:
+        # (else a refusal of the target, say for user@host, reads as one of the URL sent)
+        raise redirect_failed(exc, target) from None
+
+
+def redirect_failed(exc: ImageError, target: str) -> ImageError:
+    """`exc`, raised for the URL a redirect led to, with a message that names the redirect:
+    otherwise the client reads a refusal or failure about a URL it never sent."""
+    wrapped = copy.copy(exc)
+    wrapped.message = f"The image URL redirected to {shown(target, 200)}, which failed: {exc.message}"
+    wrapped.args = (wrapped.message,)
+    return wrapped
 
 
 def _parse_http(url: str) -> HttpURL:

@@ -39,12 +39,15 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: list[bytes] | None = None,
-            idat: bytes | None = None) -> bytes:
-    """A PNG written by hand: any header, given rows (filter byte added) or raw IDAT."""
+            idat: bytes | None = None, trns: bytes | None = None) -> bytes:
+    """A PNG written by hand: any header, given rows (filter byte added) or raw IDAT, and a
+    tRNS chunk if given."""
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     if idat is None:
         idat = zlib.compress(b"".join(b"\x00" + row for row in rows or []))
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    extra = _chunk(b"tRNS", trns) if trns is not None else b""
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + extra + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))
 
 
 def exif_amplifier_png(tags: int, region: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import zlib
 
 import pytest
@@ -270,6 +271,29 @@ def test_alpha_and_palette_transparency_composite_on_white(family):
     for mode, color in (("L", 128), ("LA", (128, 255)), ("1", 1), ("P", 3)):
         image, _ = decode(samples.png(4, 4, color, mode=mode), family=family)
         assert image.mode == "RGB"
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_the_colour_key_of_1_2_4_and_16_bit_greyscale_matches_its_own_pixels(family):
+    """Pillow scales 1-, 2- and 4-bit grey up to 8 bits but kept the key as the file's sample
+    value (and drops a 1-bit image's key), so the key's pixels stayed their grey: black for
+    1-bit key 0, 85 for 2-bit key 1. A 16-bit key matches the 16-bit samples only."""
+    white, black = (255, 255, 255), (0, 0, 0)
+    for depth, row, key, expected in (
+            (1, bytes([0b01111111]), 0, [white] * 8),  # key 0: the black pixel
+            (2, bytes([0b00011011]), 1, [black, white, (170,) * 3, white]),  # pixels 0-3, key 1 (grey 85)
+            (4, bytes([0x01, 0x2F]), 1, [black, white, (34,) * 3, white])):  # key 1 (grey 17)
+        width = len(row) * 8 // depth
+        data = samples.raw_png(width, 1, depth, 0, rows=[row], trns=struct.pack(">H", key))
+        image, _ = decode(data, family=family)
+        pixels = [image.resize((width, 1), Image.Resampling.NEAREST).getpixel((x, 0)) for x in range(width)]
+        assert pixels == expected, (depth, pixels)
+    values = [0x1234, 0x1235, 0x12FF]  # the same high byte: only the first is the key
+    data = samples.raw_png(3, 1, 16, 0, rows=[b"".join(struct.pack(">H", v) for v in values)],
+                           trns=struct.pack(">H", 0x1234))
+    image, _ = decode(data, family=family)
+    assert image.resize((3, 1), Image.Resampling.NEAREST).getpixel((0, 0)) == (255, 255, 255)
+    assert image.resize((3, 1), Image.Resampling.NEAREST).getpixel((2, 0)) == (0x12, 0x12, 0x12)
 
 
 def test_qwen_vl_drops_transparency_as_its_published_pipeline_does():

@@ -127,6 +127,15 @@ def test_a_failure_after_a_redirect_names_the_redirect(canary_server, image_serv
     with pytest.raises(ImageFetchError) as info:
         load_one(image_server.url("/nothing-here"))
     assert info.value.message == "The image server answered HTTP 404; check the image URL."
+    # A target refused by its form alone, on the first hop and on a later one.
+    image_server.routes["/to-userinfo"] = redirect(f"http://user@127.0.0.1:{canary_server.port}/red.png")
+    image_server.routes["/to-to-userinfo"] = redirect("/to-userinfo")
+    for path in ("/to-userinfo", "/to-to-userinfo"):
+        with pytest.raises(ImageURLForbiddenError) as info:
+            load_one(image_server.url(path))
+        assert info.value.message == (f"The image URL redirected to http://user@127.0.0.1:{canary_server.port}"
+                                      "/red.png, which failed: Image URLs with user information (user@host) "
+                                      "are not allowed."), path
     assert canary_server.requests == []
 
 

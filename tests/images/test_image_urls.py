@@ -111,6 +111,28 @@ def test_redirects_are_resolved_then_checked_like_any_url():
             join_redirect(base, location)
 
 
+def test_a_refused_redirect_target_is_named_not_blamed_on_the_url_sent():
+    """A Location of http://user@10.0.0.1/ was refused as if the client's own URL held user
+    information, and ftp:// got the scheme refusal meant for the URL sent."""
+    base = parse_image_url("https://cdn.example.com/img/a.png")
+    for location, reason in (("http://user@10.0.0.1/", "Image URLs with user information"),
+                             ("http://0x0a000001/x.png", "")):
+        with pytest.raises(ImageURLForbiddenError) as info:
+            join_redirect(base, location)
+        assert info.value.message.startswith(f"The image URL redirected to {location}, which failed: {reason}")
+    for location in ("ftp://10.0.0.1/", "FILE:///etc/passwd", "gopher://x/"):
+        with pytest.raises(ImageURLForbiddenError) as info:
+            join_redirect(base, location)
+        assert info.value.message == "The image server redirected to a non-http(s) URL."
+
+
+def test_leading_whitespace_is_named_as_such():
+    for url in (" http://example.com/a.png", "\thttps://example.com/a.png", "\x00data:image/png;base64,AA"):
+        with pytest.raises(ImageURLForbiddenError) as info:
+            parse_image_url(url)
+        assert "contains whitespace, control characters" in info.value.message
+
+
 def test_non_ascii_in_a_redirect_location_is_percent_encoded_as_browsers_do():
     base = parse_image_url("https://cdn.example.com/img/a.png")
     assert join_redirect(base, "/bilder/straße.png?q=ü").target == "/bilder/stra%C3%9Fe.png?q=%C3%BC"
