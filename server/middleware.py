@@ -67,6 +67,13 @@ async def _send_error(send: Send, err: APIError, extra_headers: dict[str, str]) 
     await send({"type": "http.response.body", "body": body})
 
 
+def request_id(headers: Headers) -> str:
+    """The client's X-Request-Id when it is a plain token of at most 128 characters (it goes
+    into logs and response headers), else a new random one."""
+    rid = headers.get("x-request-id", "")
+    return rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+
+
 class GatewayMiddleware:
     """Request id, authentication, body cap and access log in one pass."""
 
@@ -109,9 +116,7 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        rid = headers.get("x-request-id", "")
-        if not _REQUEST_ID.match(rid):
-            rid = uuid.uuid4().hex
+        rid = request_id(headers)
         started = time.perf_counter()
         log_fields = _State()
         scope.setdefault("state", {})
@@ -385,10 +390,12 @@ async def _read_capped(receive: Receive, limit: int) -> Receive | None:
 
 class _JSONCORSMiddleware(CORSMiddleware):
     """Starlette's CORS middleware, with a refused preflight answered as our error JSON
-    (Starlette's own is plain text) and with its other headers kept."""
+    (Starlette's own is plain text) and with its other headers kept. Outside the gateway
+    (preflights carry no credentials), so it gives its answers their X-Request-Id itself."""
 
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)
+        response.headers["x-request-id"] = request_id(request_headers)
         if response.status_code < 400:
             return response
         refused = response.body.decode("ascii", "replace").removeprefix("Disallowed CORS ")

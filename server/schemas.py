@@ -368,7 +368,7 @@ class ChatCompletionRequest(_Lenient):
             # validator's errors have no location of their own)
             raise PydanticCustomError(
                 "lone_surrogate",
-                "{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                "holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not "
                 "valid Unicode text", {"where": where or "the body"})
         return data
 

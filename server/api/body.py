@@ -148,6 +148,7 @@ def validation_to_api_error(errors: list[dict[str, Any]]) -> InvalidRequestError
         cleaned.append(part)
     loc = cleaned
     param = _format_loc(loc)
+    where = ""
     if first.get("type") == "lone_surrogate" and not param:  # found by the whole-body walk
         where = (first.get("ctx") or {}).get("where", "")
         param = where if where not in ("the body", "a field name") else ""
@@ -158,8 +159,16 @@ def validation_to_api_error(errors: list[dict[str, Any]]) -> InvalidRequestError
         text = "The request has no body; send a JSON object with 'messages'."
     elif first.get("type") == "missing":
         text = f"Missing required field '{param}'."
-    elif first.get("type") == "union_tag_invalid" or first.get("type") == "union_tag_not_found":
+    elif first.get("type") == "union_tag_not_found":
+        text = f"The content part at '{param}' has no 'type': use 'text' or 'image_url'."
+    elif first.get("type") == "union_tag_invalid":
         text = f"Unsupported content part type at '{param}': use 'text' or 'image_url'."
+    elif first.get("type") == "lone_surrogate":  # (its message names no place)
+        subject = f"'{param}'" if param else where or "the body"
+        text = f"{subject[0].upper()}{subject[1:]} {message}."
+    elif len(loc) == 2 and loc[0] == "chat_template_kwargs":
+        # (pydantic would name one branch of the union: "Input should be a valid boolean")
+        text = f"Invalid value for '{param}': send true, false, a number or null (template variables take no text)."
     elif param.endswith(".content") and first.get("type") in ("string_type", "list_type"):
         text = f"Invalid value for '{param}': send a string or a list of content parts."
     else:

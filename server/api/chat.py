@@ -14,7 +14,7 @@ from server.api.body import check_media_type, parse_json_body, validate_body
 from server.api.deps import RuntimeDep
 from server.api.event_stream import EventStreamResponse
 from server.engine import EngineDeadError
-from server.errors import RequestTimeoutError, ServiceUnavailableError
+from server.errors import InvalidRequestError, RequestTimeoutError, ServiceUnavailableError
 from server.runtime import ENGINE_STOPPED, RETRY_SOON, ClientGone
 from server.schemas import ChatCompletionRequest
 
@@ -77,6 +77,10 @@ async def _read_body(request: Request, rt) -> ChatCompletionRequest:
     """The request's body, read (drawing on the server's body budget as it arrives), parsed
     and validated. Read from the stream rather than `request.body()`, which would keep the
     raw bytes on the request for as long as the response lasts."""
+    if len(request.headers.getlist("content-type")) > 1:
+        # (a proxy in front that reads the last one would disagree with us on what the body is)
+        raise InvalidRequestError("The request has more than one Content-Type header; send one.",
+                                  code="invalid_http")
     check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"),
                      request.headers.get("transfer-encoding"))
     try:

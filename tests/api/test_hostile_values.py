@@ -62,6 +62,7 @@ def test_lone_surrogates_are_refused_with_where(srv, request_body, where):
     err = assert_400(post(srv, request_body), where, "surrogate")
     assert err["type"] == "invalid_request_error"
     assert err["param"] == where
+    assert err["message"].startswith(f"'{where}' holds a lone UTF-16 surrogate") and err["message"].count(where) == 1
     still_serves(srv)
 
 
@@ -388,6 +389,40 @@ def test_bodies_that_are_not_plain_json_get_a_415(srv, headers, words):
         r = httpx.post(srv.base_url + "/v1/chat/completions", content=json.dumps(body()).encode(),
                        headers={"content-type": ok})
         assert r.status_code == 200, (ok, r.text)
+
+
+@pytest.mark.parametrize("request_body, param, message", [
+    (body(messages=[{"role": "user", "content": [{"text": "hi"}]}]), "messages[0].content[0]",
+     "The content part at 'messages[0].content[0]' has no 'type': use 'text' or 'image_url'."),
+    (body(messages=[{"role": "user", "content": [{"type": "audio"}]}]), "messages[0].content[0]",
+     "Unsupported content part type at 'messages[0].content[0]': use 'text' or 'image_url'."),
+    (body(chat_template_kwargs={"add_vision_id": "yes please"}), "chat_template_kwargs.add_vision_id",
+     "Invalid value for 'chat_template_kwargs.add_vision_id': send true, false, a number or null "
+     "(template variables take no text)."),
+])
+def test_messages_say_what_is_wrong_not_what_pydantic_tried(srv, request_body, param, message):
+    """A part without `type` was called an unsupported type; a text template variable was
+    told to be a boolean (numbers and null are accepted too)."""
+    err = assert_400(post(srv, request_body))
+    assert (err["param"], err["message"]) == (param, message)
+
+
+@pytest.mark.parametrize("first, second", [("application/json", "text/plain"), ("text/plain", "application/json"),
+                                           ("application/json", "application/json")])
+def test_two_content_type_headers_are_a_400_whatever_their_order(srv, first, second):
+    """The first one won: JSON then text/plain was served (a proxy in front reading the last
+    would disagree about the body), the other order refused with a 415."""
+    payload = json.dumps(body()).encode()
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: {first}\r\n"
+                     f"Content-Type: {second}\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n\r\n"
+                     .encode() + payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400"), data[:300]
+    assert b"more than one Content-Type header" in data
+    still_serves(srv)
 
 
 @pytest.mark.parametrize("coding, status", [("gzip, chunked", 415), ("chunked", 200), ("identity, chunked", 200)])

@@ -1001,6 +1001,12 @@ def test_cors_off_by_default_and_configurable(tiny_tokenizer):
                           headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
         assert r.json()["error"]["code"] == "cors_refused" and "origin" in r.json()["error"]["message"]
+        # Preflights are answered outside the gateway, and carry a request id all the same.
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers.get("x-request-id", "")), r.headers
+        r = httpx.options(srv.base_url + "/v1/chat/completions",
+                          headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                                   "X-Request-Id": "trace-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
         r = httpx.options(srv.base_url + "/v1/chat/completions",
                           headers={"Origin": "https://app.example", "Access-Control-Request-Method": "DELETE"})
         assert r.status_code == 400 and r.headers["content-type"] == "application/json"
