@@ -730,7 +730,11 @@ class VLLMEngine(Engine):
             try:  # (vLLM's rule: each word with and without a leading space, as tokens)
                 params.update_from_tokenizer(self._llm.input_processor.tokenizer)
             except (VLLMValidationError, ValueError) as exc:
-                raise InvalidRequestError(f"bad_words cannot be used: {str(exc)[:200]}", param="bad_words") from exc
+                # (its message alone: str() of vLLM's error appends the client's whole list)
+                reason = str(exc.args[0]) if exc.args else "invalid"
+                raise InvalidRequestError(
+                    f"bad_words cannot be used: {reason[:200]} (vLLM counts each word, and its spelling "
+                    "with a leading space where that tokenizes differently)", param="bad_words") from exc
             total = sum(map(len, params.bad_words_token_ids or ()))
             if total > envs.VLLM_MAX_BAD_WORDS_TOTAL_TOKENS:
                 raise InvalidRequestError(

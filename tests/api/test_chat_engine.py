@@ -968,6 +968,18 @@ def test_what_the_model_runner_has_no_room_for_is_a_400(client, server, extra, p
     assert ask(client, server, "hi", max_tokens=2).choices[0].finish_reason in ("stop", "length")
 
 
+def test_too_many_bad_word_spellings_are_refused_without_echoing_the_list(client, server):
+    """128 words (of the 128 allowed) come to more spellings once vLLM adds each word's
+    leading-space one; its error text carried the client's whole list along."""
+    words = [f"word{i}" for i in range(128)]
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, server, "hi", max_tokens=2, extra_body={"bad_words": words})
+    message = info.value.body["message"]
+    assert info.value.body["param"] == "bad_words"
+    assert message.startswith("bad_words cannot be used: Too many bad words after tokenization"), message
+    assert "word1" not in message and "value=" not in message
+
+
 def test_min_tokens_with_as_many_stop_token_ids_as_the_model_runner_masks_is_served(client, server):
     """The table holds 128: the client's ids and the model's own end-of-sequence ids."""
     from server.engine.vllm_engine import _MAX_MASKED_STOP_IDS
