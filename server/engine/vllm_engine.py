@@ -167,10 +167,16 @@ _XGRAMMAR_UNSUPPORTED = ("multipleOf on numbers; uniqueItems, contains, minConta
                          "pattern; patternProperties with properties, or with more than one pattern")
 
 
+def _reason(exc: Exception) -> str:
+    """An exception's message alone: `str()` of vLLM's validation error appends the rejected
+    value, which is the client's own (a whole list, a schema) and not for echoing back."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+
+
 def _grammar_error(exc: Exception) -> str:
     """What vLLM (or xgrammar under it) says is wrong with a schema, without the native
     library's time stamp and source path."""
-    text = _NATIVE_ASSERTION.sub("", _NATIVE_LOG_PREFIX.sub("", str(exc))).strip()[:300]
+    text = _NATIVE_ASSERTION.sub("", _NATIVE_LOG_PREFIX.sub("", _reason(exc))).strip()[:300]
     if "not supported by xgrammar" in text:
         text += f" (one of: {_XGRAMMAR_UNSUPPORTED})"
     return text
@@ -704,7 +710,7 @@ class VLLMEngine(Engine):
             params = self._sampling_params(s, max_tokens, n=1 if copies > 1 else s.n,
                                            stop_token_ids=(*turn_end, *s.stop_token_ids))
         except (VLLMValidationError, ValueError) as exc:
-            raise InvalidRequestError(f"Invalid sampling parameters: {str(exc)[:300]}") from exc
+            raise InvalidRequestError(f"Invalid sampling parameters: {_reason(exc)[:300]}") from exc
         self._check_model_runner_limits(params, s)
         if params.structured_outputs is not None:
             # Checked here, so that a schema the engine cannot follow is a 400, not an error
@@ -730,10 +736,8 @@ class VLLMEngine(Engine):
             try:  # (vLLM's rule: each word with and without a leading space, as tokens)
                 params.update_from_tokenizer(self._llm.input_processor.tokenizer)
             except (VLLMValidationError, ValueError) as exc:
-                # (its message alone: str() of vLLM's error appends the client's whole list)
-                reason = str(exc.args[0]) if exc.args else "invalid"
                 raise InvalidRequestError(
-                    f"bad_words cannot be used: {reason[:200]} (vLLM counts each word, and its spelling "
+                    f"bad_words cannot be used: {_reason(exc)[:200]} (vLLM counts each word, and its spelling "
                     "with a leading space where that tokenizes differently)", param="bad_words") from exc
             total = sum(map(len, params.bad_words_token_ids or ()))
             if total > envs.VLLM_MAX_BAD_WORDS_TOTAL_TOKENS:
