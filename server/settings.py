@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     )
     mm_processor_cache_gb: float | None = Field(
         None, ge=0, description="Size of vLLM's cache of preprocessed images, in GiB (vLLM's default: 4; "
-        "with lru it is held twice, by the server and the engine core; 0: off).",
+        "held by the engine core, the server keeping only its keys; 0: off).",
     )
     logits_processors: CSVList = Field(
         default_factory=list,
@@ -158,7 +158,8 @@ class Settings(BaseSettings):
         "when above it. Per-request max_pixels and detail can only lower it."
     )
     image_decode_workers: int = Field(2, ge=1, description="Threads decoding and resizing images.")
-    image_cache_size: int = Field(256, ge=0, description="Decoded images kept in the cache (0: off).")
+    image_cache_size: int = Field(256, ge=0, description="Decoded images kept in the cache, within 1 GiB of "
+                                  "pixels in all (0: off).")
     image_url_cache_ttl: float = Field(300.0, ge=0, description="Seconds a fetched URL stays cached.")
 
     # --- admission, limits and operations ----------------------------------------------------
