@@ -58,10 +58,7 @@ async def chat_completions(request: Request, rt: RuntimeDep):
             request.state.abandon = events.aclose
             return EventStreamResponse(events, headers=STREAM_HEADERS)
         result = await rt.until_disconnect(request, service.complete(prepared), prepared)
-        # pydantic's serializer: a tenth of the time of dumping to dicts and json.dumps (40 ms
-        # for the 2.4 MB of 8 x 300 tokens x 20 logprobs). It holds the GIL throughout, so a
-        # thread would not free the event loop meanwhile.
-        return Response(result.model_dump_json(), media_type="application/json")
+        return Response(result, media_type="application/json")
     except EngineDeadError as exc:  # died after the readiness check above, before the watcher saw it
         raise ServiceUnavailableError(ENGINE_STOPPED, headers=RETRY_SOON) from exc
     except asyncio.TimeoutError as exc:

@@ -598,22 +598,22 @@ def test_slow_reader_does_not_block_others(tiny_tokenizer):
 
 
 def test_a_large_logprobs_answer_is_built_while_the_server_answers_others(tiny_tokenizer, monkeypatch):
-    """n x max_tokens x (top_logprobs + 1) entries take a second to build: not on the event
-    loop. The build here waits until /health has answered; on the event loop, /health could
-    not answer until it gave up waiting."""
+    """n x max_tokens x (top_logprobs + 1) entries make megabytes of JSON to join: not on the
+    event loop. The build (here its first step, each choice's boxes) waits until /health has
+    answered; on the event loop, /health could not answer until it gave up waiting."""
     from server.chat.service import ChatService
 
-    build_logprobs = ChatService._logprobs
+    read_boxes = ChatService._grounding
     health_answered, order = threading.Event(), []
 
-    def waiting_build(self, p, items):
-        if items and len(items) > 1:  # (the non-streamed answer's, not a stream's one-token pieces)
+    def waiting_build(self, p, text):
+        if "build waits" not in order:
             order.append("build waits")
             health_answered.wait(10)
             order.append("build goes on")
-        return build_logprobs(self, p, items)
+        return read_boxes(self, p, text)
 
-    monkeypatch.setattr(ChatService, "_logprobs", waiting_build)
+    monkeypatch.setattr(ChatService, "_grounding", waiting_build)
     with scripted_server(tiny_tokenizer) as srv:
         srv.engine.enqueue("abcdefghijklmnopqrstuvwx")
         with ThreadPoolExecutor(1) as pool:
@@ -632,6 +632,34 @@ def test_a_large_logprobs_answer_is_built_while_the_server_answers_others(tiny_t
             assert content[0]["logprob"] == -0.5 and content[0]["bytes"] == list(b"abc")
             assert [t["token"] for t in content[0]["top_logprobs"]] == ["abc", "alt0", "alt1"]
             assert [t["logprob"] for t in content[0]["top_logprobs"]] == [-0.5, -1.0, -2.0]
+
+
+def test_a_non_streamed_logprobs_answer_holds_about_twice_its_size(tiny_tokenizer):
+    """The logprobs were kept as objects, then as response models, then as JSON: the process
+    grew by 12 times the response (n=8 x 3,000 tokens x 20 alternatives: 420 MB). Now each
+    delta's logprobs are kept as their JSON, and the response is joined from them once."""
+    import tracemalloc
+
+    n, tokens = 2, 1000
+    with scripted_server(tiny_tokenizer) as srv:
+        srv.engine.chunk_chars = 1
+        srv.engine.enqueue("x" * tokens)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            with httpx.stream("POST", srv.base_url + "/v1/chat/completions", timeout=120, json={
+                    "messages": [{"role": "user", "content": "hi"}], "n": n, "max_tokens": tokens,
+                    "logprobs": True, "top_logprobs": 20}) as r:
+                body = b"".join(r.iter_bytes())  # (the client's copy: counted below)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+    assert r.status_code == 200
+    choices = json.loads(body)["choices"]
+    assert [len(c["logprobs"]["content"]) for c in choices] == [tokens] * n
+    assert all(len(e["top_logprobs"]) == 20 for c in choices for e in c["logprobs"]["content"])
+    assert peak < 4 * len(body), (peak, len(body))  # server's two copies, the client's one, slack
 
 
 @pytest.mark.parametrize("stream", [False, True])
