@@ -1,7 +1,8 @@
 """Start and stop API servers as child processes, for side-by-side runs.
 
-Each server runs in its own session (process group), so stopping it also ends the engine
-processes it spawned: SIGTERM to the group, then SIGKILL after `stop_timeout` seconds.
+Each server runs in its own session, so stopping it also ends the engine processes it
+spawned: SIGTERM to the server's process group, then SIGKILL to every process of the session
+after `stop_timeout` seconds (qwen-vl-serve's engine core leads a process group of its own).
 Each also runs at a lower priority than the load generator (`SERVER_NICE` for its session,
 the same for every server): the load generator stands in for clients on other machines,
 which never wait for the servers' CPUs.
@@ -188,7 +189,8 @@ class ManagedServer:
             return ""
 
     def stop(self) -> None:
-        """SIGTERM the server's process group, SIGKILL it if still there after the timeout."""
+        """SIGTERM the server's process group, SIGKILL its session if still there after the
+        timeout; the engine processes left over either way get SIGKILL too."""
         if self.proc is None or self.proc.poll() is not None:
             return
         pgid = self.proc.pid  # its own session: the group id is its pid
@@ -196,10 +198,10 @@ class ManagedServer:
         try:
             self.proc.wait(self.stop_timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(pgid, signal.SIGKILL)
+            signal_session(pgid, signal.SIGKILL)
             self.proc.wait(10)
-        # Engine processes may outlive the parent by a moment; end what is left of the group.
-        _signal_group(pgid, signal.SIGKILL)
+        # Engine processes may outlive the parent by a moment; end what is left of the session.
+        signal_session(pgid, signal.SIGKILL)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -207,6 +209,17 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def signal_session(sid: int, sig: int) -> None:
+    """Send `sig` to every process of session `sid`: the server's process group and the
+    one qwen-vl-serve's engine core leads (see server.engine.parent_watch)."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                os.kill(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def process_tree_cpu(pid: int) -> float:

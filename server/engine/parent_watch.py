@@ -1,4 +1,4 @@
-"""The engine core outlives no server: it stops itself when the server process is gone.
+"""The engine core outlives no server, and takes its orders to stop from the server alone.
 
 vLLM's engine core is a child process of the server, and its model workers are children of
 the engine core (they stop when it does). A server that exits normally stops the engine core
@@ -12,6 +12,13 @@ general plugin in each process it starts (see `server.qwen_vl.plugin`), which ca
 polls its parent once a second; when it changes (the parent died and the process was
 reparented) it sends the process SIGTERM, which vLLM's engine core handles by stopping its
 workers and exiting, and SIGKILL if it is still there 15 s later.
+
+The same process also leaves the server's process group (its workers, started after, go with
+it). A signal sent to a whole group (Ctrl+C in a terminal, `kill -- -PGID`, supervisord's
+`stopasgroup`, `docker run -it`) then reaches the server only, which drains and stops the
+engine itself; it used to reach the engine core and its workers too, which aborted every
+request in flight at once (SIGTERM) or died under it (SIGINT). The session stays the same:
+the kernel's autogroup scheduling, which is per session, is unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ _started = False
 
 
 def watch_parent() -> None:
-    """Start the watch in the server's direct child (once per process); elsewhere nothing."""
+    """In the server's direct child (the engine core), once: leave the server's process
+    group and start the watch. Elsewhere nothing."""
     global _started
     try:
         server = int(os.environ.get(ENV, ""))
@@ -40,7 +48,15 @@ def watch_parent() -> None:
     if _started or os.getppid() != server:
         return
     _started = True
+    _leave_server_group()
     threading.Thread(target=_watch, args=(server,), name="qwenvl-parent-watch", daemon=True).start()
+
+
+def _leave_server_group() -> None:
+    try:
+        os.setpgid(0, 0)
+    except OSError as exc:  # (a session leader cannot; nothing else should refuse)
+        log.warning("the engine core stays in the server's process group: %s", exc)
 
 
 def _watch(server: int) -> None:

@@ -198,6 +198,32 @@ def test_sigterm_drains_in_flight_streams(tiny_model, tmp_path, http):
         assert "length" in finishes  # every stream ran to its end
 
 
+def test_ctrl_c_to_the_process_group_drains_like_sigterm(tiny_model, tmp_path, http):
+    """Ctrl+C in a terminal (like `kill -- -PGID` or supervisord's stopasgroup) signals the
+    whole process group. The engine processes lead a group of their own, so the signal
+    reaches the server alone, which drains; it used to reach the model worker too, which
+    died under the streams in flight."""
+    srv = start(tiny_model, tmp_path, "--drain-timeout", "60")
+    engine = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "VLLM" in p.name()]
+    assert len(engine) >= 2 and all(os.getpgid(p.pid) != srv.proc.pid for p in engine), \
+        [(p.name(), os.getpgid(p.pid)) for p in engine]  # (multiprocessing's resource tracker ignores the signals)
+    assert all(os.getsid(p.pid) == srv.proc.pid for p in engine)  # (the same session: autogroups)
+    results: list = []
+    streams = [open_stream(http, srv.base_url, results, max_tokens=1500, ignore_eos=True) for _ in range(2)]
+    wait_streaming(streams, srv, results)
+    os.killpg(srv.proc.pid, signal.SIGINT)
+    for s in streams:
+        s.thread.join(120)
+    assert srv.wait(60) == 0, srv.log_tail()
+    assert len(results) == 2
+    for kind, status, lines in results:
+        assert kind == "ok" and status == 200
+        assert lines[-1] == "data: [DONE]"
+        finishes = [json.loads(l[6:])["choices"][0].get("finish_reason") for l in lines
+                    if l.startswith("data: {") and json.loads(l[6:]).get("choices")]
+        assert finishes[-1] == "length" and '"error"' not in lines[-2], lines[-3:]  # ran to its end
+
+
 def test_drain_timeout_ends_streams_with_error_event(tiny_model, tmp_path, http):
     srv = start(tiny_model, tmp_path, "--drain-timeout", "1")
     results: list = []

@@ -105,7 +105,8 @@ class Replica(ServerProcess):
         # seconds, which then sees a stream arrive in one burst although nginx passed it on
         # chunk by chunk. A lower priority for the replica (all its threads: the process
         # group) keeps the client's timings honest.
-        os.setpriority(os.PRIO_PGRP, self.proc.pid, 10)
+        for group in {self.proc.pid, *self.groups}:  # (the engine core leads one of its own)
+            os.setpriority(os.PRIO_PGRP, group, 10)
         return self
 
     def alive(self) -> bool:
@@ -114,7 +115,7 @@ class Replica(ServerProcess):
     def kill_all(self) -> None:
         """SIGKILL the replica with its engine processes: a crashed pod or host."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.signal_groups(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
 

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
-from clients.servers import lower_session_priority
+from clients.servers import lower_session_priority, signal_session
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,6 +41,9 @@ class ServerProcess:
         # client threads; a lower priority keeps the test's timing meaningful.
         self.nice = nice
         self.own_session = own_session
+        #: The process groups of the server and its engine processes, once it is ready (the
+        #: engine core leads one of its own: server.engine.parent_watch).
+        self.groups: set[int] = set()
 
     @property
     def base_url(self) -> str:
@@ -53,6 +57,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(self.base_url + "/ready", timeout=2).status_code == 200:
+                    self.groups = process_groups(self.proc.pid)
                     return self
             except httpx.HTTPError:
                 pass
@@ -90,8 +95,9 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM and up to 30 s to exit, then SIGKILL for whatever is left of the server's
-        session: also after a clean exit (or one a test caused), since an engine process
-        left behind would keep a core busy under the tests that follow."""
+        session (or, not in a session of its own, of its process groups): also after a clean
+        exit (or one a test caused), since an engine process left behind would keep a core
+        busy under the tests that follow."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -100,11 +106,36 @@ class ServerProcess:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
+        if self.own_session:
+            signal_session(self.proc.pid, signal.SIGKILL)
+        else:
+            self.signal_groups(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def signal_groups(self, sig: int) -> None:
+        """`sig` to the server's process group and to those its engine processes had when it
+        became ready."""
+        assert self.proc is not None
+        for group in {self.proc.pid, *self.groups}:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def process_groups(pid: int) -> set[int]:
+    """The process groups of process `pid` and its descendants."""
+    groups = set()
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return groups
+    for proc in family:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            groups.add(os.getpgid(proc.pid))
         except (ProcessLookupError, PermissionError):
             pass
-        self.proc.wait(10)
+    return groups
 
 
 def process_report() -> str:
