@@ -5,6 +5,8 @@ on the request-body bytes held over all requests at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from server.errors import RateLimitError, ServiceUnavailableError
 from server.metrics import Metrics
@@ -74,8 +76,10 @@ class Admission:
                     self._sem.release()  # got it as the wait ended: not ours to keep
         raise self._refuse_closed()
 
-    async def acquire(self):
-        if self.closed:
+    async def acquire(self, *, before_close: bool = False):
+        """A slot (queued for one first when all are taken). `before_close`: the request
+        arrived before `close()`, so a drain still takes it in (until `turn_away_queue()`)."""
+        if self.closed and not before_close:
             raise self._refuse_closed()
         if self._sem.locked():
             if self._queued >= self._max_queued:
@@ -125,6 +129,31 @@ class Admission:
     async def wait_idle(self) -> None:
         """Return once no request is admitted or queued."""
         await self._idle.wait()
+
+
+class BodyCutoff:
+    """The request bodies still arriving, for the end of a drain: `cut()` ends the wait of
+    each one at once, and of any later one (their requests get a 503)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._waits: set[asyncio.Timeout] = set()
+
+    @contextlib.asynccontextmanager
+    async def timeout(self, seconds: float) -> AsyncIterator[None]:
+        """`asyncio.timeout(seconds)`, which `cut()` also ends (TimeoutError either way)."""
+        async with asyncio.timeout(seconds) as wait:
+            self._waits.add(wait)
+            try:
+                yield
+            finally:
+                self._waits.discard(wait)
+
+    def cut(self) -> None:
+        self.done = True
+        now = asyncio.get_running_loop().time()
+        for wait in list(self._waits):
+            wait.reschedule(now)
 
 
 class BodyBudget:

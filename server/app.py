@@ -18,7 +18,7 @@ from server.api.body import validation_to_api_error
 from server.engine.base import Engine
 from server.errors import APIError, InvalidRequestError
 from server.metrics import Metrics
-from server.middleware import BODY_STALLED, install_middleware
+from server.middleware import BODY_CUT_OFF, BODY_STALLED, install_middleware
 from server.runtime import ClientGone, Runtime
 from server.settings import Settings
 
@@ -131,11 +131,12 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # (FastAPI's own 400 for a body it could not parse: our chat endpoint parses its
         # body itself, with messages that say what was wrong.)
-        kinds = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout"}
+        kinds = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
+                 503: "service_unavailable"}
         err = APIError(
             {400: "The request body could not be parsed as JSON.",
              404: "No such endpoint.", 405: "Method not allowed on this endpoint.",
-             408: BODY_STALLED}.get(
+             408: BODY_STALLED, 503: BODY_CUT_OFF}.get(
                 exc.status_code, "The request could not be served."
             ),
             status=exc.status_code,
@@ -144,7 +145,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         )
         if exc.status_code == 405:
             err.headers["Allow"] = _allowed_methods(app, request.scope) or err.headers.get("Allow", "")
-        err.type = "invalid_request_error"
+        err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return respond(err)
 
 

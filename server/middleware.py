@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.admission import BodyBudgetError, BodyTicket
+from server.admission import BodyBudgetError, BodyCutoff, BodyTicket
 from server.errors import (
     APIError,
     AuthenticationError,
@@ -29,8 +29,10 @@ from server.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    ServiceUnavailableError,
 )
 from server.http_protocol import HOLD_HEAD
+from server.runtime import RETRY_SOON
 from server.settings import Settings
 
 access_log = logging.getLogger("qwenvl.access")
@@ -115,6 +117,14 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        closed = self.runtime.request_opened()  # (a drain waits for the request: see Runtime.drain)
+        try:
+            await self._serve(scope, receive, send, before_drain=closed is not None)
+        finally:
+            if closed is not None:
+                closed()
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, *, before_drain: bool) -> None:
         headers = Headers(scope=scope)
         rid = request_id(headers)
         started = time.perf_counter()
@@ -122,6 +132,7 @@ class GatewayMiddleware:
         scope.setdefault("state", {})
         scope["state"]["request_id"] = rid
         scope["state"]["log"] = log_fields
+        scope["state"]["before_drain"] = before_drain
         status_holder = {"status": 0}
         path = _route_path(scope)
 
@@ -161,7 +172,8 @@ class GatewayMiddleware:
             if not message.get("more_body", False):
                 status_holder["complete"] = True  # (only once it went out: a stalled client did not get it)
 
-        receive = _body_deadline(receive, self.settings.body_read_timeout, self.settings.body_timeout)
+        receive = _body_deadline(receive, self.settings.body_read_timeout, self.settings.body_timeout,
+                                 self.runtime.body_cutoff)
         ticket = self.runtime.body_budget.ticket()
         scope["state"]["body_ticket"] = ticket  # (the chat handler releases it once parsed)
         receive = _body_counted(receive, ticket)
@@ -210,6 +222,11 @@ class GatewayMiddleware:
                 if status_holder["status"]:
                     raise
                 await self._refuse(send_wrapper, BodyTimeoutError(BODY_STALLED), {"connection": "close"})
+            except _BodyCutOff:
+                if status_holder["status"]:
+                    raise
+                await self._refuse(send_wrapper, ServiceUnavailableError(BODY_CUT_OFF, headers=RETRY_SOON),
+                                   {"connection": "close"})
             except BodyBudgetError as err:  # (raised here while a chunked body is read under the cap)
                 if status_holder["status"]:
                     raise
@@ -277,10 +294,23 @@ class _BodyStalled(StarletteHTTPException):
         super().__init__(status_code=408, headers={"connection": "close"})
 
 
-def _body_deadline(receive: Receive, timeout: float, total: float) -> Receive:
+BODY_CUT_OFF = ("The server is shutting down and its drain ended before the request body had arrived; "
+                "retry on another replica.")
+
+
+class _BodyCutOff(StarletteHTTPException):
+    """A drain ran out of time while the request body was still arriving (an HTTP exception
+    for the reason `_BodyStalled` is one; the app's handler answers 503)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=503, headers={"connection": "close", **RETRY_SOON})
+
+
+def _body_deadline(receive: Receive, timeout: float, total: float, cutoff: BodyCutoff) -> Receive:
     """`receive` that raises `_BodyStalled` when the next part of the request body takes
     longer than `timeout`, or the whole body longer than `total` seconds from the first call
-    (a client dripping a byte now and then would otherwise hold its connection for ever).
+    (a client dripping a byte now and then would otherwise hold its connection for ever),
+    and `_BodyCutOff` once a drain has cut off the bodies still arriving.
     Once the body is complete it waits as long as it takes (a streaming response waits on it
     for the client's disconnect)."""
     done = False
@@ -293,9 +323,12 @@ def _body_deadline(receive: Receive, timeout: float, total: float) -> Receive:
         now = time.monotonic()
         deadline = deadline or now + total
         try:
-            message = await asyncio.wait_for(receive(), max(0.0, min(timeout, deadline - now)))
-        except asyncio.TimeoutError:
-            raise _BodyStalled() from None
+            if cutoff.done:
+                raise TimeoutError
+            async with cutoff.timeout(max(0.0, min(timeout, deadline - now))):
+                message = await receive()
+        except TimeoutError:
+            raise (_BodyCutOff() if cutoff.done else _BodyStalled()) from None
         if message["type"] != "http.request" or not message.get("more_body", False):
             done = True
         return message

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Request
 
-from server.admission import Admission, BodyBudget
+from server.admission import Admission, BodyBudget, BodyCutoff
 from server.chat.service import ChatService, Prepared, stream_ended_with
 from server.chat.sse import sse_done, sse_event, with_keepalive
 from server.engine.base import Engine, EngineDeadError, EngineSettingsError
@@ -49,6 +49,12 @@ class Runtime:
         self.model_names = model_names
         self.admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, metrics)
         self.body_budget = BodyBudget(settings.max_body_bytes_held, metrics)
+        self.body_cutoff = BodyCutoff()
+        # HTTP requests that arrived before any drain and are still open, wherever they are
+        # (their body arriving, queued, running): a drain waits for them all.
+        self._open = 0
+        self._none_open = asyncio.Event()
+        self._none_open.set()
         self.engine: Engine | None = None
         self.images: Any = None
         self._service: ChatService | None = None
@@ -166,37 +172,71 @@ class Runtime:
         if self.engine is not None:
             await self.engine.shutdown()
 
+    @property
+    def requests_open(self) -> int:
+        """HTTP requests that arrived before any drain and are still open."""
+        return self._open
+
+    def request_opened(self) -> Callable[[], None] | None:
+        """Count an HTTP request arriving before any drain; returns the call that ends it
+        (exactly once), or None during a drain (the request is not waited for)."""
+        if self.draining:
+            return None
+        self._open += 1
+        self._none_open.clear()
+
+        def closed() -> None:
+            self._open -= 1
+            if not self._open:
+                self._none_open.set()
+
+        return closed
+
+    async def _quiet(self) -> None:
+        """Return once every request that arrived before the drain has ended."""
+        await self._none_open.wait()
+        await self.admission.wait_idle()  # (the same requests; also those no middleware counted)
+
     async def drain(self, timeout: float) -> None:
-        """Stop admitting, let in-flight requests finish for up to `timeout` seconds, then
-        end the rest: streams get a final SSE error event, other requests a 503."""
+        """Stop admitting, let the requests that arrived before it (in flight, queued, or
+        still sending their body) finish for up to `timeout` seconds, then end the rest:
+        streams get a final SSE error event, other requests a 503."""
         self.draining = True
         self.admission.close()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                await asyncio.wait_for(self.admission.wait_idle(), min(left, _DRAIN_REPORT_S))
+                await asyncio.wait_for(self._quiet(), min(left, _DRAIN_REPORT_S))
                 return
             except asyncio.TimeoutError:
                 # A long drain says what it waits for: an operator (or a failed test) can
                 # tell generation still under way from a request that makes no progress.
                 self._log_drain_progress(max(0.0, deadline - time.monotonic()))
-        log.warning("drain timeout: aborting %d requests, turning away %d queued",
-                    self.admission.active, self.admission.queued)
+        log.warning("drain timeout: aborting %d requests, turning away %d queued and %d still sending their body",
+                    self.admission.active, self.admission.queued, self._arriving())
         self.admission.turn_away_queue()
+        self.body_cutoff.cut()
         self.abort(_SHUT_DOWN)
         try:
-            await asyncio.wait_for(self.admission.wait_idle(), 5)
+            await asyncio.wait_for(self._quiet(), 5)
         except asyncio.TimeoutError:
             log.error("requests still open after abort")
 
+    def _arriving(self) -> int:
+        """Requests counted open that are neither admitted nor queued (mostly: their body is
+        still arriving)."""
+        return max(0, self._open - self.admission.active - self.admission.queued)
+
     def _log_drain_progress(self, left: float) -> None:
         engine = self.engine
+        open_ = max(self._open, self.admission.active)
         if engine is None:
-            log.info("draining: %d requests open, %.0f s left", self.admission.active, left)
+            log.info("draining: %d requests open, %.0f s left", open_, left)
             return
         stats = engine.stats()
-        log.info("draining: %d requests open, %.0f s left; engine: %d unfinished, %d running, %d waiting",
-                 self.admission.active, left, engine.num_unfinished_requests(), stats.running, stats.waiting)
+        log.info("draining: %d requests open (%d still sending their body), %.0f s left; "
+                 "engine: %d unfinished, %d running, %d waiting",
+                 open_, self._arriving(), left, engine.num_unfinished_requests(), stats.running, stats.waiting)
 
     @property
     def engine_dead(self) -> bool:
@@ -213,8 +253,12 @@ class Runtime:
             return "loading"
         return "ready"
 
-    def chat_service(self) -> ChatService:
+    def chat_service(self, *, before_drain: bool = False) -> ChatService:
+        """The chat service, or a 503 saying why not. `before_drain`: the request arrived
+        before a drain began, which then still serves it."""
         state = self.state()
+        if state == "draining" and before_drain and self._service is not None:
+            return self._service
         if state != "ready" or self._service is None:
             message = {
                 "loading": "The model is still loading; retry shortly.",
@@ -231,9 +275,10 @@ class Runtime:
     async def admit(self, request: Request, timeout: float) -> Callable[[], None]:
         """`Admission.acquire()` for `request`, given up (its queue place freed) when the
         client goes away (`ClientGone`) or `timeout` seconds pass (504) while it waits."""
+        before_close = before_drain(request)
         if not self.admission.would_wait:
-            return await self.admission.acquire()
-        acquiring = asyncio.ensure_future(self.admission.acquire())
+            return await self.admission.acquire(before_close=before_close)
+        acquiring = asyncio.ensure_future(self.admission.acquire(before_close=before_close))
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait({acquiring, watcher}, timeout=max(timeout, 0.001),
@@ -368,6 +413,11 @@ class Runtime:
         self.metrics.requests_waiting.set(stats.waiting)
         self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
         self.metrics.engine_unfinished.set(self.engine.num_unfinished_requests())
+
+
+def before_drain(request: Request) -> bool:
+    """Whether `request` arrived before a drain began (GatewayMiddleware marks it)."""
+    return request.scope.get("state", {}).get("before_drain", False)
 
 
 class ClientGone(Exception):

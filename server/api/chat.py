@@ -13,9 +13,10 @@ from starlette.requests import ClientDisconnect
 from server.api.body import check_media_type, parse_json_body, validate_body
 from server.api.deps import RuntimeDep
 from server.api.event_stream import EventStreamResponse
+from server.chat.service import ChatService
 from server.engine import EngineDeadError
 from server.errors import InvalidRequestError, RequestTimeoutError, ServiceUnavailableError
-from server.runtime import ENGINE_STOPPED, RETRY_SOON, ClientGone
+from server.runtime import ENGINE_STOPPED, RETRY_SOON, ClientGone, before_drain
 from server.schemas import ChatCompletionRequest
 
 router = APIRouter()
@@ -37,8 +38,10 @@ def request_schemas() -> dict[str, Any]:
 )
 async def chat_completions(request: Request, rt: RuntimeDep):
     arrived = time.perf_counter()
-    body = await _read_body(request, rt)
-    service = rt.chat_service()
+    # (before the body is read: loading, draining or dead, a client sending a large body
+    # learns it at once, not once it has sent it all)
+    service = rt.chat_service(before_drain=before_drain(request))
+    body = await _read_body(request, service)
     deadline = rt.settings.request_timeout  # counted from arrival, time in the queue included
     release = await rt.admit(request, max(deadline - (time.perf_counter() - arrived), 0.001))
     try:
@@ -70,7 +73,7 @@ async def chat_completions(request: Request, rt: RuntimeDep):
             release()
 
 
-async def _read_body(request: Request, rt) -> ChatCompletionRequest:
+async def _read_body(request: Request, service: ChatService) -> ChatCompletionRequest:
     """The request's body, read (drawing on the server's body budget as it arrives), parsed
     and validated. Read from the stream rather than `request.body()`, which would keep the
     raw bytes on the request for as long as the response lasts."""
@@ -88,7 +91,7 @@ async def _read_body(request: Request, rt) -> ChatCompletionRequest:
     del raw
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
         messages = data["messages"]  # counted before validating them all
-        rt.chat_service().check_message_count(len(messages), _content_parts(messages))
+        service.check_message_count(len(messages), _content_parts(messages))
     return validate_body(ChatCompletionRequest, data)
 
 

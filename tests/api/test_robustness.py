@@ -1318,3 +1318,82 @@ def test_a_drain_out_of_time_turns_the_queue_away_with_a_503(tiny_tokenizer):
     assert "shutting down" in json.loads(body)["error"]["message"]
     assert len(engine.history) == 1, "the queued request reached the engine"
     assert "error" in results["first"][-2]  # the admitted stream is cut off, as before
+
+
+def _read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The head and body of the one answer on `sock`, read until the server closes it."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return head, payload
+
+
+def _start_drain(srv: AppServer, timeout: float) -> threading.Thread:
+    drain = threading.Thread(target=lambda: srv.call(srv.runtime.drain(timeout), timeout=timeout + 20))
+    drain.start()
+    deadline = time.monotonic() + 5
+    while not srv.runtime.draining:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return drain
+
+
+def test_a_drain_serves_a_request_whose_body_was_still_arriving_when_it_began(tiny_tokenizer):
+    """A request that arrived before the drain is served, even if the last of its body comes
+    after; the drain waits for it. (It used to end at once with nothing admitted; the
+    request then got a 503 and, had its body come later still, uvicorn's plain-text 500.)
+    A request that arrives during the drain gets its 503 without sending its body."""
+    app, _ = scripted_app(tiny_tokenizer)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode())
+    with AppServer(app) as srv:
+        early = socket.create_connection((srv.host, srv.port))
+        early.settimeout(20)
+        early.sendall(head + body[:10])
+        deadline = time.monotonic() + 5
+        while srv.runtime.requests_open < 1:  # (the server has the request's head)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        drain = _start_drain(srv, 30)
+        late = socket.create_connection((srv.host, srv.port))
+        late.settimeout(10)
+        late.sendall(head)  # and no body
+        late_head, late_payload = _read_answer(late)
+        assert late_head.startswith(b"HTTP/1.1 503"), late_head
+        assert b"retry-after: 1" in late_head.lower()
+        assert "shutting down" in json.loads(late_payload)["error"]["message"]
+        time.sleep(0.5)
+        assert drain.is_alive(), "the drain ended while a request's body was still arriving"
+        early.sendall(body[10:])
+        early_head, early_payload = _read_answer(early)
+        drain.join(10)
+        assert not drain.is_alive()
+    assert early_head.startswith(b"HTTP/1.1 200"), early_head
+    assert json.loads(early_payload)["choices"][0]["message"]["content"]
+
+
+def test_a_drain_out_of_time_cuts_off_a_body_still_arriving_with_a_503(tiny_tokenizer):
+    """At the drain's end a request still sending its body gets a JSON 503 with Retry-After
+    (which a client or proxy may retry elsewhere), not uvicorn's plain-text 500 5 s later."""
+    app, _ = scripted_app(tiny_tokenizer, body_read_timeout=20)
+    with AppServer(app) as srv:
+        sock = socket.create_connection((srv.host, srv.port))
+        sock.settimeout(20)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"messages\"")
+        deadline = time.monotonic() + 5
+        while srv.runtime.requests_open < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        started = time.monotonic()
+        _start_drain(srv, 1).join(30)
+        head, payload = _read_answer(sock)
+        assert time.monotonic() - started < 5
+    assert head.startswith(b"HTTP/1.1 503"), head
+    assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+    error = json.loads(payload)["error"]
+    assert error["code"] == "service_unavailable" and error["type"] == "server_error"
+    assert "before the request body had arrived" in error["message"]
