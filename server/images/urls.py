@@ -243,6 +243,11 @@ def _parse_file(url: str) -> FileURL:
     return FileURL(path)
 
 
+#: Media types that say nothing about the data (a file of unknown type, the type left out):
+#: accepted as vLLM's server accepts them; the decoder tells an image from anything else.
+_UNTYPED = ("", "application/octet-stream")
+
+
 def _parse_data(url: str, start: int) -> DataURL:
     comma = url.find(",", start, start + _MAX_DATA_HEADER)
     if comma < 0:
@@ -251,6 +256,7 @@ def _parse_data(url: str, start: int) -> DataURL:
     media_type = params[0]
     if "base64" not in params[1:]:
         raise ImageError("data: image URLs must be base64-encoded (data:image/<type>;base64,<data>).")
-    if not media_type.startswith("image/"):
-        raise ImageError("The data: URL does not hold an image; its media type must be image/*.")
+    if not media_type.startswith("image/") and media_type not in _UNTYPED:
+        raise ImageError("The data: URL does not hold an image; its media type must be image/* "
+                         "(or application/octet-stream).")
     return DataURL(media_type, url, comma + 1)

@@ -236,6 +236,19 @@ def test_data_urls():
             load_one(url)
 
 
+def test_a_data_url_without_an_image_type_is_read_for_what_it_holds():
+    """A file of unknown type becomes `data:application/octet-stream;base64,...`, and some
+    clients leave the type out (`data:;base64,...`): vLLM's server decodes both (they were
+    a 400 here). The decoder still refuses what is not a picture."""
+    for mime in ("application/octet-stream", "", "Application/Octet-Stream"):
+        assert load_one(data_url(samples.png(6, 4), mime)).original_size == (6, 4), mime
+        with pytest.raises(ImageDecodeError):
+            load_one(data_url(samples.HTML, mime))
+    for mime in ("text/plain", "application/json", "application/pdf"):
+        with pytest.raises(ImageError, match="media type must be image"):
+            load_one(data_url(samples.png(), mime))
+
+
 def test_base64_as_common_tools_write_it_is_read():
     """The `base64` tool's 76-character lines, the URL-safe alphabet, padding left off and
     percent-escaped + and / were refused (image_decode_failed); clients send all of them."""
