@@ -7,6 +7,8 @@ exceptions with `raise SomeError("what the client should fix") from exc`.
 
 from __future__ import annotations
 
+import json
+
 
 class APIError(Exception):
     """An error that becomes `{"error": {"message", "type", "param", "code"}}` with `status`."""
@@ -34,6 +36,11 @@ class APIError(Exception):
         if status is not None:
             self.status = status
         self.headers = dict(headers or {})
+
+    def to_json(self) -> bytes:
+        """`to_dict()` written as the app's JSON responses are (compact, UTF-8), for the
+        answers given outside the app (the gateway middleware, the HTTP protocol)."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
 
     def to_dict(self) -> dict:
         return {

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.errors import InvalidRequestError
+
 
 access_log = logging.getLogger("qwenvl.access")
 
@@ -39,8 +41,7 @@ _LINGER_SECONDS = 2.0
 
 
 def _error_body(message: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                 "param": None, "code": code}}).encode()
+    return InvalidRequestError(message, code=code).to_json()
 
 
 def _framed(status: int, reason: str, body: bytes) -> bytes:

@@ -62,7 +62,7 @@ def _body_follows(scope: Scope, response_headers: MutableHeaders) -> bool:
 
 
 async def _send_error(send: Send, err: APIError, extra_headers: dict[str, str]) -> None:
-    body = json.dumps(err.to_dict()).encode()
+    body = err.to_json()
     headers = {"content-type": "application/json", "content-length": str(len(body)), **err.headers, **extra_headers}
     await send({"type": "http.response.start", "status": err.status,
                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
