@@ -106,6 +106,8 @@ def test_api_keys(tiny_tokenizer, tmp_path):
             assert r.status_code == 401
             assert r.json()["error"]["type"] == "authentication_error"
             assert "k1" not in r.text
+            # written as the app's own error bodies are (a 404 here, say): compact JSON
+            assert r.content == json.dumps(r.json(), separators=(",", ":"), ensure_ascii=False).encode()
         for key in ("k1", "k2", "file-key"):
             assert chat(srv.base_url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="k2", max_retries=0)
