@@ -63,8 +63,9 @@ class Metrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed (image tokens included).",
                                      registry=r)
         self.completion_tokens = Counter(
-            p + "completion_tokens", "Completion tokens the engine generated (the copied choices of a greedy n > 1 "
-            "request, which runs once, not counted again).", registry=r)
+            p + "completion_tokens", "Completion tokens of the answers, as far as the server took them from the "
+            "engine (a stream whose client stopped reading counts what it was given; the copied choices of a "
+            "greedy n > 1 request, which runs once, not counted again).", registry=r)
         self.prompt_tokens_per_request = Histogram(p + "request_prompt_tokens", "Prompt tokens per request.",
                                                    buckets=_TOKEN_BUCKETS, registry=r)
         self.requests_running = Gauge(p + "requests_running", "Requests running in the engine.", registry=r)
