@@ -39,7 +39,9 @@ def test_short_soak(tiny_model, tmp_path):
     assert sum(outcomes.values()) == report["requests_sent"] == 400 + 32 + 4 * 60, report
     assert outcomes.get("completed", 0) >= 60
     # Which requests hang up is random and a refused one cannot: at least some must have.
-    assert outcomes.get("hung_up", 0) >= 10
+    # (How many depends on which requests timing lets through: 16-18 of 117-120 streams
+    # here, 9 of 94 in one CI run, whose 429s took more of the requests drawn to hang up.)
+    assert outcomes.get("hung_up", 0) >= 5
     # Over capacity: the excess got 429s.
     assert outcomes.get("refused", 0) >= 1
     assert set(report["statuses"]) <= {"200", "429"}
