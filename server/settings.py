@@ -86,9 +86,11 @@ class Settings(BaseSettings):
         "'any' was the fastest or level in every workload measured on 2 cores (CPU build; "
         "see docs/benchmarks.md).",
     )
-    kv_cache_space_gib: int = Field(
-        1, ge=1, description="CPU only: paged KV-cache size in GiB. Sets vLLM's "
-        "VLLM_CPU_KVCACHE_SPACE when given, or when that variable is not set."
+    kv_cache_space_gib: float = Field(
+        1, gt=0, le=4096, description="CPU only: paged KV-cache size in GiB; fractions too (0.25 "
+        "holds 128K tokens of the tiny first-generation demo model; the cache is zeroed at startup, "
+        "seconds per GiB). Wins over vLLM's VLLM_CPU_KVCACHE_SPACE when given; without "
+        "it, that variable decides when set."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (vLLM tensor parallelism).")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (vLLM pipeline parallelism).")

@@ -26,5 +26,8 @@ async def get_model(model_id: str, rt: RuntimeDep) -> ModelCard:
 
 
 def _card(rt, name: str) -> ModelCard:
+    """`max_model_len`: the loaded engine's; while it loads, the one asked for on the command
+    line (the engine refuses to start with any other), else null (the model config decides)."""
     engine = rt.engine
-    return ModelCard(id=name, created=rt.started_at, max_model_len=engine.info.max_model_len if engine else None)
+    limit = engine.info.max_model_len if engine else rt.settings.max_model_len
+    return ModelCard(id=name, created=rt.started_at, max_model_len=limit)

@@ -67,8 +67,9 @@ def detect_device(requested: str) -> str:
     return actual
 
 
-def engine_args_from_settings(settings: Settings, model: str, device: str):
-    """Translate our settings into vLLM's `AsyncEngineArgs`."""
+def engine_args_from_settings(settings: Settings, model: str, device: str, kv_cache_bytes: int | None = None):
+    """Translate our settings into vLLM's `AsyncEngineArgs` (`kv_cache_bytes`: from
+    `cpu_kv_cache_bytes`, on CPU)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     on_cpu = device == "cpu"
@@ -96,6 +97,8 @@ def engine_args_from_settings(settings: Settings, model: str, device: str):
     )
     if not on_cpu:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    elif kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
     if settings.max_num_seqs is not None:
         kwargs["max_num_seqs"] = settings.max_num_seqs
     if settings.max_num_batched_tokens is not None:
@@ -546,13 +549,15 @@ class _Closed:
         raise EngineDeadError("the inference engine was shut down")
 
 
-def set_cpu_kv_cache_space(settings: Settings, environ: MutableMapping[str, str]) -> None:
-    """Size vLLM's CPU KV cache: `--kv-cache-space-gib` (or QWENVL_KV_CACHE_SPACE_GIB) wins
-    when given; otherwise an operator's own VLLM_CPU_KVCACHE_SPACE stays; else the default."""
-    if "kv_cache_space_gib" in settings.model_fields_set:
-        environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
-    else:
-        environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gib))
+def cpu_kv_cache_bytes(settings: Settings, environ: MutableMapping[str, str]) -> int | None:
+    """The CPU KV-cache size to hand vLLM as `kv_cache_memory_bytes`, or None where an
+    operator's own VLLM_CPU_KVCACHE_SPACE (whole GiB) is to decide. `--kv-cache-space-gib`
+    (or QWENVL_KV_CACHE_SPACE_GIB) wins when given: the variable is then removed from
+    `environ`, as vLLM's CPU platform lets it override the engine argument."""
+    if environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_space_gib" not in settings.model_fields_set:
+        return None
+    environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (also an empty one, which vLLM fails to parse)
+    return round(settings.kv_cache_space_gib * 2**30)
 
 
 class VLLMEngine(Engine):
@@ -568,8 +573,6 @@ class VLLMEngine(Engine):
     def load(cls, settings: Settings, model: str) -> "VLLMEngine":
         """Load the model and start the engine core (blocking: tens of seconds to minutes)."""
         device = detect_device(settings.device)
-        if device == "cpu":
-            set_cpu_kv_cache_space(settings, os.environ)
         # AsyncLLM hands engine outputs to the request streams in chunks, yielding to the
         # event loop between chunks. vLLM's 128 keeps the loop busy for a whole batch;
         # 8 lets probes and new requests in between (measured, workload (b) at 64 streams
@@ -580,7 +583,8 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         stats = _StatsCapture()
-        args = engine_args_from_settings(settings, model, device)
+        kv_cache_bytes = cpu_kv_cache_bytes(settings, os.environ) if device == "cpu" else None
+        args = engine_args_from_settings(settings, model, device, kv_cache_bytes)
         os.environ[parent_watch.ENV] = str(os.getpid())  # (the engine core stops itself without us)
         vllm_config = _engine_config(args)
         before = _child_pids()

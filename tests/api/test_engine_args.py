@@ -7,7 +7,7 @@ import contextlib
 import pytest
 
 from server.cli import parse_settings
-from server.engine.vllm_engine import engine_args_from_settings, set_cpu_kv_cache_space
+from server.engine.vllm_engine import cpu_kv_cache_bytes, engine_args_from_settings
 
 
 def test_engine_options_reach_vllm_and_unset_ones_keep_vllms_defaults(tmp_path):
@@ -202,18 +202,27 @@ def test_hub_ids_are_known_by_their_config_too(tmp_path, monkeypatch):
 
 def test_the_kv_cache_flag_wins_over_vllms_variable_only_when_given(monkeypatch):
     monkeypatch.delenv("QWENVL_KV_CACHE_SPACE_GIB", raising=False)
+    model = "Qwen/Qwen2-VL-2B-Instruct"
     env = {"VLLM_CPU_KVCACHE_SPACE": "7"}
-    set_cpu_kv_cache_space(parse_settings([]), env)
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "7"  # the operator's own setting stays
-    set_cpu_kv_cache_space(parse_settings(["--kv-cache-space-gib", "3"]), env)
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert cpu_kv_cache_bytes(parse_settings([]), env) is None
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "7"}  # the operator's own setting decides
+    settings = parse_settings(["--model", model, "--kv-cache-space-gib", "0.25"])
+    size = cpu_kv_cache_bytes(settings, env)
+    assert size == 2**28 and env == {}  # (vLLM's CPU platform would let the variable win)
+    assert engine_args_from_settings(settings, model, "cpu", size).kv_cache_memory_bytes == 2**28
+    assert engine_args_from_settings(settings, model, "cuda", None).kv_cache_memory_bytes is None
     monkeypatch.setenv("QWENVL_KV_CACHE_SPACE_GIB", "2")
-    set_cpu_kv_cache_space(parse_settings([]), env)
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
-    empty: dict[str, str] = {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "7"}
+    assert cpu_kv_cache_bytes(parse_settings([]), env) == 2 * 2**30 and env == {}
     monkeypatch.delenv("QWENVL_KV_CACHE_SPACE_GIB")
-    set_cpu_kv_cache_space(parse_settings([]), empty)
-    assert empty == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": ""}
+    assert cpu_kv_cache_bytes(parse_settings([]), env) == 2**30 and env == {}  # the default
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots"])
+def test_a_kv_cache_size_that_is_no_positive_number_is_refused(value):
+    with pytest.raises(SystemExit):
+        parse_settings(["--kv-cache-space-gib", value])
 
 
 def test_a_picture_the_engine_lacks_is_sent_again_once():

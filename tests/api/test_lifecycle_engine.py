@@ -259,6 +259,8 @@ def test_sigterm_while_the_model_loads_exits_at_once(tiny_model, tmp_path, http)
     ready = http.get(srv.base_url + "/ready", timeout=5)  # (a probe may come back in a moment)
     assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
     assert ready.json()["status"] == "loading"
+    models = http.get(srv.base_url + "/v1/models", timeout=5).json()["data"]  # (served while loading)
+    assert [(m["id"], m["max_model_len"]) for m in models] == [(str(tiny_model("qwen2-vl")), 4096)]
     t0 = time.monotonic()
     srv.signal(signal.SIGTERM)
     assert srv.wait(30) == 0, srv.log_tail()

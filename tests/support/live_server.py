@@ -35,7 +35,9 @@ class ServerProcess:
         self.port = free_port(host)
         self.args = args
         self.log_path = log_path
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+        # A quarter GiB holds 128K tokens of the tiny Qwen-VL (512K of the others), more
+        # than any test asks for; vLLM zeroes the cache at startup, about 11 s per GiB here.
+        self.env = {**os.environ, "QWENVL_KV_CACHE_SPACE_GIB": "0.25", **(env or {})}
         self.proc: subprocess.Popen | None = None
         # On a 2-core machine a busy server (and its engine) can starve the test's own
         # client threads; a lower priority keeps the test's timing meaningful.
