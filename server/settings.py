@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     )
     kv_cache_space_gib: float = Field(
         1, gt=0, le=4096, description="CPU only: paged KV-cache size in GiB; fractions too (0.25 "
-        "holds 128K tokens of the tiny first-generation demo model; the cache is zeroed at startup, "
+        "holds 256K tokens of the generated demo model; the cache is zeroed at startup, "
         "seconds per GiB). Wins over vLLM's VLLM_CPU_KVCACHE_SPACE when given; without "
         "it, that variable decides when set."
     )

@@ -18,7 +18,7 @@ from server.qwen_vl.tiny import write_tiny_qwen_vl
 
 # Engines on these CPU machines: no hub access (and a small KV cache: EngineRunner).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-#: A quarter GiB holds 128K tokens of the tiny checkpoint; vLLM zeroes the cache at startup,
+#: A quarter GiB holds 64K tokens of the tiny checkpoint in float32; vLLM zeroes the cache at startup,
 #: about 11 s per GiB on the 2-core machines.
 KV_CACHE_BYTES = 2**28
 
