@@ -96,8 +96,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.image_bytes = Histogram(p + "image_bytes", "Encoded size of images received.",
                                      buckets=_BYTES_BUCKETS, registry=r)
-        self.image_cache = Counter(p + "image_cache", "Image cache lookups by cache (url, content) and result "
-                                   "(hit, miss).", ["cache", "result"], registry=r)
+        self.image_cache = Counter(p + "image_cache", "Image cache lookups by cache (url: an http(s) "
+                                   "URL seen before; data_url: a data: URL's text seen before; content: the "
+                                   "bytes decoded before) and result (hit, miss).", ["cache", "result"], registry=r)
         self.image_rejections = Counter(p + "image_rejections", "Images refused, by error code.", ["code"],
                                         registry=r)
         # The label values known in advance start at 0: a series that first appears with its
@@ -106,6 +107,6 @@ class Metrics:
             self.requests.labels(outcome)
         for reason in ("queue_full", "draining", "body_budget"):
             self.admission_refused.labels(reason)
-        for cache in ("url", "content"):
+        for cache in ("url", "data_url", "content"):
             for result in ("hit", "miss"):
                 self.image_cache.labels(cache=cache, result=result)

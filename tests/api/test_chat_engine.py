@@ -183,10 +183,16 @@ def test_the_image_shapes_the_answer_and_a_repeat_gives_the_same_one(client, ser
     def differ(a, b) -> bool:
         return any(x[0] != y[0] or abs(x[1] - y[1]) > 1e-4 for x, y in zip(a, b))
 
+    def data_url_hits() -> float:
+        text = httpx.get(server.base_url + "/metrics").text
+        return float(re.search(r'^qwenvl_image_cache_total\{cache="data_url",result="hit"\} (\S+)$', text, re.M)[1])
+
     black, white = picture(112, 112, (0, 0, 0)), picture(112, 112, (255, 255, 255))
     first = answer(black)
     other = answer(white)
+    hits = data_url_hits()
     repeat = answer(black)
+    assert data_url_hits() == hits + 1  # (found by its text: its base64 was not decoded again)
     assert not differ(first, repeat), (first, repeat)
     assert differ(first, other), (first, other)
 

@@ -240,3 +240,26 @@ def test_make_serve_passes_its_variables_on_as_flags():
     assert argv[0].endswith("/bin/qwen-vl-serve")
     assert argv[1:] == ["--host", "0.0.0.0", "--port", "9123", "--model", "/m/x",
                         "--max-model-len", "4096", "--api-key", "k"]
+
+
+def test_the_serving_process_reads_vllms_environment_once(monkeypatch):
+    """vLLM reads its variables anew at each use unless told to cache them, which its engine
+    core and workers do; the server process does it once its engine is up."""
+    import vllm.envs
+
+    from server import cli
+    from server.engine.vllm_engine import VLLMEngine
+    from server.settings import Settings
+
+    loaded = object()
+    monkeypatch.setattr(VLLMEngine, "load", classmethod(lambda cls, settings, model: loaded))
+    vllm.envs.disable_envs_cache()
+    try:
+        assert cli._load_engine(Settings(), "m") is loaded
+        assert vllm.envs._is_envs_cache_enabled()
+        monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "7.5")
+        first = vllm.envs.VLLM_LOG_STATS_INTERVAL
+        monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "9.5")
+        assert vllm.envs.VLLM_LOG_STATS_INTERVAL == first  # (read once)
+    finally:
+        vllm.envs.disable_envs_cache()

@@ -216,6 +216,50 @@ def test_cache_can_be_disabled(image_server):
     assert a is not b and a.digest == b.digest
 
 
+def test_a_data_url_sent_again_is_found_without_decoding_its_base64(monkeypatch):
+    metrics = Metrics()
+    picture = samples.noise_jpeg(200, 150)
+    url = data_url(picture, "image/jpeg")
+    wrapped = "data:image/jpeg;base64," + base64.encodebytes(picture).decode()  # the same bytes, in lines
+    decoded: list[int] = []
+    real_b64decode = base64.b64decode
+    monkeypatch.setattr(base64, "b64decode", lambda s, **kw: decoded.append(len(s)) or real_b64decode(s, **kw))
+
+    async def run(loader):
+        first = await loader.load(url)
+        again = await loader.load(url)
+        decodes_after_two = len(decoded)
+        same_bytes = await loader.load(wrapped)
+        smaller = await loader.load(url, max_pixels=10_000)  # the text is known, these pixels are not
+        return first, again, same_bytes, smaller, decodes_after_two
+
+    first, again, same_bytes, smaller, decodes_after_two = asyncio.run(use_loader(run, metrics=metrics))
+    assert again is first and same_bytes is first
+    assert smaller is not first and smaller.digest == first.digest and smaller.image.size != first.image.size
+    assert decodes_after_two == 1  # the second load decoded no base64
+    assert sample(metrics, "qwenvl_image_cache_total", cache="data_url", result="hit") == 1
+    assert sample(metrics, "qwenvl_image_cache_total", cache="data_url", result="miss") == 3
+    assert sample(metrics, "qwenvl_image_cache_total", cache="content", result="hit") == 1  # the lines
+    assert sample(metrics, "qwenvl_image_cache_total", cache="content", result="miss") == 2
+    assert sample(metrics, "qwenvl_image_decode_seconds_count") == 2
+
+
+def test_a_refused_data_url_is_refused_again():
+    """Only pictures that loaded are remembered: the same bad payload fails each time."""
+    settings = make_settings(image_max_bytes=1000)
+    url = data_url(samples.noise_jpeg(200, 200), "image/jpeg")
+
+    async def run(loader):
+        errors = []
+        for _ in range(2):
+            with pytest.raises(ImageTooLargeError) as info:
+                await loader.load(url)
+            errors.append(info.value)
+        return errors
+
+    assert len(asyncio.run(use_loader(run, settings=settings))) == 2
+
+
 def test_data_urls():
     loaded = load_one(data_url(samples.png(5, 7)))
     assert loaded.original_size == (5, 7) and loaded.image.size == (5, 7)
