@@ -26,6 +26,7 @@ import asyncio
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -482,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         spec.env.update(env)
         servers[name] = ManagedServer(spec, out_dir / f"{name}.log")
     command = "qwen-vl-bench compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    # The servers run in sessions of their own (a Ctrl-C in the terminal does not reach
+    # them): a SIGTERM (timeout(1), a CI job cancelled, kill) ends the run as Ctrl-C does,
+    # through the clean-up below, rather than leaving both servers and their engines running.
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for s in servers.values():
             s.start()
@@ -490,9 +495,16 @@ def main(argv: list[str] | None = None) -> int:
             s.wait_ready(max(1.0, min(args.startup_timeout, cfg.max_wall - (time.monotonic() - started))))
         log("both servers ready")
         cells = asyncio.run(warm_up_then_measure(servers, cfg, started, log))
+    except KeyboardInterrupt:
+        cells = None
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one would cut the clean-up short)
         for s in servers.values():
             s.stop()
+        signal.signal(signal.SIGTERM, previous_term)
+    if cells is None:
+        log("interrupted: both servers stopped, no results written")
+        return 130
     info = {**machine_info(), "load_generator_session_nice": str(client_nice)}
     notes = write_outputs(out_dir, cells, cfg, info, command, args.plot_concurrency)
     if warning:
@@ -504,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     log(f"done; results in {out_dir}/")
     return 0 if cells else 1
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

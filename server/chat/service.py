@@ -19,7 +19,7 @@ from pydantic_core import to_json
 
 from server.chat.prompt import Conversation, PromptRenderer, collect
 from server.chat.specials import SpecialTokenFilter
-from server.chat.sse import sse_done, sse_event
+from server.chat.sse import json_string, sse_done, sse_event
 from server.engine.base import (
     LARGE_DELTA_TOKENS,
     Engine,
@@ -425,6 +425,7 @@ class ChatService:
         tokens = [0] * n
         prompt_tokens = cached = 0
         pieces = [p.clean.pieces() if p.clean else None for _ in range(n)]
+        deltas = None if continuous or p.request.logprobs else _DeltaEvents(p)
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             if usage is None and continuous:  # (each chunk is one choice's: its tokens so far, as vLLM counts)
@@ -467,7 +468,11 @@ class ChatService:
                         if (cleaner := pieces[c.index]) is not None:
                             text = cleaner.feed(text) + (cleaner.flush() if c.finish_reason else "")
                         texts[c.index].append(text)
-                        if text or (c.logprobs and not refused):
+                        if not (text or (c.logprobs and not refused)):
+                            pass  # (nothing to send for this output)
+                        elif deltas is not None:
+                            held.append(deltas.event(c.index, text))
+                        else:
                             def event(c=c, text=text) -> str:
                                 return chunk([ChunkChoice(index=c.index, delta=DeltaMessage(content=text),
                                                           logprobs=self._logprobs(p, c.logprobs or []))])
@@ -564,6 +569,29 @@ def _chunk_json(p: Prepared, choices: list[ChunkChoice], usage: Usage | None) ->
     elif p.request.stream_options and p.request.stream_options.include_usage:
         body["usage"] = None  # as OpenAI: every chunk has the field, the last one fills it
     return body
+
+
+class _DeltaEvents:
+    """The SSE events of one stream's content deltas when they carry neither logprobs nor
+    usage so far: by far the most common event, made from a template rather than through the
+    schemas and `json.dumps` (0.3 us against 9 an event; at 64 streams the event loop's
+    thread is the limit). The template is the general path's own event for a marker, so the
+    two write the same bytes."""
+
+    __slots__ = ("_p", "_parts")
+
+    def __init__(self, p: Prepared) -> None:
+        self._p = p
+        self._parts: dict[int, tuple[str, str]] = {}
+
+    def event(self, index: int, text: str) -> str:
+        parts = self._parts.get(index)
+        if parts is None:
+            marker = uuid.uuid4().hex
+            whole = sse_event(_chunk_json(self._p, [ChunkChoice(index=index, delta=DeltaMessage(content=marker))], None))
+            before, after = whole.split(f'"{marker}"')
+            parts = self._parts[index] = (before, after)
+        return parts[0] + json_string(text) + parts[1]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:

@@ -236,3 +236,80 @@ def test_the_stop_event_ends_the_matrix_mid_cell_and_leaves_that_cell_out(tmp_pa
         took = time.monotonic() - began
     assert cells == [] and took < 10, took
     assert any("left out" in line for line in lines), lines
+
+
+# A stand-in for both servers: answers 200 to every GET (readiness, /v1/models), writes its
+# pid to a file named after its port.
+STUB_SERVER = """
+import http.server, os, pathlib, sys
+pathlib.Path(sys.argv[3], sys.argv[2] + ".pid").write_text(str(os.getpid()))
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"object": "list", "data": [{"id": "tiny", "object": "model"}]}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+"""
+
+# `qwen-vl-bench compare` with both servers replaced by the stand-in.
+DRIVER = """
+import sys
+import clients.compare as compare
+from clients.servers import ServerSpec
+stub, pids = sys.argv[1], sys.argv[2]
+def spec(name):
+    def make(model, host, port, engine, image_host, extra=()):
+        return ServerSpec(name, [sys.executable, stub, host, str(port), pids], host, port, ready_path="/")
+    return make
+compare.ours_spec, compare.vllm_spec = spec("qwen-vl-serve"), spec("vllm")
+sys.exit(compare.main(sys.argv[3:]))
+"""
+
+
+def test_a_sigterm_ends_the_run_and_stops_both_servers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stub, driver, pids = tmp_path / "stub.py", tmp_path / "driver.py", tmp_path / "pids"
+    stub.write_text(STUB_SERVER)
+    driver.write_text(DRIVER)
+    pids.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(driver), str(stub), str(pids), "--model", "/nonexistent",
+                             "--out-dir", str(tmp_path / "out"), "--quick"],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        for line in proc.stderr:
+            lines.append(line)
+            if "both servers ready" in line or time.monotonic() > deadline:
+                break
+        assert any("both servers ready" in line for line in lines), "".join(lines)
+        servers = [int(p.read_text()) for p in pids.iterdir()]
+        assert len(servers) == 2
+        for pid in servers:
+            os.kill(pid, 0)  # running
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130
+        assert "interrupted: both servers stopped" in proc.stderr.read()
+        for pid in servers:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in pids.iterdir():
+            try:
+                os.kill(int(p.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
