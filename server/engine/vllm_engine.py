@@ -19,6 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from server.chat.specials import keep_grounding_tags_when_skipping
 from server.engine import parent_watch
 from server.engine.base import (
@@ -257,6 +259,20 @@ def _raised_max_pixels(settings: Settings, model: str) -> int | None:
         return None
     own = _image_processor_config(model, settings).get("max_pixels")
     return wanted if isinstance(own, int) and wanted > own else None
+
+
+def _as_loaded(image: Image.Image) -> Any:
+    """`image` as vLLM's own image loader hands it on, when it is already what that loader
+    makes (RGB, upright, no metadata: what `server.images` decodes). vLLM then skips its
+    EXIF pass over a bare PIL image, which copies all the pixels on every request, a picture
+    its processor cache holds too (6 MB for a 1920x1080 photo). The encoded bytes it keeps beside the
+    pixels are only ever hashed, when a request gives no id for the image: callers give one
+    with each, so none are kept. Any other image is returned as it is, for vLLM to normalise."""
+    if not isinstance(image, Image.Image) or image.mode != "RGB" or image.info:
+        return image
+    from vllm.multimodal.media import MediaWithBytes
+
+    return MediaWithBytes(image, b"")
 
 
 def _mm_limits(model: str, images: int, settings: Settings | None = None) -> dict[str, int]:
@@ -643,6 +659,7 @@ class VLLMEngine(Engine):
                 # Our content ids spare vLLM hashing every image's pixels (processor
                 # cache and prefix-cache keys) on each request.
                 prompt["multi_modal_uuids"] = {"image": ids}
+                prompt["multi_modal_data"] = {"image": [_as_loaded(im) for im in request.images]}
         try:
             # Expands the image placeholders (runs the HF processor off the event loop), so
             # the true prompt length is known before anything is scheduled.
