@@ -112,3 +112,14 @@ def test_a_picture_vllm_must_still_convert_is_handed_bare(engine_loop):
         converted = run(answer(engine, request(engine, "grey", grey, "handoff-4-grey")))
     assert made, "vLLM's EXIF pass copies a bare picture"
     assert converted == run(answer(engine, request(engine, "twin", rgb_twin, "handoff-4-rgb")))
+
+
+def test_the_handoff_benchmark_times_the_real_engine(engine_loop):
+    """`clients.bench_handoff`'s timing: one call a miss, the rest hits, each timed."""
+    from clients.bench_handoff import PROMPT, timings
+    from server.engine.vllm_engine import _as_loaded
+
+    engine, run = engine_loop
+    ids = engine.info.tokenizer.encode(PROMPT)
+    seconds = run(timings(engine._llm, ids, _as_loaded(picture(5)), "handoff-bench", 3))
+    assert len(seconds) == 3 and all(0 < s < 30 for s in seconds)
