@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import os
 import re
 import time
 
 import pytest
+from PIL import Image
 
 from server.errors import (
     ImageDecodeError,
@@ -83,6 +85,35 @@ def test_first_failure_cancels_the_rest_and_names_the_image(image_server):
     with pytest.raises(ValueError):
         asyncio.run(use_loader(lambda loader: loader.load_all(urls, params=params[:1])))
     assert asyncio.run(use_loader(lambda loader: loader.load_all([]))) == []
+
+
+class UnhashableText(str):
+    """A URL whose hashing fails the test: the loader must not hash a data: URL's whole text
+    on the event loop (megabytes for a photo)."""
+
+    def __hash__(self):
+        raise AssertionError("the URL's whole text was hashed")
+
+
+def test_data_urls_are_told_apart_and_deduplicated_without_hashing_their_text():
+    # Two different pictures whose data: URLs have the same length, start and end, and a
+    # third that repeats the first: one load for the first and third.
+    def bmp(centre: tuple[int, int, int]) -> bytes:  # uncompressed: the bytes differ mid-file only
+        picture = Image.new("RGB", (40, 30), (10, 20, 30))
+        picture.putpixel((20, 15), centre)
+        out = io.BytesIO()
+        picture.save(out, "BMP")
+        return out.getvalue()
+
+    ua, ub = data_url(bmp((10, 20, 30)), "image/bmp"), data_url(bmp((200, 0, 0)), "image/bmp")
+    assert len(ua) == len(ub) and ua[:64] == ub[:64] and ua[-64:] == ub[-64:] and ua != ub
+    urls = [UnhashableText(ua), UnhashableText(ub), UnhashableText(ua)]
+    images = asyncio.run(use_loader(lambda loader: loader.load_all(urls, details=[None, None, None])))
+    assert images[0] is images[2] and images[0] is not images[1]
+    assert images[0].image.getpixel((20, 15)) == (10, 20, 30) and images[1].image.getpixel((20, 15)) == (200, 0, 0)
+    # the same URL with another detail is its own load
+    low = asyncio.run(use_loader(lambda loader: loader.load_all(urls[:1] * 2, details=[None, "low"])))
+    assert low[0] is not low[1]
 
 
 def test_the_same_picture_twice_in_one_request_is_fetched_once(image_server):
