@@ -170,7 +170,8 @@ def _with_model(spec: WorkloadSpec, model: str) -> WorkloadSpec:
 # --- command line -------------------------------------------------------------------------
 
 
-def _image_size(text: str) -> tuple[int, int]:
+def parse_image_size(text: str) -> tuple[int, int]:
+    """`WxH` (or `N` for a square) as (width, height); argparse's error otherwise."""
     try:
         w, _, h = text.lower().partition("x")
         size = (int(w), int(h or w))
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--images", choices=IMAGE_MODES, default="data",
                       help="none: text only; data: base64 data URLs; http: URLs on a local image server")
     work.add_argument("--images-per-request", type=int, default=1)
-    work.add_argument("--image-size", type=_image_size, default=(448, 448), metavar="WxH")
+    work.add_argument("--image-size", type=parse_image_size, default=(448, 448), metavar="WxH")
     work.add_argument("--image-format", choices=("jpeg", "png", "webp"), default="jpeg")
     work.add_argument("--repeat-share", type=float, default=0.0,
                       help="share of images drawn from a small pool (0: every image unique)")

@@ -6,7 +6,8 @@ same engine options, on loopback, under the same workloads, alternating between 
 
 Workloads (`WORKLOADS`): (a) a unique 448x448 JPEG per request as a data URL, (b) a few
 pictures reused across all requests, (c) unique pictures by http URL from a local image
-server on 127.0.0.2, (d) text only; each at every concurrency (1, 16, 64 by default). In
+server on 127.0.0.2, (d) text only; each at every concurrency (1, 16, 64 by default);
+`--image-size` sets the pictures' size (448x448 by default) for all of them. In
 each cell both servers get byte-identical requests, and the same number of them, in
 `--rounds` rounds (2): in each round the first server runs for its share of
 `--cell-duration` seconds and the second gets as many requests; which one goes first
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clients.bench import BenchOptions, BenchRun, run_bench
+from clients.bench import BenchOptions, BenchRun, parse_image_size, run_bench
 from clients.compare_report import (
     DISTURBED_CORES,
     OURS,
@@ -81,9 +82,9 @@ class Workload:
 
 
 WORKLOADS = {
-    "a": Workload("a", "unique 448x448 JPEG per request, data URL", "data"),
+    "a": Workload("a", "unique JPEG per request, data URL", "data"),
     "b": Workload("b", "4 pictures reused by every request, data URL", "data", repeat_share=1.0, pool_size=4),
-    "c": Workload("c", "unique 448x448 JPEG per request, http URL", "http"),
+    "c": Workload("c", "unique JPEG per request, http URL", "http"),
     "d": Workload("d", "text only", "none"),
 }
 
@@ -93,6 +94,15 @@ WORKLOADS = {
 FULL_REQUESTS = {1: 100, 16: 600, 64: 1200}
 QUICK_REQUESTS = {1: 30, 16: 160, 64: 320}
 CHEAP_FACTOR = 5
+#: The picture size those caps are for; larger unique pictures take longer to make (0.4 s
+#: for 1920x1080), so their caps shrink in proportion to the pixels (see `num_requests`).
+BASE_IMAGE_PIXELS = 448 * 448
+#: A run's request bodies are all made before it starts and held until it ends. Data-URL
+#: bodies take about this many bytes per pixel of their picture (the synthetic JPEGs are
+#: 0.27-0.28 bytes a pixel, and base64 adds a third), and a round's may take at most
+#: `MAX_ROUND_BODY_BYTES` (larger ones are refused before the servers start).
+BODY_BYTES_PER_PIXEL = 0.4
+MAX_ROUND_BODY_BYTES = 4 << 30
 
 #: Seconds of unmeasured load each server gets before the first cell (full and --quick).
 #: Measured on the 2-core machine, workload (b) at 64 streams, 20 s runs one after another
@@ -126,12 +136,20 @@ class MatrixConfig:
     seed: int = 1
 
     def num_requests(self, concurrency: int, unique_images: bool = True) -> int:
-        """The cap on requests of one run at `concurrency`."""
+        """The cap on requests of one run at `concurrency`. Pictures above 448x448 lower
+        the cap of runs with unique pictures in proportion to their pixels (their bodies
+        are made before the clock starts, at a cost that grows with the pixels), down to
+        8 requests per stream (and 16 at one stream)."""
         if concurrency in self.requests:
             cap = self.requests[concurrency]
         else:
             cap = max(16 * concurrency, self.requests.get(1, 30))
-        return cap if unique_images else CHEAP_FACTOR * cap
+        if not unique_images:
+            return CHEAP_FACTOR * cap
+        pixels = self.image_size[0] * self.image_size[1]
+        if pixels > BASE_IMAGE_PIXELS:
+            cap = max(16, 8 * concurrency, cap * BASE_IMAGE_PIXELS // pixels)
+        return cap
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -375,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{QUICK_WARMUP_SECONDS:.0f} with --quick; 0: none)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--prompt-words", type=int, default=32)
+    p.add_argument("--image-size", type=parse_image_size, default=(448, 448), metavar="WxH",
+                   help="size of every workload's pictures; (a) and (c) send fewer requests above "
+                   "448x448, as each unique picture takes longer to make (0.4 s at 1920x1080)")
     p.add_argument("--temperature", type=float, default=0.0, help="1.0 for full-size random checkpoints")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -426,7 +447,7 @@ def config_from_args(args: argparse.Namespace) -> MatrixConfig:
             raise ValueError(f"{flag} must be at least 1")
     if args.plot_concurrency is not None and args.plot_concurrency not in concurrencies:
         raise ValueError(f"--plot-concurrency {args.plot_concurrency} is not one of --concurrency {args.concurrency}")
-    return MatrixConfig(
+    cfg = MatrixConfig(
         workloads=workloads,
         concurrencies=concurrencies,
         requests=dict(QUICK_REQUESTS if args.quick else FULL_REQUESTS),
@@ -438,8 +459,21 @@ def config_from_args(args: argparse.Namespace) -> MatrixConfig:
         max_tokens=args.max_tokens,
         prompt_words=args.prompt_words,
         temperature=args.temperature,
+        image_size=args.image_size,
         seed=args.seed,
     )
+    body_bytes = BODY_BYTES_PER_PIXEL * args.image_size[0] * args.image_size[1]
+    for key in workloads:
+        if WORKLOADS[key].images != "data":
+            continue
+        for conc in concurrencies:
+            held = cfg.num_requests(conc, WORKLOADS[key].unique_images) // cfg.rounds * body_bytes
+            if held > MAX_ROUND_BODY_BYTES:
+                raise ValueError(
+                    f"({key}) at concurrency {conc} would hold about {held / 2**30:.1f} GiB of request bodies "
+                    f"with {args.image_size[0]}x{args.image_size[1]} pictures (at most "
+                    f"{MAX_ROUND_BODY_BYTES / 2**30:.0f}); use --quick, lower concurrencies or a smaller --image-size")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +96,47 @@ def test_workloads_without_unique_pictures_may_send_more_requests():
     assert [k for k, w in WORKLOADS.items() if w.unique_images] == ["a", "c"]
     cfg = config_from_args(build_parser().parse_args([]))
     assert cfg.num_requests(64, unique_images=False) == CHEAP_FACTOR * cfg.num_requests(64) > cfg.num_requests(64)
+
+
+def test_image_size_reaches_every_workload_and_scales_unique_picture_caps():
+    from clients.compare import WORKLOADS, cell_options
+    from clients.servers import ManagedServer, ServerSpec
+
+    default = config_from_args(build_parser().parse_args([]))
+    assert default.image_size == (448, 448)
+    cfg = config_from_args(build_parser().parse_args(["--image-size", "1920x1080"]))
+    assert cfg.image_size == (1920, 1080)
+    server = ManagedServer(ServerSpec("x", [], "127.0.0.1", 1), Path("unused.log"))
+    for key in ("a", "b", "c"):
+        spec = cell_options(server, WORKLOADS[key], 16, cfg, 0, 10, 5.0).workload
+        assert (spec.image_width, spec.image_height) == (1920, 1080)
+    # unique pictures of 10x the pixels: about a tenth of the requests, at least 8 a stream
+    # and 16 in all
+    assert cfg.num_requests(1) == 16 > 100 * 448 * 448 // (1920 * 1080)
+    assert cfg.num_requests(64) == 8 * 64 < default.num_requests(64)
+    larger = config_from_args(build_parser().parse_args(["--image-size", "600x500"]))
+    assert larger.num_requests(16) == 600 * 448 * 448 // (600 * 500) == 401
+    # repeated pictures are made once: their caps stay
+    assert cfg.num_requests(64, unique_images=False) == default.num_requests(64, unique_images=False)
+    # smaller pictures keep the caps
+    small = config_from_args(build_parser().parse_args(["--image-size", "224"]))
+    assert small.image_size == (224, 224) and small.num_requests(16) == default.num_requests(16)
+
+
+def test_image_size_whose_request_bodies_would_not_fit_in_memory_is_refused():
+    # (b) at 16 streams: 1,500 bodies a round of ~4.3 MB for a 4032x3024 phone photo
+    with pytest.raises(ValueError, match=r"\(b\) at concurrency 16 would hold about .* GiB"):
+        config_from_args(build_parser().parse_args(["--image-size", "4032x3024"]))
+    # pictures by URL are not in the bodies; --quick's caps fit
+    assert config_from_args(build_parser().parse_args(["--image-size", "4032x3024", "--workloads", "c,d"]))
+    assert config_from_args(build_parser().parse_args(["--image-size", "4032x3024", "--quick"]))
+    assert config_from_args(build_parser().parse_args(["--image-size", "1920x1080"]))
+
+
+def test_bad_image_size_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--image-size", "0x10"])
+    assert info.value.code == 2 and "image size must be positive" in capsys.readouterr().err
 
 
 def test_full_matrix_is_bounded_under_30_minutes():
